@@ -1,0 +1,460 @@
+//! Configuration: the TOML file's shape, its defaults, and every check made before a port is bound.
+//!
+//! Every field has a default except the API key, which is never in the file: the file names an
+//! environment variable (`api_key_env`) or a file (`api_key_file`) that holds it. Loading reports
+//! the first problem as one line that names the file, the line and the key at fault; the key's value
+//! never appears in any message. The environment is read through a closure so tests never call
+//! `set_var`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+
+use crate::secret::ApiKey;
+
+/// Where the gateway looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// The environment variable that holds the key when the file names none.
+pub const DEFAULT_API_KEY_ENV: &str = "PLEXTERA_API_KEY";
+/// The run states Plextera documents as final: a run in one of them never changes again.
+pub const DEFAULT_TERMINAL_STATUSES: [&str; 3] = ["COMPLETED", "FAILED", "CLOSED"];
+
+/// The whole configuration file. Unknown keys are errors, so a typo never silently means "default".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+}
+
+/// `[server]`: the two listeners and how they stop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public listener: serves the runs path only.
+    pub listen: SocketAddr,
+    /// Admin listener: `/healthz` and `/readyz`; keep it off the public network.
+    pub admin_listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Browser origins allowed by CORS (`"*"` for any); empty sends no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            shutdown_grace: Duration::from_secs(10),
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[upstream]`: where Plextera is and how the gateway talks to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Scheme and host of the Plextera API (a path prefix is kept); `http` or `https`.
+    pub base_url: String,
+    /// Name of the environment variable holding the key (default `PLEXTERA_API_KEY`).
+    pub api_key_env: Option<String>,
+    /// A file holding the key, instead of an environment variable (surrounding whitespace is trimmed).
+    pub api_key_file: Option<PathBuf>,
+    /// Bound on one whole upstream exchange: connect, head and body. Past it the client gets 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest upstream body the gateway reads; a larger one is abandoned with a 502.
+    pub max_body_size: ByteSize,
+    /// Extra CA certificates (PEM) trusted for an `https` upstream, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.plextera.com".to_owned(),
+            api_key_env: None,
+            api_key_file: None,
+            request_timeout: Duration::from_secs(10),
+            max_body_size: ByteSize::mib(8),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[cache]`: what is kept, for how long, within how much memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a terminal run is served from memory (also the clients' `max-age`).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Bound on the cached body bytes; least valuable runs are evicted past it.
+    pub max_size: ByteSize,
+    /// Run statuses that mean the run has ended; only runs in one of them are cached.
+    pub terminal_statuses: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 60 * 60),
+            max_size: ByteSize::mib(256),
+            terminal_statuses: DEFAULT_TERMINAL_STATUSES.map(str::to_owned).to_vec(),
+        }
+    }
+}
+
+/// Why the gateway refuses to start. Each message is one line and never contains the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("the API key is missing: set the environment variable {0}")]
+    KeyEnvMissing(String),
+    #[error("the API key in the environment variable {0} is empty or not a valid header value")]
+    KeyEnvInvalid(String),
+    #[error("cannot read the API key file {path}: {source}")]
+    KeyFileRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the API key file {0} is empty or does not hold a valid header value")]
+    KeyFileInvalid(PathBuf),
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|problem| match problem {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text (the path in a parse error is left empty for `load` to fill).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: describe_toml_error(text, &error),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: relations between values and formats inside strings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            return invalid(format!(
+                "server.listen and server.admin_listen are both {}",
+                self.server.listen
+            ));
+        }
+        validate_cors_origins(&self.server.cors_allowed_origins)?;
+        self.upstream.runs_url_prefix()?;
+        if self.upstream.request_timeout.is_zero() {
+            return invalid("upstream.request_timeout must be more than 0s".to_owned());
+        }
+        if self.upstream.max_body_size.as_u64() == 0 {
+            return invalid("upstream.max_body_size must be more than 0".to_owned());
+        }
+        if self.upstream.api_key_env.is_some() && self.upstream.api_key_file.is_some() {
+            return invalid(
+                "set only one of upstream.api_key_env and upstream.api_key_file".to_owned(),
+            );
+        }
+        if self.cache.ttl.is_zero() {
+            return invalid("cache.ttl must be more than 0s".to_owned());
+        }
+        if self.cache.max_size.as_u64() == 0 {
+            return invalid("cache.max_size must be more than 0".to_owned());
+        }
+        if let Some(bad) = self
+            .cache
+            .terminal_statuses
+            .iter()
+            .find(|status| status.is_empty() || status.trim() != status.as_str())
+        {
+            return invalid(format!(
+                "cache.terminal_statuses holds {bad:?}: a status is a non-empty word"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// The absolute URL that a run id is appended to, e.g. `https://api.plextera.com/api/public/v1/workflow-runs/`.
+    pub fn runs_url_prefix(&self) -> Result<String, ConfigError> {
+        let invalid = |why: &str| {
+            ConfigError::Invalid(format!(
+                "upstream.base_url {:?} {why}",
+                self.base_url.as_str()
+            ))
+        };
+        let uri: Uri = self.base_url.parse().map_err(|_| invalid("is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(invalid("must start with http:// or https://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(invalid("has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("must not have a query string"));
+        }
+        let base = self.base_url.trim_end_matches('/');
+        Ok(format!("{base}/api/public/v1/workflow-runs/"))
+    }
+
+    /// Resolves the key from the file or the environment variable named in the config.
+    /// `env` looks up an environment variable (`std::env::var` in production).
+    pub fn load_api_key(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ApiKey, ConfigError> {
+        if let Some(path) = &self.api_key_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFileRead {
+                    path: path.clone(),
+                    source,
+                })?;
+            return ApiKey::new(text.trim())
+                .ok_or_else(|| ConfigError::KeyFileInvalid(path.clone()));
+        }
+        let name = self.api_key_env.as_deref().unwrap_or(DEFAULT_API_KEY_ENV);
+        let value = env(name).ok_or_else(|| ConfigError::KeyEnvMissing(name.to_owned()))?;
+        ApiKey::new(value.trim()).ok_or_else(|| ConfigError::KeyEnvInvalid(name.to_owned()))
+    }
+}
+
+fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
+    let invalid = |message: String| Err(ConfigError::Invalid(message));
+    if origins.len() > 1 && origins.iter().any(|origin| origin == "*") {
+        return invalid(
+            "server.cors_allowed_origins: \"*\" cannot be combined with other origins".to_owned(),
+        );
+    }
+    for origin in origins.iter().filter(|origin| *origin != "*") {
+        let parsed: Option<Uri> = origin.parse().ok();
+        let is_origin = parsed.is_some_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|host| !host.is_empty())
+                && uri.path_and_query().is_none_or(|path| path.as_str() == "/")
+        }) && !origin.ends_with('/')
+            && HeaderValue::from_str(origin).is_ok();
+        if !is_origin {
+            return invalid(format!(
+                "server.cors_allowed_origins holds {origin:?}: an origin is scheme://host[:port], no path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns toml's multi-line error into one line: `line N: <message> (near `<source line>`)`.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
+    format!("line {line_number}: {message} (near `{line}`)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_error(text: &str) -> String {
+        Config::parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config = Config::parse("").expect("empty config is valid");
+        assert_eq!(config.server.listen, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(
+            config.server.admin_listen,
+            "127.0.0.1:9090".parse().expect("addr")
+        );
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.upstream.base_url, "https://api.plextera.com");
+        assert_eq!(config.upstream.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.upstream.max_body_size, ByteSize::mib(8));
+        assert_eq!(config.cache.ttl, Duration::from_secs(86_400));
+        assert_eq!(config.cache.max_size.as_u64(), 256 * 1024 * 1024);
+        assert_eq!(
+            config.cache.terminal_statuses,
+            ["COMPLETED", "FAILED", "CLOSED"]
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes_are_human_strings() {
+        let config = Config::parse(
+            "[server]\nshutdown_grace = \"1m 30s\"\n[upstream]\nrequest_timeout = \"250ms\"\n\
+             [cache]\nttl = \"2h\"\nmax_size = \"64KiB\"\n",
+        )
+        .expect("valid config");
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(90));
+        assert_eq!(config.upstream.request_timeout, Duration::from_millis(250));
+        assert_eq!(config.cache.ttl, Duration::from_secs(7200));
+        assert_eq!(config.cache.max_size.as_u64(), 64 * 1024);
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        Config::load(&path).expect("config/gateway.toml loads");
+    }
+
+    #[test]
+    fn unknown_field_names_the_line_and_the_field() {
+        let message = parse_error("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+        assert!(message.contains("line 3"), "{message}");
+        assert!(message.contains("lisen"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_one_line_each() {
+        let cases = [
+            ("[server]\nlisten = \"nowhere\"\n", "line 2"),
+            ("[upstream]\nrequest_timeout = \"ten seconds\"\n", "line 2"),
+            ("[cache]\nmax_size = \"lots\"\n", "line 2"),
+            (
+                "[upstream]\nbase_url = \"ftp://example.com\"\n",
+                "http:// or https://",
+            ),
+            ("[upstream]\nbase_url = \"https://x.test/?a=1\"\n", "query"),
+            ("[upstream]\nrequest_timeout = \"0s\"\n", "request_timeout"),
+            ("[cache]\nttl = \"0s\"\n", "cache.ttl"),
+            ("[cache]\nmax_size = 0\n", "cache.max_size"),
+            ("[cache]\nterminal_statuses = [\"\"]\n", "terminal_statuses"),
+            (
+                "[server]\ncors_allowed_origins = [\"https://a.test/path\"]\n",
+                "cors",
+            ),
+            (
+                "[server]\ncors_allowed_origins = [\"*\", \"https://a.test\"]\n",
+                "cors",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:7000\"\nadmin_listen = \"127.0.0.1:7000\"\n",
+                "both",
+            ),
+            (
+                "[upstream]\napi_key_env = \"A\"\napi_key_file = \"/k\"\n",
+                "only one",
+            ),
+            ("[server\n", "line 1"),
+        ];
+        for (text, expected) in cases {
+            let message = parse_error(text);
+            assert!(message.contains(expected), "{text:?} gave {message:?}");
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn cors_accepts_origins_and_the_wildcard() {
+        Config::parse(
+            "[server]\ncors_allowed_origins = [\"https://app.test\", \"http://localhost:3000\"]\n",
+        )
+        .expect("origins are valid");
+        Config::parse("[server]\ncors_allowed_origins = [\"*\"]\n").expect("wildcard is valid");
+    }
+
+    #[test]
+    fn base_url_path_prefix_is_kept_and_trailing_slash_dropped() {
+        let config =
+            Config::parse("[upstream]\nbase_url = \"http://proxy.internal:8443/plextera/\"\n")
+                .expect("valid");
+        assert_eq!(
+            config.upstream.runs_url_prefix().expect("prefix"),
+            "http://proxy.internal:8443/plextera/api/public/v1/workflow-runs/"
+        );
+    }
+
+    #[test]
+    fn key_comes_from_the_named_environment_variable() {
+        let config = Config::parse("[upstream]\napi_key_env = \"MY_KEY\"\n").expect("valid");
+        let key = config
+            .upstream
+            .load_api_key(|name| (name == "MY_KEY").then(|| " secret-value\n".to_owned()))
+            .expect("key found");
+        assert_eq!(key.expose(), "secret-value");
+    }
+
+    #[test]
+    fn missing_key_names_the_variable_not_the_value() {
+        let config = Config::default();
+        let message = config
+            .upstream
+            .load_api_key(|_| None)
+            .expect_err("no key")
+            .to_string();
+        assert!(message.contains("PLEXTERA_API_KEY"), "{message}");
+    }
+
+    #[test]
+    fn invalid_key_is_reported_without_its_value() {
+        let config = Config::default();
+        let message = config
+            .upstream
+            .load_api_key(|_| Some("bad\u{7f}key-value".to_owned()))
+            .expect_err("control characters are not a header value")
+            .to_string();
+        assert!(message.contains("PLEXTERA_API_KEY"), "{message}");
+        assert!(!message.contains("key-value"), "{message}");
+    }
+
+    #[test]
+    fn key_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("gw-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("key");
+        std::fs::write(&path, "file-secret\n").expect("write key");
+        let mut config = Config::default();
+        config.upstream.api_key_file = Some(path.clone());
+        let key = config.upstream.load_api_key(|_| None).expect("key read");
+        assert_eq!(key.expose(), "file-secret");
+
+        config.upstream.api_key_file = Some(dir.join("absent"));
+        let message = config
+            .upstream
+            .load_api_key(|_| None)
+            .expect_err("no file")
+            .to_string();
+        assert!(message.contains("absent"), "{message}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}

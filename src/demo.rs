@@ -1,0 +1,200 @@
+//! `--demo`: a simulated Plextera Get-run endpoint on loopback, so the gateway can be tried with no
+//! key and no network.
+//!
+//! It behaves like the real endpoint where the gateway cares: it demands `Authorization: api-key
+//! demo-key`, answers runs shaped like the reference page, and runs move on in time. A run id seen
+//! for the first time starts QUEUED, is PROCESSING after 2 s and ends after 5 s (FAILED for about
+//! one id in five, COMPLETED otherwise). Ids starting `done-` are COMPLETED and `failed-` FAILED
+//! from the first request; ids starting `missing-` are 404. Each answer takes about 40 ms, like a
+//! call across the internet, so hits and misses look different.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::error::error_body;
+use crate::response::{APPLICATION_JSON, Body};
+use crate::routes::RUNS_PATH;
+
+/// The key the demo upstream accepts; not a secret.
+pub const DEMO_API_KEY: &str = "demo-key";
+const QUEUED_FOR: Duration = Duration::from_secs(2);
+const FINISHES_AFTER: Duration = Duration::from_secs(5);
+const SIMULATED_LATENCY: Duration = Duration::from_millis(40);
+/// The demo forgets every run once it has seen this many, so it cannot grow without bound.
+const MAX_TRACKED_RUNS: usize = 100_000;
+
+/// When each run was first asked for.
+#[derive(Default)]
+struct Runs(Mutex<HashMap<String, (Instant, SystemTime)>>);
+
+/// Starts the simulated upstream on `127.0.0.1:0` and returns its address.
+pub async fn spawn() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let runs = Arc::new(Runs::default());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let runs = Arc::clone(&runs);
+            let service =
+                hyper::service::service_fn(move |request| answer(request, Arc::clone(&runs)));
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn answer<B>(request: Request<B>, runs: Arc<Runs>) -> Result<Response<Body>, Infallible> {
+    tokio::time::sleep(SIMULATED_LATENCY).await;
+    let expected = format!("api-key {DEMO_API_KEY}");
+    if request
+        .headers()
+        .get(AUTHORIZATION)
+        .is_none_or(|value| value != expected.as_str())
+    {
+        return Ok(json(
+            StatusCode::UNAUTHORIZED,
+            error_body("UNAUTHORIZED", "missing or invalid API key", None, false),
+        ));
+    }
+    let Some(id) = request.uri().path().strip_prefix(RUNS_PATH) else {
+        return Ok(json(
+            StatusCode::NOT_FOUND,
+            error_body("NOT_FOUND", "no such resource", None, false),
+        ));
+    };
+    if id.starts_with("missing-") {
+        return Ok(json(
+            StatusCode::NOT_FOUND,
+            error_body("NOT_FOUND", "run not found", None, false),
+        ));
+    }
+    let (first_seen, started_at) = runs.first_seen(id);
+    let status = status_of(id, first_seen.elapsed());
+    Ok(json(StatusCode::OK, run_body(id, status, started_at)))
+}
+
+impl Runs {
+    fn first_seen(&self, id: &str) -> (Instant, SystemTime) {
+        let mut runs = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if runs.len() >= MAX_TRACKED_RUNS && !runs.contains_key(id) {
+            runs.clear();
+        }
+        *runs
+            .entry(id.to_owned())
+            .or_insert_with(|| (Instant::now(), SystemTime::now()))
+    }
+}
+
+/// The simulated life of a run.
+fn status_of(id: &str, age: Duration) -> &'static str {
+    if id.starts_with("done-") {
+        return "COMPLETED";
+    }
+    if id.starts_with("failed-") {
+        return "FAILED";
+    }
+    if age < QUEUED_FOR {
+        return "QUEUED";
+    }
+    if age < FINISHES_AFTER {
+        return "PROCESSING";
+    }
+    let mut hasher = DefaultHasher::new();
+    id.hash(&mut hasher);
+    if hasher.finish().is_multiple_of(5) {
+        "FAILED"
+    } else {
+        "COMPLETED"
+    }
+}
+
+fn run_body(id: &str, status: &str, started_at: SystemTime) -> Bytes {
+    let finished = matches!(status, "COMPLETED" | "FAILED");
+    let timestamp = |time: SystemTime| humantime::format_rfc3339_seconds(time).to_string();
+    let steps_done = match status {
+        "QUEUED" => 0,
+        "PROCESSING" => 1,
+        _ => 2,
+    };
+    let body = json!({
+        "id": id,
+        "status": status,
+        "createdAt": timestamp(started_at),
+        "updatedAt": timestamp(SystemTime::now()),
+        "startedAt": timestamp(started_at),
+        "completedAt": if finished { Some(timestamp(started_at + FINISHES_AFTER)) } else { None },
+        "error": (status == "FAILED").then(|| json!({
+            "code": "UNSUPPORTED_DOCUMENT",
+            "message": "The document could not be processed by Document Insights."
+        })),
+        "workflow": { "id": "wf_demo_invoices", "name": "Invoice extraction (demo)" },
+        "progress": { "stepsCompleted": steps_done, "stepsTotal": 2 },
+        "durationMs": if finished { Some(FINISHES_AFTER.as_secs() * 1000) } else { None },
+        "steps": [
+            { "id": "step_ocr", "name": "Read document", "type": "ocr",
+              "status": if steps_done >= 1 { "COMPLETED" } else { "QUEUED" }, "message": null, "output": null,
+              "nestedRuns": { "count": 0, "data": [] } },
+            { "id": "step_extract", "name": "Extract fields", "type": "extraction",
+              "status": if steps_done >= 2 { status } else { "QUEUED" }, "message": null,
+              "output": if status == "COMPLETED" { Some(json!({ "total": 1234.5, "currency": "EUR" })) } else { None },
+              "nestedRuns": { "count": 0, "data": [] } }
+        ]
+    });
+    Bytes::from(body.to_string())
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, APPLICATION_JSON);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_move_from_queued_to_an_end() {
+        assert_eq!(status_of("r1", Duration::ZERO), "QUEUED");
+        assert_eq!(status_of("r1", Duration::from_secs(3)), "PROCESSING");
+        assert!(matches!(
+            status_of("r1", Duration::from_secs(6)),
+            "COMPLETED" | "FAILED"
+        ));
+        assert_eq!(status_of("done-1", Duration::ZERO), "COMPLETED");
+        assert_eq!(status_of("failed-1", Duration::ZERO), "FAILED");
+    }
+
+    #[test]
+    fn bodies_are_runs_the_gateway_can_sniff() {
+        let body = run_body("r1", "COMPLETED", SystemTime::now());
+        let head = crate::cache::sniff::sniff_run(&body).expect("a run");
+        assert_eq!(head.id.as_deref(), Some("r1"));
+        assert_eq!(head.status.as_deref(), Some("COMPLETED"));
+    }
+}

@@ -1,0 +1,156 @@
+//! The errors the gateway answers with itself, and the one mapping from error to HTTP response.
+//!
+//! Bodies follow Plextera's own error shape, `{"error":{"code","message","requestId","retryable"}}`,
+//! so a frontend handles gateway and upstream errors alike. Messages are fixed strings: no upstream
+//! detail, no header, no key ever reaches a body.
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE};
+
+/// Everything the gateway can refuse or fail with on its own account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no such route: the gateway serves GET /api/public/v1/workflow-runs/{{runId}}")]
+    NotFound,
+    #[error("method not allowed: use GET or HEAD")]
+    MethodNotAllowed,
+    #[error("invalid run id: 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")]
+    InvalidRunId,
+    #[error("request URI too long")]
+    UriTooLong,
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    #[error("the gateway's credentials were refused upstream")]
+    UpstreamAuth,
+    #[error("upstream unreachable or the connection failed")]
+    UpstreamUnavailable,
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream response body too large")]
+    UpstreamBodyTooLarge,
+    #[error("upstream sent a response the gateway cannot forward")]
+    UpstreamBadResponse,
+}
+
+impl GatewayError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidRunId => StatusCode::BAD_REQUEST,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UpstreamAuth
+            | Self::UpstreamUnavailable
+            | Self::UpstreamBodyTooLarge
+            | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable machine-readable code, in Plextera's upper snake case.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::InvalidRunId => "INVALID_RUN_ID",
+            Self::UriTooLong => "URI_TOO_LONG",
+            Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
+            Self::UpstreamAuth => "UPSTREAM_AUTH",
+            Self::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            Self::UpstreamTimeout => "UPSTREAM_TIMEOUT",
+            Self::UpstreamBodyTooLarge => "UPSTREAM_BODY_TOO_LARGE",
+            Self::UpstreamBadResponse => "UPSTREAM_BAD_RESPONSE",
+        }
+    }
+
+    /// Whether the same request may succeed later without the client changing anything.
+    pub fn retryable(self) -> bool {
+        matches!(self, Self::UpstreamUnavailable | Self::UpstreamTimeout)
+    }
+
+    /// The JSON error response, `no-store`, with `Allow` on a 405.
+    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<Body> {
+        let request_id = request_id.and_then(|value| value.to_str().ok());
+        let mut response = Response::new(Full::new(error_body(
+            self.code(),
+            &self.to_string(),
+            request_id,
+            self.retryable(),
+        )));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+        headers.insert(CACHE_CONTROL, NO_STORE);
+        if self == Self::MethodNotAllowed {
+            headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response.extensions_mut().insert(CacheOutcome::Error);
+        response
+    }
+}
+
+/// Serializes Plextera's error envelope.
+pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable: bool) -> Bytes {
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Detail<'a> {
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        retryable: bool,
+    }
+    let envelope = Envelope {
+        error: Detail {
+            code,
+            message,
+            request_id,
+            retryable,
+        },
+    };
+    Bytes::from(
+        serde_json::to_vec(&envelope).expect("a struct of strings and a bool always serializes"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_response_uses_plextera_envelope() {
+        let request_id = HeaderValue::from_static("req-1");
+        let response = GatewayError::UpstreamTimeout.into_response(Some(&request_id));
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("full body")
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["error"]["code"], "UPSTREAM_TIMEOUT");
+        assert_eq!(json["error"]["requestId"], "req-1");
+        assert_eq!(json["error"]["retryable"], true);
+        assert!(json["error"]["message"].is_string());
+    }
+
+    #[test]
+    fn method_not_allowed_says_what_is() {
+        let response = GatewayError::MethodNotAllowed.into_response(None);
+        assert_eq!(response.headers()[ALLOW], "GET, HEAD");
+    }
+}

@@ -1,0 +1,38 @@
+//! plextera-gateway: a caching reverse proxy in front of Plextera's Get-run endpoint.
+//!
+//! Frontends poll `GET /api/public/v1/workflow-runs/{runId}` here instead of at Plextera. The
+//! gateway injects the server-side API key on the way up (so no frontend holds it), keeps runs that
+//! have ended in a size-bounded memory cache (a finished run never changes), and passes runs that
+//! are still going straight through, never stale.
+//!
+//! Layout, one concern per module:
+//! - [`config`]: the TOML file, defaults, validation, key lookup;
+//! - [`secret`]: the key wrapper that never prints;
+//! - [`server`]: listeners, connections, graceful drain; [`admin`]: `/healthz`, `/readyz`;
+//! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
+//!   log) → CORS → [`routes`] (validation into a [`routes::RunRequest`]) → [`proxy`] (cache, then
+//!   upstream, then the store decision);
+//! - [`run_id`]: the validated run id; [`cache`]: policy, status sniffing, the moka store;
+//! - [`upstream`]: the pooled client and what it sends; [`error`]/[`response`]: what clients get;
+//! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod proxy;
+pub mod request_log;
+pub mod response;
+pub mod routes;
+pub mod run_id;
+pub mod secret;
+pub mod server;
+pub mod stack;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::Config;
+pub use secret::ApiKey;
+pub use server::{Gateway, StartError};

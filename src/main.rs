@@ -1,0 +1,110 @@
+//! The `plextera-gateway` binary: command line, logging, config, then the library does the rest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH};
+use plextera_gateway::telemetry::{self, LogFormat};
+use plextera_gateway::{ApiKey, Gateway, demo};
+
+/// Exit status for a configuration the gateway refuses (sysexits' EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+/// Caching reverse proxy for Plextera's Get-run endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "plextera-gateway", version, about)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Serve a built-in simulated upstream on loopback and use it: no key, no network needed.
+    #[arg(long)]
+    demo: bool,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return refuse(format!("cannot start the async runtime: {error}")),
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(error) => return refuse(error.to_string()),
+    };
+    let (config, key) = if cli.demo {
+        match demo_setup(config).await {
+            Ok(setup) => setup,
+            Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
+        }
+    } else {
+        match config
+            .upstream
+            .load_api_key(|name| std::env::var(name).ok())
+        {
+            Ok(key) => (config, key),
+            Err(error) => return refuse(error.to_string()),
+        }
+    };
+    let gateway = match Gateway::bind(&config, &key).await {
+        Ok(gateway) => gateway,
+        Err(error) => return refuse(error.to_string()),
+    };
+    gateway.serve(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// The config file; in demo mode a missing default file means "all defaults".
+fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigError> {
+    if cli.demo
+        && cli.config.as_path() == std::path::Path::new(DEFAULT_CONFIG_PATH)
+        && !cli.config.exists()
+    {
+        return Ok(Config::default());
+    }
+    Config::load(&cli.config)
+}
+
+/// Starts the simulated upstream and points the gateway at it with the demo key.
+async fn demo_setup(mut config: Config) -> std::io::Result<(Config, ApiKey)> {
+    let addr = demo::spawn().await?;
+    tracing::info!(%addr, "demo mode: simulated upstream started; the configured base_url and key are not used");
+    config.upstream.base_url = format!("http://{addr}");
+    let key = ApiKey::new(demo::DEMO_API_KEY).expect("the demo key is a valid key");
+    Ok((config, key))
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut terminate), Ok(mut interrupt)) => {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; only Ctrl-C stops the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Prints one line naming the problem and returns the configuration-error exit status.
+fn refuse(message: String) -> ExitCode {
+    eprintln!("plextera-gateway: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}

@@ -1,0 +1,175 @@
+//! The outermost layer: the request id, the per-request span, and the one log line per request.
+//!
+//! It runs first so that everything below (routing, cache, upstream) logs inside the request's
+//! span and every response, errors included, carries `x-request-id`. A client's `x-request-id` is
+//! kept when it is 1–128 characters of `[A-Za-z0-9._:-]`; anything else is replaced by a fresh
+//! UUID, so a hostile id can neither forge log structure nor flood the logs. The id is written back
+//! into the request headers, where inner layers read it and the upstream request copies it.
+//!
+//! Span fields filled in further down: `run_id` (routing) and `upstream_ms` (the proxy). The log
+//! line is at INFO on target `plextera_gateway::access`, so `RUST_LOG` can silence or keep it alone.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, instrument::Instrumented};
+
+use crate::response::{CacheOutcome, X_REQUEST_ID};
+
+/// Longest client-supplied request id that is kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Adds [`RequestLog`] around a service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLogLayer;
+
+impl<S> Layer<S> for RequestLogLayer {
+    type Service = RequestLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestLog { inner }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct RequestLog<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequestLog<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = RequestLogFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let request_id = request
+            .headers()
+            .get(X_REQUEST_ID)
+            .filter(|value| is_sane_request_id(value))
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        request
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.clone());
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default(),
+            method = %request.method(),
+            path = request.uri().path(),
+            run_id = tracing::field::Empty,
+            upstream_ms = tracing::field::Empty,
+        );
+        // Call inside the span so what the inner layers record (e.g. the run id) lands in it.
+        let inner = span.in_scope(|| self.inner.call(request));
+        RequestLogFuture {
+            inner: inner.instrument(span),
+            request_id: Some(request_id),
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// Logs the outcome and adds `x-request-id` once the inner response is ready.
+    pub struct RequestLogFuture<F> {
+        #[pin]
+        inner: Instrumented<F>,
+        request_id: Option<HeaderValue>,
+        started: Instant,
+    }
+}
+
+impl<F, ResBody, E> Future for RequestLogFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut result = ready!(this.inner.as_mut().poll(cx));
+        if let Ok(response) = &mut result {
+            let span: &Span = this.inner.span();
+            let _entered = span.enter();
+            let cache = response
+                .extensions()
+                .get::<CacheOutcome>()
+                .map_or("none", |outcome| outcome.as_str());
+            tracing::info!(
+                target: "plextera_gateway::access",
+                status = response.status().as_u16(),
+                cache,
+                duration_us = u64::try_from(this.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "served"
+            );
+            if let Some(request_id) = this.request_id.take() {
+                response.headers_mut().insert(X_REQUEST_ID, request_id);
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+fn is_sane_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID_LEN
+        && bytes
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':'))
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(text).expect("a hyphenated UUID is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_ids_are_kept_and_others_refused() {
+        for id in ["abc", "0f8a-11:22.x_y", &"a".repeat(MAX_REQUEST_ID_LEN)] {
+            assert!(
+                is_sane_request_id(&HeaderValue::from_str(id).expect("header")),
+                "{id}"
+            );
+        }
+        for id in [
+            "",
+            "a b",
+            "a\"b",
+            "{\"x\":1}",
+            &"a".repeat(MAX_REQUEST_ID_LEN + 1),
+        ] {
+            assert!(
+                !is_sane_request_id(&HeaderValue::from_str(id).expect("header")),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_ids_are_unique_uuids() {
+        let first = new_request_id();
+        let second = new_request_id();
+        assert_ne!(first, second);
+        assert_eq!(first.len(), 36);
+        assert!(is_sane_request_id(&first));
+    }
+}

@@ -1,0 +1,83 @@
+//! Building client responses: the header names the gateway adds, the cache outcome they report, and
+//! the body type every response uses.
+//!
+//! Bodies are always complete in memory (`Full<Bytes>`): upstream bodies are bounded and had to be
+//! read whole to decide whether to cache them, so streaming would buy nothing.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+/// The body of every response the gateway sends.
+pub type Body = Full<Bytes>;
+
+/// `x-cache`: how this response was produced (see [`CacheOutcome`]).
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// `x-request-id`: echoed from the client when sane, otherwise generated; also sent upstream.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub(crate) const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+pub(crate) const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// How a response was produced. The same value names the `x-cache` header and, later, metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Served from memory; upstream was not contacted.
+    Hit,
+    /// Fetched from upstream and stored for later requests.
+    Miss,
+    /// Fetched from upstream and deliberately not stored (a run still going, an upstream error, …).
+    Pass,
+    /// The gateway answered with its own error (bad input, upstream unreachable, …).
+    Error,
+}
+
+impl CacheOutcome {
+    /// The `x-cache` value, or `None` for gateway errors, which say what happened in their body.
+    pub fn header_value(self) -> Option<HeaderValue> {
+        match self {
+            Self::Hit => Some(HeaderValue::from_static("HIT")),
+            Self::Miss => Some(HeaderValue::from_static("MISS")),
+            Self::Pass => Some(HeaderValue::from_static("PASS")),
+            Self::Error => None,
+        }
+    }
+
+    /// Lower-case name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Pass => "pass",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A run body with its content type, `x-cache` and `cache-control`; the outcome rides along as an
+/// extension for the request log.
+pub fn run_response(
+    status: StatusCode,
+    content_type: HeaderValue,
+    cache_control: HeaderValue,
+    outcome: CacheOutcome,
+    body: Bytes,
+) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, content_type);
+    headers.insert(CACHE_CONTROL, cache_control);
+    if let Some(value) = outcome.header_value() {
+        headers.insert(X_CACHE, value);
+    }
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+/// `private, max-age=<ttl>`: a terminal run never changes, so a client may keep it as long as we do.
+pub fn terminal_cache_control(ttl: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("private, max-age={}", ttl.as_secs()))
+        .expect("digits and ASCII punctuation are a valid header value")
+}

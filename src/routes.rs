@@ -1,0 +1,208 @@
+//! Routing and request validation: turns an HTTP request into a [`RunRequest`] or a 4xx.
+//!
+//! This is the edge where strings become types. Whatever passes is a GET or HEAD for one
+//! validated [`RunId`]; the query string is dropped here (Get-run takes none, and a client must
+//! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
+//! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
+//! oversized request still gets the JSON error shape.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::response::{Body, X_REQUEST_ID};
+use crate::run_id::RunId;
+
+/// The only path prefix served on the public port.
+pub const RUNS_PATH: &str = "/api/public/v1/workflow-runs/";
+/// Longest request target accepted (path and query), in bytes.
+pub const MAX_URI_LEN: usize = 2048;
+/// Largest header block accepted (names plus values), in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// A valid request for one run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub id: RunId,
+    /// The request id set by the request-log layer; sent upstream and in error bodies.
+    pub request_id: HeaderValue,
+}
+
+/// Adds [`Route`] in front of a `Service<RunRequest>`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Route { inner }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Route<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Route<S>
+where
+    S: Service<RunRequest, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let request_id = request.headers().get(X_REQUEST_ID).cloned();
+        match route(&request) {
+            Ok(id) => {
+                tracing::Span::current().record("run_id", id.as_str());
+                let request_id = request_id.unwrap_or_else(|| HeaderValue::from_static("-"));
+                Either::Right(self.inner.call(RunRequest { id, request_id }))
+            }
+            Err(error) => Either::Left(ready(Ok(error.into_response(request_id.as_ref())))),
+        }
+    }
+}
+
+/// Validates size, path, method and run id, in that order.
+pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
+    let target_len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target_len > MAX_URI_LEN {
+        return Err(GatewayError::UriTooLong);
+    }
+    if header_bytes(request.headers()) > MAX_HEADER_BYTES {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    let raw_id = request
+        .uri()
+        .path()
+        .strip_prefix(RUNS_PATH)
+        .filter(|rest| !rest.contains('/'))
+        .ok_or(GatewayError::NotFound)?;
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return Err(GatewayError::MethodNotAllowed);
+    }
+    RunId::parse(raw_id).map_err(|_| GatewayError::InvalidRunId)
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, target: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .body(())
+            .expect("valid request")
+    }
+
+    #[test]
+    fn runs_path_yields_the_id_without_the_query() {
+        let id = route(&request(
+            Method::GET,
+            "/api/public/v1/workflow-runs/run_1?x=1",
+        ))
+        .expect("routed");
+        assert_eq!(id.as_str(), "run_1");
+        let id =
+            route(&request(Method::HEAD, "/api/public/v1/workflow-runs/run_1")).expect("routed");
+        assert_eq!(id.as_str(), "run_1");
+    }
+
+    #[test]
+    fn other_paths_are_not_found() {
+        for target in [
+            "/",
+            "/metrics",
+            "/healthz",
+            "/api/public/v1/workflow-runs",
+            "/api/public/v1/workflow-runs/a/b",
+            "/api/public/v1/workflow-runs/a/",
+            "//api/public/v1/workflow-runs/a",
+            "/api/public/v1/../v1/workflow-runs/a",
+            "/api/public/v1/workflow-runs/../../admin",
+            "/API/public/v1/workflow-runs/a",
+        ] {
+            assert_eq!(
+                route(&request(Method::GET, target)).err(),
+                Some(GatewayError::NotFound),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_methods_are_refused() {
+        for method in [
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+        ] {
+            assert_eq!(
+                route(&request(method.clone(), "/api/public/v1/workflow-runs/a")).err(),
+                Some(GatewayError::MethodNotAllowed),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_ids_are_invalid() {
+        for target in [
+            "/api/public/v1/workflow-runs/",
+            "/api/public/v1/workflow-runs/..",
+            "/api/public/v1/workflow-runs/%2e%2e%2fadmin",
+            "/api/public/v1/workflow-runs/a%00",
+            "/api/public/v1/workflow-runs/r%D0%B0n",
+        ] {
+            assert_eq!(
+                route(&request(Method::GET, target)).err(),
+                Some(GatewayError::InvalidRunId),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        let long = format!("/api/public/v1/workflow-runs/a?{}", "x".repeat(MAX_URI_LEN));
+        assert_eq!(
+            route(&request(Method::GET, &long)).err(),
+            Some(GatewayError::UriTooLong)
+        );
+
+        let mut big = request(Method::GET, "/api/public/v1/workflow-runs/a");
+        for index in 0..20 {
+            let value = HeaderValue::from_str(&"v".repeat(1000)).expect("header");
+            big.headers_mut().insert(
+                http::HeaderName::from_bytes(format!("x-filler-{index}").as_bytes()).expect("name"),
+                value,
+            );
+        }
+        assert_eq!(route(&big).err(), Some(GatewayError::HeadersTooLarge));
+    }
+}

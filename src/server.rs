@@ -1,0 +1,227 @@
+//! Listeners, connections and graceful shutdown.
+//!
+//! [`Gateway::bind`] does everything that can fail on configuration first (upstream client, TLS
+//! roots) and only then binds both ports, so a bad config never leaves a half-started process.
+//! [`Gateway::serve`] accepts until the shutdown future resolves, then: `/readyz` turns 503, the
+//! public listener closes (new connections are refused), in-flight requests get `shutdown_grace`
+//! to finish (HTTP/1 keep-alive connections are closed once idle, HTTP/2 gets GOAWAY), and whatever
+//! is left after the grace period is cut, with a warning.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Readiness};
+use crate::cache::{RunStore, TerminalStatuses};
+use crate::config::{Config, ConfigError};
+use crate::proxy::RunService;
+use crate::response::Body;
+use crate::secret::ApiKey;
+use crate::stack;
+use crate::upstream::Upstream;
+
+/// A client has this long to send its request head before the connection is closed (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's own bound on an HTTP/1 request head; above the gateway's JSON-answered limits.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// How long admin connections get to finish once the public side has drained.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({which}): {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A gateway with both ports bound, ready to serve.
+pub struct Gateway {
+    public: TcpListener,
+    admin: TcpListener,
+    runs: RunService,
+    cors_allowed_origins: Vec<String>,
+    shutdown_grace: Duration,
+    readiness: Readiness,
+}
+
+impl Gateway {
+    /// Builds the upstream client and the cache, then binds the public and admin ports.
+    pub async fn bind(config: &Config, key: &ApiKey) -> Result<Self, StartError> {
+        let upstream = Upstream::new(&config.upstream, key)?;
+        let store = RunStore::new(config.cache.max_size.as_u64(), config.cache.ttl);
+        let terminal = TerminalStatuses::new(&config.cache.terminal_statuses);
+        let runs = RunService::new(store, upstream, terminal, config.cache.ttl);
+        let public = bind("public", config.server.listen).await?;
+        let admin = bind("admin", config.server.admin_listen).await?;
+        Ok(Self {
+            public,
+            admin,
+            runs,
+            cors_allowed_origins: config.server.cors_allowed_origins.clone(),
+            shutdown_grace: config.server.shutdown_grace,
+            readiness: Readiness::default(),
+        })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains as described in the module documentation.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (public_addr, admin_addr) = (self.public_addr(), self.admin_addr());
+        let readiness = self.readiness.clone();
+        let admin_service =
+            hyper::service::service_fn(move |request| admin::handle(request, readiness.clone()));
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(async move {
+            let mut admin = Acceptor::new(self.admin, admin_service);
+            admin
+                .accept_until(async {
+                    let _ = admin_stopped.await;
+                })
+                .await;
+            admin.drain(ADMIN_GRACE).await;
+        });
+
+        let public_service =
+            TowerToHyperService::new(stack::public_service(self.runs, &self.cors_allowed_origins));
+        let mut public = Acceptor::new(self.public, public_service);
+        self.readiness.set(true);
+        tracing::info!(%public_addr, %admin_addr, "gateway ready");
+        public.accept_until(shutdown).await;
+
+        self.readiness.set(false);
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining in-flight requests");
+        if public.drain(self.shutdown_grace).await {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace elapsed: cutting remaining connections");
+        }
+        let _ = stop_admin.send(());
+        if let Err(error) = admin_task.await {
+            tracing::error!(%error, "admin listener task failed");
+        }
+    }
+}
+
+async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            which,
+            addr,
+            source,
+        })
+}
+
+/// Accepts connections on one listener and tracks them for draining.
+struct Acceptor<S> {
+    listener: TcpListener,
+    service: S,
+    http: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+    connections: JoinSet<()>,
+}
+
+impl<S> Acceptor<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    fn new(listener: TcpListener, service: S) -> Self {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES);
+        http.http2().timer(TokioTimer::new());
+        Self {
+            listener,
+            service,
+            http,
+            graceful: GracefulShutdown::new(),
+            connections: JoinSet::new(),
+        }
+    }
+
+    /// Accepts until `stop` resolves; finished connection tasks are reaped as it goes.
+    async fn accept_until(&mut self, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                Some(_) = self.connections.join_next(), if !self.connections.is_empty() => {}
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _peer)) => self.spawn_connection(stream),
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    }
+                },
+            }
+        }
+    }
+
+    fn spawn_connection(&mut self, stream: tokio::net::TcpStream) {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(stream), self.service.clone())
+            .into_owned();
+        let connection = self.graceful.watch(connection);
+        self.connections.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+
+    /// Stops accepting, asks every connection to finish, waits up to `grace`, then cuts the rest.
+    /// Returns whether everything finished in time.
+    async fn drain(self, grace: Duration) -> bool {
+        let Self {
+            listener,
+            graceful,
+            mut connections,
+            ..
+        } = self;
+        drop(listener);
+        let drained = tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_ok();
+        connections.shutdown().await;
+        drained
+    }
+}

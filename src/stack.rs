@@ -1,0 +1,71 @@
+//! The public port's tower stack, written once, outermost layer first.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::header::{ETAG, HeaderName, IF_NONE_MATCH, RETRY_AFTER};
+use http::{HeaderValue, Method, Request, Response};
+use tower::{Service, ServiceBuilder};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::proxy::RunService;
+use crate::request_log::RequestLogLayer;
+use crate::response::{Body, X_CACHE, X_REQUEST_ID};
+use crate::routes::RouteLayer;
+
+/// How long browsers may reuse a preflight answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Builds the request path for the public port.
+pub fn public_service<B>(
+    runs: RunService,
+    cors_allowed_origins: &[String],
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static
+where
+    B: Send + 'static,
+{
+    ServiceBuilder::new()
+        // Request id, per-request span and the access log line; outermost so every response,
+        // preflights and errors included, is logged and carries x-request-id.
+        .layer(RequestLogLayer)
+        // CORS headers and preflight answers, only when origins are configured.
+        .option_layer(cors_layer(cors_allowed_origins))
+        // Method, path, sizes and run id: bad input is answered here and goes no further.
+        .layer(RouteLayer)
+        // Cache lookup, then upstream, then the store decision.
+        .service(runs)
+}
+
+/// CORS for browser frontends, or `None` when no origin is configured (no CORS headers at all).
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::HEAD])
+            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH])
+            .expose_headers([
+                X_CACHE,
+                X_REQUEST_ID,
+                ETAG,
+                RETRY_AFTER,
+                HeaderName::from_static("age"),
+            ])
+            .max_age(CORS_MAX_AGE),
+    )
+}

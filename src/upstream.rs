@@ -1,0 +1,189 @@
+//! The upstream side: one pooled client, the request it sends, and what can go wrong with it.
+//!
+//! The upstream request is built from scratch, never copied from the client's: method GET, the
+//! run's URL, the server-side `Authorization: api-key …`, `Accept: application/json`, a
+//! `User-Agent` and the request id. So no client credential, cookie, hop-by-hop header or routing
+//! header (`Host`, `X-Forwarded-*`, `Forwarded`, `X-Original-URL`, …) can ever travel upstream,
+//! and no client header can make two requests for one run differ upstream.
+//!
+//! Connections are pooled and kept alive; `https` upstreams use rustls with the webpki roots (plus
+//! an optional extra CA file) and negotiate HTTP/2 or HTTP/1.1 by ALPN. One deadline,
+//! `request_timeout`, covers connect, head and body; bodies are read whole up to `max_body_size`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
+use crate::run_id::RunId;
+use crate::secret::ApiKey;
+
+/// How long an idle pooled connection is kept before it is closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What upstream answered, read whole.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+    pub body: Bytes,
+    /// Time from sending the request to having the whole body.
+    pub elapsed: Duration,
+}
+
+/// Why no complete answer came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no complete answer within the request timeout")]
+    Timeout,
+    #[error("could not connect")]
+    Connect,
+    #[error("the connection failed before a complete answer")]
+    Broken,
+    #[error("the body is larger than upstream.max_body_size")]
+    BodyTooLarge,
+}
+
+/// The pooled client for Plextera's Get-run endpoint.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    runs_url_prefix: Arc<str>,
+    authorization: HeaderValue,
+    user_agent: HeaderValue,
+    timeout: Duration,
+    max_body_size: usize,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, key: &ApiKey) -> Result<Self, ConfigError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.request_timeout));
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(Self {
+            client,
+            runs_url_prefix: config.runs_url_prefix()?.into(),
+            authorization: key.authorization(),
+            user_agent: HeaderValue::from_static(concat!(
+                "plextera-gateway/",
+                env!("CARGO_PKG_VERSION")
+            )),
+            timeout: config.request_timeout,
+            max_body_size: usize::try_from(config.max_body_size.as_u64()).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Fetches one run, bounded by `request_timeout` as a whole.
+    pub async fn fetch(
+        &self,
+        id: &RunId,
+        request_id: &HeaderValue,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let started = Instant::now();
+        let mut response = tokio::time::timeout(self.timeout, self.exchange(id, request_id))
+            .await
+            .map_err(|_| UpstreamError::Timeout)??;
+        response.elapsed = started.elapsed();
+        Ok(response)
+    }
+
+    async fn exchange(
+        &self,
+        id: &RunId,
+        request_id: &HeaderValue,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let uri: Uri = format!("{}{}", self.runs_url_prefix, id)
+            .parse()
+            .expect("a validated base URL plus a validated run id is a valid URI");
+        let mut request = Request::new(Empty::new());
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(AUTHORIZATION, self.authorization.clone());
+        headers.insert(ACCEPT, APPLICATION_JSON);
+        headers.insert(USER_AGENT, self.user_agent.clone());
+        headers.insert(X_REQUEST_ID, request_id.clone());
+
+        let response = self.client.request(request).await.map_err(|error| {
+            if error.is_connect() {
+                UpstreamError::Connect
+            } else {
+                UpstreamError::Broken
+            }
+        })?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, self.max_body_size)
+            .collect()
+            .await
+            .map_err(|error| {
+                if error.is::<LengthLimitError>() {
+                    UpstreamError::BodyTooLarge
+                } else {
+                    UpstreamError::Broken
+                }
+            })?
+            .to_bytes();
+        Ok(UpstreamResponse {
+            status: parts.status,
+            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+            retry_after: parts.headers.get(RETRY_AFTER).cloned(),
+            body,
+            elapsed: Duration::ZERO,
+        })
+    }
+}
+
+/// rustls with the ring provider, the webpki roots and, if configured, the CAs in `ca_file`.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let invalid = |why: String| {
+            ConfigError::Invalid(format!("upstream.ca_file {}: {why}", path.display()))
+        };
+        let certificates = CertificateDer::pem_file_iter(path)
+            .map_err(|error| invalid(error.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| invalid(error.to_string()))?;
+        if certificates.is_empty() {
+            return Err(invalid("holds no PEM certificate".to_owned()));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|error| invalid(error.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ConfigError::Invalid(format!("TLS setup: {error}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
