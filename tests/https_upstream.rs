@@ -1,0 +1,138 @@
+//! An `https` upstream: certificates are verified, HTTP/2 is negotiated by ALPN, the key still
+//! travels only upstream.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use support::{TEST_KEY, TestGateway, run_body, test_config};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// What the TLS mock saw of each request: protocol version and `Authorization`.
+type Seen = Arc<Mutex<Vec<(Version, String)>>>;
+
+/// A TLS server for `localhost` with a fresh self-signed certificate; returns its address, the
+/// certificate as PEM, and the requests it sees.
+async fn tls_upstream() -> (SocketAddr, String, Seen) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .expect("server certificate");
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Seen = Arc::default();
+    let seen_by_server = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let seen = Arc::clone(&seen_by_server);
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let authorization = request
+                            .headers()
+                            .get("authorization")
+                            .and_then(|value| value.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        seen.lock()
+                            .expect("lock")
+                            .push((request.version(), authorization));
+                        let id = request
+                            .uri()
+                            .path()
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
+                                &id,
+                                "COMPLETED",
+                                0,
+                            ))))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, certified.cert.pem(), seen)
+}
+
+#[tokio::test]
+async fn a_trusted_https_upstream_is_reached_over_http2() {
+    let (addr, ca_pem, seen) = tls_upstream().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+    let mut config = test_config(&format!("https://localhost:{}", addr.port()));
+    config.upstream.ca_file = Some(ca_file);
+    let gateway = TestGateway::start_with(config).await;
+
+    let first = gateway.get_run("run_tls").await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    assert_eq!(first.x_cache(), Some("MISS"));
+    assert_eq!(first.body, run_body("run_tls", "COMPLETED", 0));
+    assert_eq!(gateway.get_run("run_tls").await.x_cache(), Some("HIT"));
+
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, Version::HTTP_2, "ALPN negotiated HTTP/2");
+    assert_eq!(seen[0].1, format!("api-key {TEST_KEY}"));
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused() {
+    let (addr, _ca_pem, seen) = tls_upstream().await;
+    let gateway =
+        TestGateway::start_with(test_config(&format!("https://localhost:{}", addr.port()))).await;
+    let response = gateway.get_run("run_tls").await;
+    assert_eq!(response.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(response.error_code(), "UPSTREAM_UNAVAILABLE");
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "no request was sent over an unverified connection"
+    );
+}
+
+#[tokio::test]
+async fn a_ca_file_without_certificates_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("empty.pem");
+    std::fs::write(&ca_file, "not a certificate\n").expect("write");
+    let mut config = test_config("https://localhost:1");
+    config.upstream.ca_file = Some(ca_file);
+    let key = plextera_gateway::ApiKey::new(TEST_KEY).expect("key");
+    let error = plextera_gateway::Gateway::bind(&config, &key)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("ca_file"), "{error}");
+}

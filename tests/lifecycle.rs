@@ -1,0 +1,116 @@
+//! Readiness and graceful shutdown, in-process.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::{Gate, MockUpstream, Reply, TestClient, TestGateway, eventually, runs_path};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn health_and_readiness_live_on_the_admin_port_only() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let health = gateway.admin_get("/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.json()["status"], "ok");
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(
+        gateway.admin_get("/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        gateway.send(Method::GET, "/healthz", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        gateway.send(Method::GET, "/readyz", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(mock.request_count(), 0);
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
+    let mock = MockUpstream::start().await;
+    let mut gateway = TestGateway::start(&mock, |config| {
+        config.server.shutdown_grace = Duration::from_secs(10);
+    })
+    .await;
+    let gate = Gate::new();
+    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
+    let url = gateway.url(&runs_path("slow"));
+    let in_flight =
+        tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    mock.wait_for_requests(1).await;
+
+    gateway.begin_shutdown();
+    let admin = gateway.admin;
+    eventually("/readyz reports not ready", || async move {
+        TestClient::new()
+            .try_send(Method::GET, &format!("http://{admin}/readyz"), &[])
+            .await
+            .is_ok_and(|response| response.status == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    let refused = TcpStream::connect(gateway.public).await;
+    assert!(
+        refused.is_err(),
+        "the public port no longer accepts connections"
+    );
+
+    gate.open();
+    let response = in_flight.await.expect("client task");
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "the in-flight request completed"
+    );
+    assert_eq!(response.json()["id"], "slow");
+    gateway.stopped().await;
+}
+
+#[tokio::test]
+async fn requests_still_running_after_the_grace_period_are_cut() {
+    let mock = MockUpstream::start().await;
+    let mut gateway = TestGateway::start(&mock, |config| {
+        config.server.shutdown_grace = Duration::from_millis(200);
+    })
+    .await;
+    let never = Gate::new();
+    mock.set("stuck", Reply::run("stuck", "COMPLETED").gated(&never));
+    let url = gateway.url(&runs_path("stuck"));
+    let in_flight =
+        tokio::spawn(async move { TestClient::new().try_send(Method::GET, &url, &[]).await });
+    mock.wait_for_requests(1).await;
+
+    gateway.begin_shutdown();
+    gateway.stopped().await;
+    let outcome = in_flight.await.expect("client task");
+    assert!(
+        outcome.is_err(),
+        "the stuck request was cut, got {outcome:?}"
+    );
+    never.open();
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
+    let mock = MockUpstream::start().await;
+    let mut gateway = TestGateway::start(&mock, |config| {
+        config.server.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    // The test client keeps its connection alive and idle in its pool.
+    assert_eq!(gateway.get_run("run_1").await.status, StatusCode::OK);
+    gateway.begin_shutdown();
+    let started = std::time::Instant::now();
+    gateway.stopped().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drained without waiting out the grace"
+    );
+}

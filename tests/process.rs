@@ -1,0 +1,178 @@
+//! The real binary: start-up refusals, demo mode, SIGTERM, and logs that never hold the key.
+
+mod support;
+
+use http::{Method, StatusCode};
+use support::{
+    GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, process_config, run_to_exit,
+    runs_path, write_config,
+};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> support::TestResponse {
+    TestClient::new()
+        .send(Method::GET, &format!("http://{addr}{path}"), &[])
+        .await
+}
+
+#[test]
+fn a_missing_key_stops_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config("http://127.0.0.1:9", ""));
+    let (status, _, stderr) = run_to_exit(&["--config", &config], &[]);
+    assert_eq!(status.code(), Some(78));
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("GW_TEST_KEY"), "{stderr}");
+}
+
+#[test]
+fn config_problems_stop_start_up_with_one_line_each() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        (
+            "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"typo\"\n",
+            "lisen",
+        ),
+        ("[cache]\nttl = \"forever\"\n", "line 2"),
+        ("[cache]\nmax_size = \"huge\"\n", "line 2"),
+        ("[upstream]\nbase_url = \"api.plextera.com\"\n", "base_url"),
+        ("not toml at all", "line 1"),
+    ];
+    for (text, expected) in cases {
+        let config = write_config(dir.path(), text);
+        let (status, _, stderr) =
+            run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
+        assert_eq!(status.code(), Some(78), "{text:?}");
+        assert_eq!(stderr.lines().count(), 1, "{text:?}: {stderr}");
+        assert!(stderr.contains(expected), "{text:?}: {stderr}");
+        assert!(!stderr.contains(TEST_KEY));
+    }
+    let (status, _, stderr) = run_to_exit(&["--config", "/nonexistent/gateway.toml"], &[]);
+    assert_eq!(status.code(), Some(78));
+    assert!(stderr.contains("/nonexistent/gateway.toml"), "{stderr}");
+}
+
+#[test]
+fn an_unreadable_key_file_stops_start_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = "[upstream]\napi_key_file = \"/nonexistent/key\"\n";
+    let config = write_config(dir.path(), text);
+    let (status, _, stderr) = run_to_exit(&["--config", &config], &[]);
+    assert_eq!(status.code(), Some(78));
+    assert!(stderr.contains("/nonexistent/key"), "{stderr}");
+}
+
+#[test]
+fn a_port_in_use_stops_start_up() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:0\"\n");
+    let config = write_config(dir.path(), &text);
+    let (status, _, stderr) =
+        run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
+    assert_eq!(status.code(), Some(78));
+    assert!(stderr.contains(&addr.to_string()), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_mode_shows_miss_hit_and_pass_with_no_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
+    );
+    let mut gateway = GatewayProcess::start(&["--demo", "--config", &config], &[]);
+    let first = get(gateway.public, &runs_path("done-1")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.x_cache(), Some("MISS"));
+    assert_eq!(first.json()["status"], "COMPLETED");
+    let second = get(gateway.public, &runs_path("done-1")).await;
+    assert_eq!(second.x_cache(), Some("HIT"));
+    assert_eq!(second.body, first.body);
+    let running = get(gateway.public, &runs_path("run-42")).await;
+    assert_eq!(running.x_cache(), Some("PASS"));
+    assert_eq!(running.json()["status"], "QUEUED");
+    let missing = get(gateway.public, &runs_path("missing-1")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(gateway.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let mut gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+
+    let url = format!("http://{}{}", gateway.public, runs_path("slow"));
+    let in_flight =
+        tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    mock.wait_for_requests(1).await;
+    gateway.send_sigterm();
+    // The gateway is now draining: the request it holds completes once upstream answers.
+    gate.open();
+    let response = in_flight.await.expect("client task");
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.x_cache(), Some("MISS"));
+    assert_eq!(gateway.wait().code(), Some(0));
+    assert!(gateway.logs().contains("drained"), "{}", gateway.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_appears_in_no_log_line_even_at_trace_level() {
+    let mock = MockUpstream::start().await;
+    mock.set("done", Reply::run("done", "COMPLETED"));
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    mock.set(
+        "auth",
+        Reply::status(
+            StatusCode::UNAUTHORIZED,
+            r#"{"error":{"code":"UNAUTHORIZED"}}"#,
+        ),
+    );
+    mock.set(
+        "boom",
+        Reply::status(StatusCode::INTERNAL_SERVER_ERROR, "{}"),
+    );
+    mock.set("abort", Reply::Abort);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let mut gateway = GatewayProcess::start(
+        &["--config", &config],
+        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace")],
+    );
+    let client = TestClient::new();
+    for id in [
+        "done", "done", "live", "auth", "boom", "abort", "missing", "bad%2Fid",
+    ] {
+        let response = client
+            .send(
+                Method::GET,
+                &format!("http://{}{}", gateway.public, runs_path(id)),
+                &[],
+            )
+            .await;
+        assert!(
+            !response.everything().contains(TEST_KEY),
+            "{id} response leaked the key"
+        );
+    }
+    assert_eq!(gateway.terminate().code(), Some(0));
+    let logs = gateway.logs();
+    assert!(
+        logs.contains("upstream refused the gateway's API key"),
+        "auth failure is logged loudly"
+    );
+    assert!(
+        logs.contains("\"cache\":\"hit\""),
+        "access log has the outcome: {logs}"
+    );
+    assert!(logs.lines().count() > 20, "trace logging was on");
+    assert!(!logs.contains(TEST_KEY), "the key leaked into the logs");
+    assert!(
+        !logs.contains(&TEST_KEY[8..]),
+        "part of the key leaked into the logs"
+    );
+}
