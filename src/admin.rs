@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 
 use crate::error::error_body;
-use crate::response::{APPLICATION_JSON, Body, NO_STORE};
+use crate::response::{Body, json};
 
 /// Whether the gateway should receive traffic. Shared by the server (writer) and `/readyz`.
 #[derive(Debug, Clone, Default)]
@@ -68,14 +66,4 @@ pub async fn handle<B>(
         ),
     };
     Ok(response)
-}
-
-fn json(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, APPLICATION_JSON);
-    response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
-    response
 }

@@ -16,15 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::error::error_body;
-use crate::response::{APPLICATION_JSON, Body};
+use crate::response::{Body, json};
 use crate::routes::RUNS_PATH;
 
 /// The key the demo upstream accepts; not a secret.
@@ -163,15 +162,6 @@ fn run_body(id: &str, status: &str, started_at: SystemTime) -> Bytes {
         ]
     });
     Bytes::from(body.to_string())
-}
-
-fn json(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, APPLICATION_JSON);
-    response
 }
 
 #[cfg(test)]

@@ -5,12 +5,11 @@
 //! detail, no header, no key ever reaches a body.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::header::{ALLOW, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::Full;
 use serde::Serialize;
 
-use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE};
+use crate::response::{Body, CacheOutcome, json};
 
 /// Everything the gateway can refuse or fail with on its own account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -77,18 +76,12 @@ impl GatewayError {
     /// The JSON error response, `no-store`, with `Allow` on a 405.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<Body> {
         let request_id = request_id.and_then(|value| value.to_str().ok());
-        let mut response = Response::new(Full::new(error_body(
-            self.code(),
-            &self.to_string(),
-            request_id,
-            self.retryable(),
-        )));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-        headers.insert(CACHE_CONTROL, NO_STORE);
+        let body = error_body(self.code(), &self.to_string(), request_id, self.retryable());
+        let mut response = json(self.status(), body);
         if self == Self::MethodNotAllowed {
-            headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         response.extensions_mut().insert(CacheOutcome::Error);
         response
@@ -126,6 +119,7 @@ pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{CACHE_CONTROL, CONTENT_TYPE};
     use http_body_util::BodyExt;
 
     #[tokio::test]

@@ -76,6 +76,17 @@ pub fn run_response(
     response
 }
 
+/// A JSON body the gateway wrote itself (errors, probes): `application/json`, `no-store`.
+pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, APPLICATION_JSON);
+    response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
+    response
+}
+
 /// `private, max-age=<ttl>`: a terminal run never changes, so a client may keep it as long as we do.
 pub fn terminal_cache_control(ttl: std::time::Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("private, max-age={}", ttl.as_secs()))
