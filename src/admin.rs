@@ -1,7 +1,7 @@
-//! The admin port: liveness and readiness for orchestrators (and `/metrics`, in a later change).
+//! The admin port: liveness and readiness for orchestrators, and `/metrics` for Prometheus.
 //!
 //! It listens apart from the public port so probes and scrapes never compete with client traffic
-//! and operators can keep it off the public network. `/healthz` answers 200 while the process can
+//! and operators can keep it off the public network (the public port answers 404 on these paths). `/healthz` answers 200 while the process can
 //! answer at all; `/readyz` answers 200 only between "listeners bound" and "shutdown started", so a
 //! load balancer stops sending traffic while in-flight requests drain.
 
@@ -10,10 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
 
+use crate::cache::RunStore;
 use crate::error::error_body;
-use crate::response::{Body, json};
+use crate::metrics::{self, Metrics};
+use crate::response::{Body, NO_STORE, json};
 
 /// Whether the gateway should receive traffic. Shared by the server (writer) and `/readyz`.
 #[derive(Debug, Clone, Default)]
@@ -29,11 +33,17 @@ impl Readiness {
     }
 }
 
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub readiness: Readiness,
+    pub metrics: Metrics,
+    /// Read at scrape time for the occupancy gauges.
+    pub store: RunStore,
+}
+
 /// Answers one admin request.
-pub async fn handle<B>(
-    request: Request<B>,
-    readiness: Readiness,
-) -> Result<Response<Body>, Infallible> {
+pub async fn handle<B>(request: Request<B>, state: AdminState) -> Result<Response<Body>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -47,10 +57,10 @@ pub async fn handle<B>(
     }
     let response = match request.uri().path() {
         "/healthz" => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
-        "/readyz" if readiness.is_ready() => json(
-            StatusCode::OK,
-            Bytes::from_static(b"{\"status\":\"ready\"}"),
-        ),
+        "/metrics" => scrape(&state).await,
+        "/readyz" if state.readiness.is_ready() => {
+            json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))
+        }
         "/readyz" => json(
             StatusCode::SERVICE_UNAVAILABLE,
             Bytes::from_static(b"{\"status\":\"not ready\"}"),
@@ -59,11 +69,22 @@ pub async fn handle<B>(
             StatusCode::NOT_FOUND,
             error_body(
                 "NOT_FOUND",
-                "admin endpoints: /healthz, /readyz",
+                "admin endpoints: /healthz, /readyz, /metrics",
                 None,
                 false,
             ),
         ),
     };
     Ok(response)
+}
+
+/// The Prometheus text exposition, with the cache gauges brought up to date first.
+async fn scrape(state: &AdminState) -> Response<Body> {
+    let (entries, bytes) = state.store.occupancy().await;
+    state.metrics.cache.set_occupancy(entries, bytes);
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    response
 }

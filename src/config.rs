@@ -14,6 +14,7 @@ use bytesize::ByteSize;
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
+use crate::run_status::OTHER_STATUS;
 use crate::secret::ApiKey;
 
 /// Where the gateway looks for its configuration when `--config` is not given.
@@ -38,7 +39,7 @@ pub struct Config {
 pub struct ServerConfig {
     /// Public listener: serves the runs path only.
     pub listen: SocketAddr,
-    /// Admin listener: `/healthz` and `/readyz`; keep it off the public network.
+    /// Admin listener: `/healthz`, `/readyz` and `/metrics`; keep it off the public network.
     pub admin_listen: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
@@ -117,10 +118,7 @@ impl Default for CacheConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config: {0}")]
@@ -130,10 +128,7 @@ pub enum ConfigError {
     #[error("the API key in the environment variable {0} is empty or not a valid header value")]
     KeyEnvInvalid(String),
     #[error("cannot read the API key file {path}: {source}")]
-    KeyFileRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    KeyFileRead { path: PathBuf, source: std::io::Error },
     #[error("the API key file {0} is empty or does not hold a valid header value")]
     KeyFileInvalid(PathBuf),
 }
@@ -182,9 +177,7 @@ impl Config {
             return invalid("upstream.max_body_size must be more than 0".to_owned());
         }
         if self.upstream.api_key_env.is_some() && self.upstream.api_key_file.is_some() {
-            return invalid(
-                "set only one of upstream.api_key_env and upstream.api_key_file".to_owned(),
-            );
+            return invalid("set only one of upstream.api_key_env and upstream.api_key_file".to_owned());
         }
         if self.cache.ttl.is_zero() {
             return invalid("cache.ttl must be more than 0s".to_owned());
@@ -192,14 +185,13 @@ impl Config {
         if self.cache.max_size.as_u64() == 0 {
             return invalid("cache.max_size must be more than 0".to_owned());
         }
-        if let Some(bad) = self
-            .cache
-            .terminal_statuses
-            .iter()
-            .find(|status| status.is_empty() || status.trim() != status.as_str())
+        if let Some(bad) =
+            self.cache.terminal_statuses.iter().find(|status| {
+                status.is_empty() || status.trim() != status.as_str() || *status == OTHER_STATUS
+            })
         {
             return invalid(format!(
-                "cache.terminal_statuses holds {bad:?}: a status is a non-empty word"
+                "cache.terminal_statuses holds {bad:?}: a status is a non-empty word other than \"{OTHER_STATUS}\""
             ));
         }
         Ok(())
@@ -209,12 +201,8 @@ impl Config {
 impl UpstreamConfig {
     /// The absolute URL that a run id is appended to, e.g. `https://api.plextera.com/api/public/v1/workflow-runs/`.
     pub fn runs_url_prefix(&self) -> Result<String, ConfigError> {
-        let invalid = |why: &str| {
-            ConfigError::Invalid(format!(
-                "upstream.base_url {:?} {why}",
-                self.base_url.as_str()
-            ))
-        };
+        let invalid =
+            |why: &str| ConfigError::Invalid(format!("upstream.base_url {:?} {why}", self.base_url.as_str()));
         let uri: Uri = self.base_url.parse().map_err(|_| invalid("is not a URL"))?;
         match uri.scheme_str() {
             Some("http" | "https") => {}
@@ -232,18 +220,13 @@ impl UpstreamConfig {
 
     /// Resolves the key from the file or the environment variable named in the config.
     /// `env` looks up an environment variable (`std::env::var` in production).
-    pub fn load_api_key(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<ApiKey, ConfigError> {
+    pub fn load_api_key(&self, env: impl Fn(&str) -> Option<String>) -> Result<ApiKey, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFileRead {
-                    path: path.clone(),
-                    source,
-                })?;
-            return ApiKey::new(text.trim())
-                .ok_or_else(|| ConfigError::KeyFileInvalid(path.clone()));
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFileRead {
+                path: path.clone(),
+                source,
+            })?;
+            return ApiKey::new(text.trim()).ok_or_else(|| ConfigError::KeyFileInvalid(path.clone()));
         }
         let name = self.api_key_env.as_deref().unwrap_or(DEFAULT_API_KEY_ENV);
         let value = env(name).ok_or_else(|| ConfigError::KeyEnvMissing(name.to_owned()))?;
@@ -311,10 +294,7 @@ mod tests {
         assert_eq!(config.upstream.max_body_size, ByteSize::mib(8));
         assert_eq!(config.cache.ttl, Duration::from_secs(86_400));
         assert_eq!(config.cache.max_size.as_u64(), 256 * 1024 * 1024);
-        assert_eq!(
-            config.cache.terminal_statuses,
-            ["COMPLETED", "FAILED", "CLOSED"]
-        );
+        assert_eq!(config.cache.terminal_statuses, ["COMPLETED", "FAILED", "CLOSED"]);
     }
 
     #[test]
@@ -359,6 +339,7 @@ mod tests {
             ("[cache]\nttl = \"0s\"\n", "cache.ttl"),
             ("[cache]\nmax_size = 0\n", "cache.max_size"),
             ("[cache]\nterminal_statuses = [\"\"]\n", "terminal_statuses"),
+            ("[cache]\nterminal_statuses = [\"other\"]\n", "terminal_statuses"),
             (
                 "[server]\ncors_allowed_origins = [\"https://a.test/path\"]\n",
                 "cors",
@@ -386,18 +367,15 @@ mod tests {
 
     #[test]
     fn cors_accepts_origins_and_the_wildcard() {
-        Config::parse(
-            "[server]\ncors_allowed_origins = [\"https://app.test\", \"http://localhost:3000\"]\n",
-        )
-        .expect("origins are valid");
+        Config::parse("[server]\ncors_allowed_origins = [\"https://app.test\", \"http://localhost:3000\"]\n")
+            .expect("origins are valid");
         Config::parse("[server]\ncors_allowed_origins = [\"*\"]\n").expect("wildcard is valid");
     }
 
     #[test]
     fn base_url_path_prefix_is_kept_and_trailing_slash_dropped() {
-        let config =
-            Config::parse("[upstream]\nbase_url = \"http://proxy.internal:8443/plextera/\"\n")
-                .expect("valid");
+        let config = Config::parse("[upstream]\nbase_url = \"http://proxy.internal:8443/plextera/\"\n")
+            .expect("valid");
         assert_eq!(
             config.upstream.runs_url_prefix().expect("prefix"),
             "http://proxy.internal:8443/plextera/api/public/v1/workflow-runs/"

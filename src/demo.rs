@@ -49,8 +49,7 @@ pub async fn spawn() -> std::io::Result<SocketAddr> {
                 continue;
             };
             let runs = Arc::clone(&runs);
-            let service =
-                hyper::service::service_fn(move |request| answer(request, Arc::clone(&runs)));
+            let service = hyper::service::service_fn(move |request| answer(request, Arc::clone(&runs)));
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -93,10 +92,7 @@ async fn answer<B>(request: Request<B>, runs: Arc<Runs>) -> Result<Response<Body
 
 impl Runs {
     fn first_seen(&self, id: &str) -> (Instant, SystemTime) {
-        let mut runs = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut runs = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if runs.len() >= MAX_TRACKED_RUNS && !runs.contains_key(id) {
             runs.clear();
         }

@@ -111,9 +111,7 @@ pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable
             retryable,
         },
     };
-    Bytes::from(
-        serde_json::to_vec(&envelope).expect("a struct of strings and a bool always serializes"),
-    )
+    Bytes::from(serde_json::to_vec(&envelope).expect("a struct of strings and a bool always serializes"))
 }
 
 #[cfg(test)]

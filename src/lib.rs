@@ -8,11 +8,12 @@
 //! Layout, one concern per module:
 //! - [`config`]: the TOML file, defaults, validation, key lookup;
 //! - [`secret`]: the key wrapper that never prints;
-//! - [`server`]: listeners, connections, graceful drain; [`admin`]: `/healthz`, `/readyz`;
+//! - [`server`]: listeners, connections, graceful drain; [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
-//!   log) → CORS → [`routes`] (validation into a [`routes::RunRequest`]) → [`proxy`] (cache, then
-//!   upstream, then the store decision);
-//! - [`run_id`]: the validated run id; [`cache`]: policy, status sniffing, the moka store;
+//!   log) → CORS → [`request_metrics`] → [`routes`] (validation into a [`routes::RunRequest`]) →
+//!   [`proxy`] (cache, then upstream, then the store decision);
+//! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
+//! - [`cache`]: policy, status sniffing, the moka store; [`metrics`]: every Prometheus series;
 //! - [`upstream`]: the pooled client and what it sends; [`error`]/[`response`]: what clients get;
 //! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]
@@ -22,11 +23,14 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
 pub mod request_log;
+pub mod request_metrics;
 pub mod response;
 pub mod routes;
 pub mod run_id;
+pub mod run_status;
 pub mod secret;
 pub mod server;
 pub mod stack;

@@ -47,10 +47,7 @@ async fn run(cli: Cli) -> ExitCode {
             Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
         }
     } else {
-        match config
-            .upstream
-            .load_api_key(|name| std::env::var(name).ok())
-        {
+        match config.upstream.load_api_key(|name| std::env::var(name).ok()) {
             Ok(key) => (config, key),
             Err(error) => return refuse(error.to_string()),
         }
@@ -65,10 +62,7 @@ async fn run(cli: Cli) -> ExitCode {
 
 /// The config file; in demo mode a missing default file means "all defaults".
 fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigError> {
-    if cli.demo
-        && cli.config.as_path() == std::path::Path::new(DEFAULT_CONFIG_PATH)
-        && !cli.config.exists()
-    {
+    if cli.demo && cli.config.as_path() == std::path::Path::new(DEFAULT_CONFIG_PATH) && !cli.config.exists() {
         return Ok(Config::default());
     }
     Config::load(&cli.config)
@@ -86,10 +80,7 @@ async fn demo_setup(mut config: Config) -> std::io::Result<(Config, ApiKey)> {
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut terminate), Ok(mut interrupt)) => {
             tokio::select! {
                 _ = terminate.recv() => tracing::info!("SIGTERM received"),

@@ -16,12 +16,12 @@ use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 use tower::Service;
 
-use crate::cache::{CachedRun, Decision, RunStore, TerminalStatuses, policy};
+use crate::cache::{CachedRun, Decision, RunStore, policy};
 use crate::error::GatewayError;
-use crate::response::{
-    APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control,
-};
+use crate::metrics::RunStatusMetrics;
+use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control};
 use crate::routes::RunRequest;
+use crate::run_status::RunStatuses;
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// The innermost service of the public stack. Cheap to clone: all state is shared.
@@ -33,7 +33,8 @@ pub struct RunService {
 struct Shared {
     store: RunStore,
     upstream: Upstream,
-    terminal: TerminalStatuses,
+    statuses: RunStatuses,
+    run_metrics: RunStatusMetrics,
     /// `cache-control` for terminal runs, formatted once.
     terminal_cache_control: HeaderValue,
 }
@@ -42,14 +43,16 @@ impl RunService {
     pub fn new(
         store: RunStore,
         upstream: Upstream,
-        terminal: TerminalStatuses,
+        statuses: RunStatuses,
+        run_metrics: RunStatusMetrics,
         ttl: std::time::Duration,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
                 upstream,
-                terminal,
+                statuses,
+                run_metrics,
                 terminal_cache_control: terminal_cache_control(ttl),
             }),
         }
@@ -74,6 +77,7 @@ impl Service<RunRequest> for RunService {
 impl Shared {
     async fn answer(&self, request: RunRequest) -> Response<Body> {
         if let Some(run) = self.store.get(request.id.as_str()).await {
+            self.run_metrics.served(run.status);
             return run_response(
                 StatusCode::OK,
                 run.content_type.clone(),
@@ -111,11 +115,17 @@ impl Shared {
             return GatewayError::UpstreamBadResponse.into_response(Some(&request.request_id));
         }
         let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
-        match policy::decide(answer.status, &answer.body, &request.id, &self.terminal) {
-            Decision::Store => {
+        let verdict = policy::decide(answer.status, &answer.body, &request.id, &self.statuses);
+        if answer.status == StatusCode::OK {
+            self.run_metrics
+                .served(verdict.status.unwrap_or_else(|| self.statuses.other()));
+        }
+        match verdict.decision {
+            Decision::Store(status) => {
                 let run = Arc::new(CachedRun {
                     body: answer.body.clone(),
                     content_type: content_type.clone(),
+                    status,
                 });
                 self.store.insert(request.id, run).await;
                 run_response(

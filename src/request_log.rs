@@ -6,8 +6,10 @@
 //! UUID, so a hostile id can neither forge log structure nor flood the logs. The id is written back
 //! into the request headers, where inner layers read it and the upstream request copies it.
 //!
-//! Span fields filled in further down: `run_id` (routing) and `upstream_ms` (the proxy). The log
-//! line is at INFO on target `plextera_gateway::access`, so `RUST_LOG` can silence or keep it alone.
+//! The span carries `request_id`, `method` and `path`; `run_id` (routing), `upstream_ms` (the
+//! proxy) and `cache` (the outcome, at the end) are filled in as they become known, so every event
+//! logged while serving the request carries them. The access line itself is at INFO on target
+//! `plextera_gateway::access`, so `RUST_LOG` can silence or keep it alone.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,15 +63,14 @@ where
             .filter(|value| is_sane_request_id(value))
             .cloned()
             .unwrap_or_else(new_request_id);
-        request
-            .headers_mut()
-            .insert(X_REQUEST_ID, request_id.clone());
+        request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or_default(),
             method = %request.method(),
             path = request.uri().path(),
             run_id = tracing::field::Empty,
+            cache = tracing::field::Empty,
             upstream_ms = tracing::field::Empty,
         );
         // Call inside the span so what the inner layers record (e.g. the run id) lands in it.
@@ -108,10 +109,10 @@ where
                 .extensions()
                 .get::<CacheOutcome>()
                 .map_or("none", |outcome| outcome.as_str());
+            span.record("cache", cache);
             tracing::info!(
                 target: "plextera_gateway::access",
                 status = response.status().as_u16(),
-                cache,
                 duration_us = u64::try_from(this.started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "served"
             );

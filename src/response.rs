@@ -20,7 +20,8 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 pub(crate) const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-/// How a response was produced. The same value names the `x-cache` header and, later, metric labels.
+/// How a response was produced. The same value names the `x-cache` header, the `cache` metric
+/// label and the access log's `cache` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
     /// Served from memory; upstream was not contacted.
@@ -29,29 +30,38 @@ pub enum CacheOutcome {
     Miss,
     /// Fetched from upstream and deliberately not stored (a run still going, an upstream error, …).
     Pass,
+    /// Shared another request's upstream call; keeps that response's `x-cache` (MISS or PASS).
+    Coalesced,
     /// The gateway answered with its own error (bad input, upstream unreachable, …).
     Error,
 }
 
 impl CacheOutcome {
-    /// The `x-cache` value, or `None` for gateway errors, which say what happened in their body.
+    /// The `x-cache` value this outcome sets, if it sets one: gateway errors say what happened in
+    /// their body, and coalesced answers keep the shared response's value.
     pub fn header_value(self) -> Option<HeaderValue> {
         match self {
             Self::Hit => Some(HeaderValue::from_static("HIT")),
             Self::Miss => Some(HeaderValue::from_static("MISS")),
             Self::Pass => Some(HeaderValue::from_static("PASS")),
-            Self::Error => None,
+            Self::Coalesced | Self::Error => None,
         }
     }
 
-    /// Lower-case name for logs.
+    /// Lower-case name for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
             Self::Miss => "miss",
             Self::Pass => "pass",
+            Self::Coalesced => "coalesced",
             Self::Error => "error",
         }
+    }
+
+    /// Position in per-outcome tables (declaration order).
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -80,9 +90,7 @@ pub fn run_response(
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, APPLICATION_JSON);
+    response.headers_mut().insert(CONTENT_TYPE, APPLICATION_JSON);
     response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
     response
 }

@@ -120,14 +120,9 @@ mod tests {
 
     #[test]
     fn runs_path_yields_the_id_without_the_query() {
-        let id = route(&request(
-            Method::GET,
-            "/api/public/v1/workflow-runs/run_1?x=1",
-        ))
-        .expect("routed");
+        let id = route(&request(Method::GET, "/api/public/v1/workflow-runs/run_1?x=1")).expect("routed");
         assert_eq!(id.as_str(), "run_1");
-        let id =
-            route(&request(Method::HEAD, "/api/public/v1/workflow-runs/run_1")).expect("routed");
+        let id = route(&request(Method::HEAD, "/api/public/v1/workflow-runs/run_1")).expect("routed");
         assert_eq!(id.as_str(), "run_1");
     }
 

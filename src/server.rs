@@ -21,11 +21,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, Readiness};
-use crate::cache::{RunStore, TerminalStatuses};
+use crate::admin::{self, AdminState, Readiness};
+use crate::cache::RunStore;
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::proxy::RunService;
 use crate::response::Body;
+use crate::run_status::RunStatuses;
 use crate::secret::ApiKey;
 use crate::stack;
 use crate::upstream::Upstream;
@@ -44,6 +46,8 @@ const ADMIN_GRACE: Duration = Duration::from_secs(1);
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("cannot listen on {addr} ({which}): {source}")]
     Bind {
         which: &'static str,
@@ -57,48 +61,61 @@ pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
     runs: RunService,
+    admin_state: AdminState,
     cors_allowed_origins: Vec<String>,
     shutdown_grace: Duration,
-    readiness: Readiness,
 }
 
 impl Gateway {
-    /// Builds the upstream client and the cache, then binds the public and admin ports.
+    /// Builds metrics, the upstream client and the cache, then binds the public and admin ports.
     pub async fn bind(config: &Config, key: &ApiKey) -> Result<Self, StartError> {
-        let upstream = Upstream::new(&config.upstream, key)?;
-        let store = RunStore::new(config.cache.max_size.as_u64(), config.cache.ttl);
-        let terminal = TerminalStatuses::new(&config.cache.terminal_statuses);
-        let runs = RunService::new(store, upstream, terminal, config.cache.ttl);
+        let statuses = RunStatuses::new(&config.cache.terminal_statuses);
+        let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
+        let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
+        let store = RunStore::new(
+            config.cache.max_size.as_u64(),
+            config.cache.ttl,
+            metrics.cache.clone(),
+        );
+        let runs = RunService::new(
+            store.clone(),
+            upstream,
+            statuses,
+            metrics.runs.clone(),
+            config.cache.ttl,
+        );
         let public = bind("public", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
         Ok(Self {
             public,
             admin,
             runs,
+            admin_state: AdminState {
+                readiness: Readiness::default(),
+                metrics,
+                store,
+            },
             cors_allowed_origins: config.server.cors_allowed_origins.clone(),
             shutdown_grace: config.server.shutdown_grace,
-            readiness: Readiness::default(),
         })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
-        self.public
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.public.local_addr().expect("a bound listener has an address")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.admin.local_addr().expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then drains as described in the module documentation.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (public_addr, admin_addr) = (self.public_addr(), self.admin_addr());
-        let readiness = self.readiness.clone();
+        let readiness = self.admin_state.readiness.clone();
+        let request_metrics = self.admin_state.metrics.requests.clone();
+        let admin_state = self.admin_state;
         let admin_service =
-            hyper::service::service_fn(move |request| admin::handle(request, readiness.clone()));
+            hyper::service::service_fn(move |request| admin::handle(request, admin_state.clone()));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
             let mut admin = Acceptor::new(self.admin, admin_service);
@@ -110,14 +127,17 @@ impl Gateway {
             admin.drain(ADMIN_GRACE).await;
         });
 
-        let public_service =
-            TowerToHyperService::new(stack::public_service(self.runs, &self.cors_allowed_origins));
+        let public_service = TowerToHyperService::new(stack::public_service(
+            self.runs,
+            request_metrics,
+            &self.cors_allowed_origins,
+        ));
         let mut public = Acceptor::new(self.public, public_service);
-        self.readiness.set(true);
+        readiness.set(true);
         tracing::info!(%public_addr, %admin_addr, "gateway ready");
         public.accept_until(shutdown).await;
 
-        self.readiness.set(false);
+        readiness.set(false);
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining in-flight requests");
         if public.drain(self.shutdown_grace).await {
             tracing::info!("drained");
@@ -134,11 +154,7 @@ impl Gateway {
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind {
-            which,
-            addr,
-            source,
-        })
+        .map_err(|source| StartError::Bind { which, addr, source })
 }
 
 /// Accepts connections on one listener and tracks them for draining.
@@ -218,9 +234,7 @@ where
             ..
         } = self;
         drop(listener);
-        let drained = tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
         connections.shutdown().await;
         drained
     }

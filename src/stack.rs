@@ -8,8 +8,10 @@ use http::{HeaderValue, Method, Request, Response};
 use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::metrics::RequestMetrics;
 use crate::proxy::RunService;
 use crate::request_log::RequestLogLayer;
+use crate::request_metrics::RecordMetricsLayer;
 use crate::response::{Body, X_CACHE, X_REQUEST_ID};
 use crate::routes::RouteLayer;
 
@@ -19,6 +21,7 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 /// Builds the request path for the public port.
 pub fn public_service<B>(
     runs: RunService,
+    metrics: RequestMetrics,
     cors_allowed_origins: &[String],
 ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
 + Clone
@@ -34,6 +37,8 @@ where
         .layer(RequestLogLayer)
         // CORS headers and preflight answers, only when origins are configured.
         .option_layer(cors_layer(cors_allowed_origins))
+        // requests_total and request_duration_seconds, by cache outcome and status.
+        .layer(RecordMetricsLayer::new(metrics))
         // Method, path, sizes and run id: bad input is answered here and goes no further.
         .layer(RouteLayer)
         // Cache lookup, then upstream, then the store decision.

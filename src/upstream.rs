@@ -26,6 +26,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run_id::RunId;
 use crate::secret::ApiKey;
@@ -66,10 +67,11 @@ pub struct Upstream {
     user_agent: HeaderValue,
     timeout: Duration,
     max_body_size: usize,
+    metrics: UpstreamMetrics,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, key: &ApiKey) -> Result<Self, ConfigError> {
+    pub fn new(config: &UpstreamConfig, key: &ApiKey, metrics: UpstreamMetrics) -> Result<Self, ConfigError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -90,27 +92,30 @@ impl Upstream {
             client,
             runs_url_prefix: config.runs_url_prefix()?.into(),
             authorization: key.authorization(),
-            user_agent: HeaderValue::from_static(concat!(
-                "plextera-gateway/",
-                env!("CARGO_PKG_VERSION")
-            )),
+            user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
             timeout: config.request_timeout,
             max_body_size: usize::try_from(config.max_body_size.as_u64()).unwrap_or(usize::MAX),
+            metrics,
         })
     }
 
-    /// Fetches one run, bounded by `request_timeout` as a whole.
+    /// Fetches one run, bounded by `request_timeout` as a whole, and records the call's metrics.
     pub async fn fetch(
         &self,
         id: &RunId,
         request_id: &HeaderValue,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let mut response = tokio::time::timeout(self.timeout, self.exchange(id, request_id))
+        let result = tokio::time::timeout(self.timeout, self.exchange(id, request_id))
             .await
-            .map_err(|_| UpstreamError::Timeout)??;
-        response.elapsed = started.elapsed();
-        Ok(response)
+            .unwrap_or(Err(UpstreamError::Timeout));
+        let elapsed = started.elapsed();
+        let outcome = match &result {
+            Ok(response) => UpstreamOutcome::Answered(response.status),
+            Err(error) => UpstreamOutcome::Failed(*error),
+        };
+        self.metrics.observe(outcome, elapsed);
+        result.map(|response| UpstreamResponse { elapsed, ..response })
     }
 
     async fn exchange(
@@ -163,9 +168,8 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigErro
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let invalid = |why: String| {
-            ConfigError::Invalid(format!("upstream.ca_file {}: {why}", path.display()))
-        };
+        let invalid =
+            |why: String| ConfigError::Invalid(format!("upstream.ca_file {}: {why}", path.display()));
         let certificates = CertificateDer::pem_file_iter(path)
             .map_err(|error| invalid(error.to_string()))?
             .collect::<Result<Vec<_>, _>>()

@@ -16,9 +16,8 @@ async fn terminal_runs_are_stored_and_served_byte_identical_without_upstream() {
         ("run_closed", "CLOSED"),
     ] {
         // Odd but valid JSON formatting: the hit must repeat upstream's bytes, not a re-serialization.
-        let body = format!(
-            "{{ \"id\" : \"{id}\",\n \"status\":\"{status}\", \"name\":\"caf\\u00e9 \u{2603}\" }}"
-        );
+        let body =
+            format!("{{ \"id\" : \"{id}\",\n \"status\":\"{status}\", \"name\":\"caf\\u00e9 \u{2603}\" }}");
         mock.set(id, Reply::ok(body.clone()));
 
         let first = gateway.get_run(id).await;
@@ -30,16 +29,9 @@ async fn terminal_runs_are_stored_and_served_byte_identical_without_upstream() {
             let again = gateway.get_run(id).await;
             assert_eq!(again.status, StatusCode::OK);
             assert_eq!(again.x_cache(), Some("HIT"), "{id}");
-            assert_eq!(
-                again.body,
-                body.as_bytes(),
-                "{id}: hit must be byte-identical"
-            );
+            assert_eq!(again.body, body.as_bytes(), "{id}: hit must be byte-identical");
             assert_eq!(again.header("content-type"), Some("application/json"));
-            assert_eq!(
-                again.header("cache-control"),
-                Some("private, max-age=86400")
-            );
+            assert_eq!(again.header("cache-control"), Some("private, max-age=86400"));
         }
         assert_eq!(mock.count_for(id), 1, "{id}: upstream called once");
     }
@@ -55,14 +47,8 @@ async fn runs_still_going_or_unknown_are_never_stored() {
         ("unknown", Reply::run("unknown", "REJECTED")),
         ("lowercase", Reply::run("lowercase", "completed")),
         ("no_status", Reply::ok(r#"{"id":"no_status"}"#)),
-        (
-            "null_status",
-            Reply::ok(r#"{"id":"null_status","status":null}"#),
-        ),
-        (
-            "number_status",
-            Reply::ok(r#"{"id":"number_status","status":3}"#),
-        ),
+        ("null_status", Reply::ok(r#"{"id":"null_status","status":null}"#)),
+        ("number_status", Reply::ok(r#"{"id":"number_status","status":3}"#)),
         ("not_json", Reply::ok("COMPLETED")),
         ("array", Reply::ok(r#"["not_json","COMPLETED"]"#)),
         ("other_id", Reply::run("someone_else", "COMPLETED")),
@@ -125,11 +111,7 @@ async fn query_strings_neither_reach_upstream_nor_split_the_cache() {
         assert_eq!(response.x_cache(), Some("HIT"), "{bust}");
     }
     gateway
-        .send(
-            Method::GET,
-            &format!("{}?expand=all", runs_path("run_p")),
-            &[],
-        )
+        .send(Method::GET, &format!("{}?expand=all", runs_path("run_p")), &[])
         .await;
     assert_eq!(mock.count_for("run_q"), 1);
     let targets: Vec<String> = mock
@@ -184,10 +166,8 @@ async fn head_answers_like_get_without_a_body() {
 async fn the_cache_is_bounded_by_bytes() {
     let mock = MockUpstream::start().await;
     // Room for about eight 1 KiB runs.
-    let gateway = TestGateway::start(&mock, |config| {
-        config.cache.max_size = bytesize::ByteSize::kib(8)
-    })
-    .await;
+    let gateway =
+        TestGateway::start(&mock, |config| config.cache.max_size = bytesize::ByteSize::kib(8)).await;
     let ids: Vec<String> = (0..40).map(|index| format!("run_{index}")).collect();
     for id in &ids {
         mock.set(id, Reply::ok(run_body(id, "COMPLETED", 1024)));
@@ -212,21 +192,15 @@ async fn the_cache_is_bounded_by_bytes() {
 #[tokio::test]
 async fn a_run_larger_than_the_whole_cache_is_served_but_not_kept() {
     let mock = MockUpstream::start().await;
-    let gateway = TestGateway::start(&mock, |config| {
-        config.cache.max_size = bytesize::ByteSize::kib(4)
-    })
-    .await;
+    let gateway =
+        TestGateway::start(&mock, |config| config.cache.max_size = bytesize::ByteSize::kib(4)).await;
     let body = run_body("big", "COMPLETED", 16 * 1024);
     mock.set("big", Reply::ok(body.clone()));
     let first = gateway.get_run("big").await;
     assert_eq!(first.body, body);
     let second = gateway.get_run("big").await;
     assert_eq!(second.body, body);
-    assert_eq!(
-        second.x_cache(),
-        Some("MISS"),
-        "too big to keep: fetched again"
-    );
+    assert_eq!(second.x_cache(), Some("MISS"), "too big to keep: fetched again");
     assert_eq!(mock.count_for("big"), 2);
 }
 

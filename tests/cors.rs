@@ -52,10 +52,7 @@ async fn allowed_origins_get_cors_headers_and_preflights_are_answered_locally() 
     let methods = preflight
         .header("access-control-allow-methods")
         .expect("allow-methods");
-    assert!(
-        methods.contains("GET") && methods.contains("HEAD"),
-        "{methods}"
-    );
+    assert!(methods.contains("GET") && methods.contains("HEAD"), "{methods}");
     assert!(
         preflight
             .header("access-control-allow-headers")

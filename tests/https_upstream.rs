@@ -20,19 +20,15 @@ type Seen = Arc<Mutex<Vec<(Version, String)>>>;
 /// A TLS server for `localhost` with a fresh self-signed certificate; returns its address, the
 /// certificate as PEM, and the requests it sees.
 async fn tls_upstream() -> (SocketAddr, String, Seen) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .expect("server certificate");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+    let mut tls =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("server certificate");
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -50,32 +46,31 @@ async fn tls_upstream() -> (SocketAddr, String, Seen) {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service =
-                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let authorization = request
-                            .headers()
-                            .get("authorization")
-                            .and_then(|value| value.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned();
-                        seen.lock()
-                            .expect("lock")
-                            .push((request.version(), authorization));
-                        let id = request
-                            .uri()
-                            .path()
-                            .rsplit('/')
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
-                                &id,
-                                "COMPLETED",
-                                0,
-                            ))))
-                        }
-                    });
+                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let authorization = request
+                        .headers()
+                        .get("authorization")
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock()
+                        .expect("lock")
+                        .push((request.version(), authorization));
+                    let id = request
+                        .uri()
+                        .path()
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
+                            &id,
+                            "COMPLETED",
+                            0,
+                        ))))
+                    }
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -110,8 +105,7 @@ async fn a_trusted_https_upstream_is_reached_over_http2() {
 #[tokio::test]
 async fn an_untrusted_certificate_is_refused() {
     let (addr, _ca_pem, seen) = tls_upstream().await;
-    let gateway =
-        TestGateway::start_with(test_config(&format!("https://localhost:{}", addr.port()))).await;
+    let gateway = TestGateway::start_with(test_config(&format!("https://localhost:{}", addr.port()))).await;
     let response = gateway.get_run("run_tls").await;
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);
     assert_eq!(response.error_code(), "UPSTREAM_UNAVAILABLE");

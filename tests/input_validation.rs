@@ -10,11 +10,7 @@ async fn raw_get(gateway: &TestGateway, target: &str) -> (String, String) {
     let request = format!("GET {target} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n");
     let response = raw_exchange(gateway.public, request.as_bytes()).await;
     let status_line = response.lines().next().unwrap_or_default().to_owned();
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status_line, body)
 }
 
@@ -43,8 +39,7 @@ async fn hostile_run_ids_are_refused_before_upstream() {
     for id in targets {
         let (status, body) = raw_get(&gateway, &runs_path(id)).await;
         assert!(status.contains(" 400 "), "{id}: {status}");
-        let json: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{id}: {body}"));
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{id}: {body}"));
         assert_eq!(json["error"]["code"], "INVALID_RUN_ID", "{id}");
         assert_eq!(json["error"]["retryable"], false);
     }
@@ -114,9 +109,7 @@ async fn oversized_uris_and_headers_get_json_errors() {
         .iter()
         .map(|(name, value)| (name.as_str(), *value))
         .collect();
-    let response = gateway
-        .send(Method::GET, &runs_path("run_1"), &headers)
-        .await;
+    let response = gateway.send(Method::GET, &runs_path("run_1"), &headers).await;
     assert_eq!(response.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(response.error_code(), "HEADERS_TOO_LARGE");
     assert_eq!(mock.request_count(), 0);
@@ -127,11 +120,7 @@ async fn an_absolute_form_target_cannot_redirect_the_upstream_call() {
     let mock = MockUpstream::start().await;
     let gateway = TestGateway::start(&mock, |_| {}).await;
     mock.set("run_1", Reply::run("run_1", "PROCESSING"));
-    let (status, _) = raw_get(
-        &gateway,
-        "http://evil.example/api/public/v1/workflow-runs/run_1",
-    )
-    .await;
+    let (status, _) = raw_get(&gateway, "http://evil.example/api/public/v1/workflow-runs/run_1").await;
     assert!(status.contains(" 200 "), "{status}");
     let requests = mock.requests();
     assert_eq!(requests.len(), 1);
@@ -143,11 +132,7 @@ async fn every_gateway_error_carries_the_request_id() {
     let mock = MockUpstream::start().await;
     let gateway = TestGateway::start(&mock, |_| {}).await;
     let response = gateway
-        .send(
-            Method::GET,
-            &runs_path("bad.id"),
-            &[("x-request-id", "trace-me")],
-        )
+        .send(Method::GET, &runs_path("bad.id"), &[("x-request-id", "trace-me")])
         .await;
     assert_eq!(response.status, StatusCode::BAD_REQUEST);
     assert_eq!(response.header("x-request-id"), Some("trace-me"));

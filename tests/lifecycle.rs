@@ -17,10 +17,7 @@ async fn health_and_readiness_live_on_the_admin_port_only() {
     assert_eq!(health.json()["status"], "ok");
     let ready = gateway.admin_get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK);
-    assert_eq!(
-        gateway.admin_get("/nope").await.status,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(gateway.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
     assert_eq!(
         gateway.send(Method::GET, "/healthz", &[]).await.status,
         StatusCode::NOT_FOUND
@@ -42,8 +39,7 @@ async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
     let gate = Gate::new();
     mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
     let url = gateway.url(&runs_path("slow"));
-    let in_flight =
-        tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    let in_flight = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
     mock.wait_for_requests(1).await;
 
     gateway.begin_shutdown();
@@ -56,18 +52,11 @@ async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
     })
     .await;
     let refused = TcpStream::connect(gateway.public).await;
-    assert!(
-        refused.is_err(),
-        "the public port no longer accepts connections"
-    );
+    assert!(refused.is_err(), "the public port no longer accepts connections");
 
     gate.open();
     let response = in_flight.await.expect("client task");
-    assert_eq!(
-        response.status,
-        StatusCode::OK,
-        "the in-flight request completed"
-    );
+    assert_eq!(response.status, StatusCode::OK, "the in-flight request completed");
     assert_eq!(response.json()["id"], "slow");
     gateway.stopped().await;
 }
@@ -82,17 +71,13 @@ async fn requests_still_running_after_the_grace_period_are_cut() {
     let never = Gate::new();
     mock.set("stuck", Reply::run("stuck", "COMPLETED").gated(&never));
     let url = gateway.url(&runs_path("stuck"));
-    let in_flight =
-        tokio::spawn(async move { TestClient::new().try_send(Method::GET, &url, &[]).await });
+    let in_flight = tokio::spawn(async move { TestClient::new().try_send(Method::GET, &url, &[]).await });
     mock.wait_for_requests(1).await;
 
     gateway.begin_shutdown();
     gateway.stopped().await;
     let outcome = in_flight.await.expect("client task");
-    assert!(
-        outcome.is_err(),
-        "the stuck request was cut, got {outcome:?}"
-    );
+    assert!(outcome.is_err(), "the stuck request was cut, got {outcome:?}");
     never.open();
 }
 

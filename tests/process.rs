@@ -4,8 +4,8 @@ mod support;
 
 use http::{Method, StatusCode};
 use support::{
-    GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, process_config, run_to_exit,
-    runs_path, write_config,
+    GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, process_config, run_to_exit, runs_path,
+    write_config,
 };
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> support::TestResponse {
@@ -28,10 +28,7 @@ fn a_missing_key_stops_start_up_naming_the_variable() {
 fn config_problems_stop_start_up_with_one_line_each() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cases = [
-        (
-            "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"typo\"\n",
-            "lisen",
-        ),
+        ("[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"typo\"\n", "lisen"),
         ("[cache]\nttl = \"forever\"\n", "line 2"),
         ("[cache]\nmax_size = \"huge\"\n", "line 2"),
         ("[upstream]\nbase_url = \"api.plextera.com\"\n", "base_url"),
@@ -39,8 +36,7 @@ fn config_problems_stop_start_up_with_one_line_each() {
     ];
     for (text, expected) in cases {
         let config = write_config(dir.path(), text);
-        let (status, _, stderr) =
-            run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
+        let (status, _, stderr) = run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
         assert_eq!(status.code(), Some(78), "{text:?}");
         assert_eq!(stderr.lines().count(), 1, "{text:?}: {stderr}");
         assert!(stderr.contains(expected), "{text:?}: {stderr}");
@@ -68,8 +64,7 @@ fn a_port_in_use_stops_start_up() {
     let dir = tempfile::tempdir().expect("temp dir");
     let text = format!("[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:0\"\n");
     let config = write_config(dir.path(), &text);
-    let (status, _, stderr) =
-        run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
+    let (status, _, stderr) = run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
     assert_eq!(status.code(), Some(78));
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
 }
@@ -107,8 +102,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let mut gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
 
     let url = format!("http://{}{}", gateway.public, runs_path("slow"));
-    let in_flight =
-        tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    let in_flight = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
     mock.wait_for_requests(1).await;
     gateway.send_sigterm();
     // The gateway is now draining: the request it holds completes once upstream answers.
@@ -127,15 +121,9 @@ async fn the_key_appears_in_no_log_line_even_at_trace_level() {
     mock.set("live", Reply::run("live", "PROCESSING"));
     mock.set(
         "auth",
-        Reply::status(
-            StatusCode::UNAUTHORIZED,
-            r#"{"error":{"code":"UNAUTHORIZED"}}"#,
-        ),
+        Reply::status(StatusCode::UNAUTHORIZED, r#"{"error":{"code":"UNAUTHORIZED"}}"#),
     );
-    mock.set(
-        "boom",
-        Reply::status(StatusCode::INTERNAL_SERVER_ERROR, "{}"),
-    );
+    mock.set("boom", Reply::status(StatusCode::INTERNAL_SERVER_ERROR, "{}"));
     mock.set("abort", Reply::Abort);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
@@ -174,5 +162,48 @@ async fn the_key_appears_in_no_log_line_even_at_trace_level() {
     assert!(
         !logs.contains(&TEST_KEY[8..]),
         "part of the key leaked into the logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_logs_one_line_with_its_span_fields() {
+    let mock = MockUpstream::start().await;
+    mock.set("done", Reply::run("done", "COMPLETED"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let mut gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let client = TestClient::new();
+    let url = format!("http://{}{}", gateway.public, runs_path("done"));
+    for request_id in ["first-call", "second-call"] {
+        client
+            .send(Method::GET, &url, &[("x-request-id", request_id)])
+            .await;
+    }
+    assert_eq!(gateway.terminate().code(), Some(0));
+
+    let access: Vec<serde_json::Value> = gateway
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "plextera_gateway::access")
+        .collect();
+    assert_eq!(access.len(), 2, "one line per request");
+    let (miss, hit) = (&access[0], &access[1]);
+    for (line, request_id, cache) in [(miss, "first-call", "miss"), (hit, "second-call", "hit")] {
+        assert_eq!(line["span"]["request_id"], request_id);
+        assert_eq!(line["span"]["run_id"], "done");
+        assert_eq!(line["span"]["method"], "GET");
+        assert_eq!(line["span"]["path"], runs_path("done"));
+        assert_eq!(line["span"]["cache"], cache);
+        assert_eq!(line["fields"]["status"], 200);
+        assert!(line["fields"]["duration_us"].is_u64());
+    }
+    assert!(
+        miss["span"]["upstream_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{miss}"
+    );
+    assert!(
+        hit["span"].get("upstream_ms").is_none(),
+        "a hit has no upstream latency: {hit}"
     );
 }

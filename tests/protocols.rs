@@ -26,18 +26,8 @@ async fn http2_clients_get_the_same_answers() {
         let response = client.request(request).await.expect("HTTP/2 response");
         assert_eq!(response.version(), Version::HTTP_2);
         assert_eq!(response.status(), StatusCode::OK);
-        outcomes.push(
-            response.headers()["x-cache"]
-                .to_str()
-                .expect("ascii")
-                .to_owned(),
-        );
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        outcomes.push(response.headers()["x-cache"].to_str().expect("ascii").to_owned());
+        let body = response.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&body).expect("json")["id"],
             "run_1"

@@ -17,8 +17,7 @@ async fn not_found_and_rate_limited_pass_through_with_their_status() {
     mock.set("gone", Reply::status(StatusCode::NOT_FOUND, UPSTREAM_ERROR));
     mock.set(
         "busy",
-        Reply::status(StatusCode::TOO_MANY_REQUESTS, UPSTREAM_ERROR)
-            .with_header("retry-after", "17"),
+        Reply::status(StatusCode::TOO_MANY_REQUESTS, UPSTREAM_ERROR).with_header("retry-after", "17"),
     );
     for _ in 0..2 {
         let gone = gateway.get_run("gone").await;
@@ -157,10 +156,7 @@ async fn an_oversized_upstream_body_is_a_502_and_not_stored() {
     let response = gateway.get_run("huge").await;
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);
     assert_eq!(response.error_code(), "UPSTREAM_BODY_TOO_LARGE");
-    assert_eq!(
-        gateway.get_run("huge").await.status,
-        StatusCode::BAD_GATEWAY
-    );
+    assert_eq!(gateway.get_run("huge").await.status, StatusCode::BAD_GATEWAY);
     assert_eq!(mock.count_for("huge"), 2, "nothing stored");
 }
 
@@ -172,10 +168,7 @@ async fn hits_keep_being_served_while_upstream_is_down() {
     gateway.get_run("done").await;
     mock.set("done", Reply::Abort);
     mock.set("live", Reply::Abort);
-    assert_eq!(
-        gateway.get_run("live").await.status,
-        StatusCode::BAD_GATEWAY
-    );
+    assert_eq!(gateway.get_run("live").await.status, StatusCode::BAD_GATEWAY);
     let hit = gateway.get_run("done").await;
     assert_eq!(hit.status, StatusCode::OK);
     assert_eq!(hit.x_cache(), Some("HIT"));
@@ -191,10 +184,7 @@ async fn no_response_ever_contains_the_key() {
     let never = Gate::new();
     mock.set("ok", Reply::run("ok", "COMPLETED"));
     mock.set("live", Reply::run("live", "PROCESSING"));
-    mock.set(
-        "auth",
-        Reply::status(StatusCode::UNAUTHORIZED, UPSTREAM_ERROR),
-    );
+    mock.set("auth", Reply::status(StatusCode::UNAUTHORIZED, UPSTREAM_ERROR));
     mock.set(
         "boom",
         Reply::status(StatusCode::INTERNAL_SERVER_ERROR, UPSTREAM_ERROR),
@@ -205,10 +195,7 @@ async fn no_response_ever_contains_the_key() {
         "ok", "ok", "live", "auth", "boom", "abort", "slow", "missing", "bad%2Fid",
     ] {
         let response = gateway.get_run(id).await;
-        assert!(
-            !response.everything().contains(TEST_KEY),
-            "{id} leaked the key"
-        );
+        assert!(!response.everything().contains(TEST_KEY), "{id} leaked the key");
     }
     never.open();
 }

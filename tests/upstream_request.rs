@@ -31,9 +31,7 @@ async fn the_key_is_injected_and_client_headers_are_not_forwarded() {
         ("if-none-match", "\"abc\""),
         ("x-custom", "anything"),
     ];
-    let response = gateway
-        .send(Method::GET, &runs_path("run_1"), &hostile)
-        .await;
+    let response = gateway.send(Method::GET, &runs_path("run_1"), &hostile).await;
     assert_eq!(response.status, StatusCode::OK);
 
     let requests = mock.requests();
@@ -68,13 +66,7 @@ async fn the_key_is_injected_and_client_headers_are_not_forwarded() {
     sent_sorted.sort_unstable();
     assert_eq!(
         sent_sorted,
-        [
-            "accept",
-            "authorization",
-            "host",
-            "user-agent",
-            "x-request-id"
-        ],
+        ["accept", "authorization", "host", "user-agent", "x-request-id"],
         "only the gateway's own headers go upstream"
     );
 }
@@ -92,10 +84,7 @@ async fn a_sane_request_id_is_echoed_and_sent_upstream() {
         )
         .await;
     assert_eq!(response.header("x-request-id"), Some("frontend-req-42"));
-    assert_eq!(
-        mock.requests()[0].headers["x-request-id"],
-        "frontend-req-42"
-    );
+    assert_eq!(mock.requests()[0].headers["x-request-id"], "frontend-req-42");
 }
 
 #[tokio::test]
@@ -110,13 +99,8 @@ async fn a_missing_or_hostile_request_id_is_replaced_by_a_fresh_one() {
         vec![("x-request-id", "has spaces \" and quotes")],
         vec![("x-request-id", long.as_str())],
     ] {
-        let response = gateway
-            .send(Method::GET, &runs_path("run_1"), &headers)
-            .await;
-        let id = response
-            .header("x-request-id")
-            .expect("request id")
-            .to_owned();
+        let response = gateway.send(Method::GET, &runs_path("run_1"), &headers).await;
+        let id = response.header("x-request-id").expect("request id").to_owned();
         assert_eq!(id.len(), 36, "a UUID: {id}");
         issued.push(id);
     }

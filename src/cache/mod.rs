@@ -5,5 +5,5 @@ pub mod policy;
 pub mod sniff;
 pub mod store;
 
-pub use policy::{Decision, PassReason, TerminalStatuses};
+pub use policy::{Decision, PassReason, Verdict};
 pub use store::{CachedRun, RunStore};

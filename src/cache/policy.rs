@@ -8,32 +8,13 @@ use http::StatusCode;
 
 use super::sniff::sniff_run;
 use crate::run_id::RunId;
-
-/// The run statuses that mean "ended, will never change". Matching is exact and case-sensitive,
-/// as Plextera's enum is; an unknown status is never terminal.
-#[derive(Debug, Clone)]
-pub struct TerminalStatuses(Vec<Box<str>>);
-
-impl TerminalStatuses {
-    pub fn new<S: AsRef<str>>(statuses: &[S]) -> Self {
-        Self(
-            statuses
-                .iter()
-                .map(|status| status.as_ref().into())
-                .collect(),
-        )
-    }
-
-    pub fn contains(&self, status: &str) -> bool {
-        self.0.iter().any(|terminal| &**terminal == status)
-    }
-}
+use crate::run_status::{RunStatus, RunStatuses};
 
 /// The verdict on one upstream answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// A terminal run: store it and serve it from memory until its ttl.
-    Store,
+    /// A terminal run (in this status): store it and serve it from memory until its ttl.
+    Store(RunStatus),
     /// Forward it, never store it.
     Pass(PassReason),
 }
@@ -65,39 +46,56 @@ impl PassReason {
     }
 }
 
+/// What the policy read from an answer and what it concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// The run's status, when the answer is a 200 run object that has one.
+    pub status: Option<RunStatus>,
+}
+
 /// Decides whether the upstream answer `(status, body)` to a request for `requested` may be stored.
-pub fn decide(
-    status: StatusCode,
-    body: &[u8],
-    requested: &RunId,
-    terminal: &TerminalStatuses,
-) -> Decision {
+pub fn decide(status: StatusCode, body: &[u8], requested: &RunId, statuses: &RunStatuses) -> Verdict {
+    let pass = |reason, status| Verdict {
+        decision: Decision::Pass(reason),
+        status,
+    };
     if status != StatusCode::OK {
-        return Decision::Pass(PassReason::NotOk);
+        return pass(PassReason::NotOk, None);
     }
     let Ok(run) = sniff_run(body) else {
-        return Decision::Pass(PassReason::NotARun);
+        return pass(PassReason::NotARun, None);
     };
-    let Some(run_status) = run.status else {
-        return Decision::Pass(PassReason::NoStatus);
+    let Some(run_status) = run.status.map(|text| statuses.classify(&text)) else {
+        return pass(PassReason::NoStatus, None);
     };
     if run.id.as_deref() != Some(requested.as_str()) {
-        return Decision::Pass(PassReason::IdMismatch);
+        return pass(PassReason::IdMismatch, Some(run_status));
     }
-    if !terminal.contains(&run_status) {
-        return Decision::Pass(PassReason::NotTerminal);
+    if !statuses.is_terminal(run_status) {
+        return pass(PassReason::NotTerminal, Some(run_status));
     }
-    Decision::Store
+    Verdict {
+        decision: Decision::Store(run_status),
+        status: Some(run_status),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn decide_for(status: StatusCode, body: &str) -> Decision {
-        let terminal = TerminalStatuses::new(&["COMPLETED", "FAILED", "CLOSED"]);
+    fn statuses() -> RunStatuses {
+        RunStatuses::new(&["COMPLETED", "FAILED", "CLOSED"])
+    }
+
+    fn verdict_for(status: StatusCode, body: &str) -> Verdict {
         let requested = RunId::parse("run_1").expect("valid id");
-        decide(status, body.as_bytes(), &requested, &terminal)
+        decide(status, body.as_bytes(), &requested, &statuses())
+    }
+
+    fn decide_for(status: StatusCode, body: &str) -> Decision {
+        verdict_for(status, body).decision
     }
 
     fn run(status: &str) -> String {
@@ -109,22 +107,34 @@ mod tests {
         for status in ["COMPLETED", "FAILED", "CLOSED"] {
             assert_eq!(
                 decide_for(StatusCode::OK, &run(status)),
-                Decision::Store,
+                Decision::Store(statuses().classify(status)),
                 "{status}"
             );
         }
     }
 
     #[test]
+    fn the_verdict_carries_the_classified_status() {
+        let table = statuses();
+        assert_eq!(
+            verdict_for(StatusCode::OK, &run("FAILED")).status,
+            Some(table.classify("FAILED"))
+        );
+        assert_eq!(
+            verdict_for(StatusCode::OK, &run("QUEUED")).status,
+            Some(table.classify("QUEUED"))
+        );
+        assert_eq!(
+            verdict_for(StatusCode::OK, &run("WEIRD")).status,
+            Some(table.other())
+        );
+        assert_eq!(verdict_for(StatusCode::OK, r#"{"id":"run_1"}"#).status, None);
+        assert_eq!(verdict_for(StatusCode::NOT_FOUND, &run("FAILED")).status, None);
+    }
+
+    #[test]
     fn runs_still_going_or_unknown_are_passed() {
-        for status in [
-            "QUEUED",
-            "PROCESSING",
-            "REJECTED",
-            "completed",
-            "COMPLETED ",
-            "",
-        ] {
+        for status in ["QUEUED", "PROCESSING", "REJECTED", "completed", "COMPLETED ", ""] {
             assert_eq!(
                 decide_for(StatusCode::OK, &run(status)),
                 Decision::Pass(PassReason::NotTerminal),

@@ -132,10 +132,7 @@ mod tests {
             "<html>502 Bad Gateway</html>",
         ];
         for body in cases {
-            assert!(
-                sniff_run(body.as_bytes()).is_err(),
-                "{body:?} should be refused"
-            );
+            assert!(sniff_run(body.as_bytes()).is_err(), "{body:?} should be refused");
         }
     }
 

@@ -2,6 +2,8 @@
 //! HTTP client. Everything binds 127.0.0.1 on ephemeral ports; nothing waits on a timer for sync.
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -216,12 +218,11 @@ async fn serve_mock(listener: TcpListener, state: Arc<MockState>, arrivals: watc
         let state = Arc::clone(&state);
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let state = Arc::clone(&state);
-                    let arrivals = arrivals.clone();
-                    async move { answer_mock(request, &state, &arrivals).await }
-                });
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let state = Arc::clone(&state);
+                let arrivals = arrivals.clone();
+                async move { answer_mock(request, &state, &arrivals).await }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -355,6 +356,17 @@ impl TestGateway {
             .await
     }
 
+    /// Scrapes `/metrics` on the admin port and parses it strictly.
+    pub async fn scrape(&self) -> prom::Scrape {
+        let response = self.admin_get("/metrics").await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(
+            response.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        prom::Scrape::parse(std::str::from_utf8(&response.body).expect("utf-8 exposition"))
+    }
+
     /// Starts the graceful shutdown; `stopped` waits for it to end.
     pub fn begin_shutdown(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -456,9 +468,7 @@ impl TestClient {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request
-            .body(Empty::new())
-            .map_err(|error| error.to_string())?;
+        let request = request.body(Empty::new()).map_err(|error| error.to_string())?;
         let response = tokio::time::timeout(PATIENCE, self.0.request(request))
             .await
             .map_err(|_| "no response in time".to_owned())?
