@@ -14,6 +14,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::budget::Budget;
 use crate::cache::RunStore;
 use crate::error::error_body;
 use crate::metrics::{self, Metrics};
@@ -40,6 +41,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// Read at scrape time for the occupancy gauges.
     pub store: RunStore,
+    /// Read at scrape time for the cooldown gauge.
+    pub budget: Budget,
 }
 
 /// Answers one admin request.
@@ -78,10 +81,14 @@ pub async fn handle<B>(request: Request<B>, state: AdminState) -> Result<Respons
     Ok(response)
 }
 
-/// The Prometheus text exposition, with the cache gauges brought up to date first.
+/// The Prometheus text exposition, with the cache and cooldown gauges brought up to date first.
 async fn scrape(state: &AdminState) -> Response<Body> {
     let (entries, bytes) = state.store.occupancy().await;
     state.metrics.cache.set_occupancy(entries, bytes);
+    state
+        .metrics
+        .budget
+        .set_cooldown(state.budget.cooldown_remaining());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));

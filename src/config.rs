@@ -7,6 +7,7 @@
 //! `set_var`.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -76,6 +77,13 @@ pub struct UpstreamConfig {
     pub max_body_size: ByteSize,
     /// Extra CA certificates (PEM) trusted for an `https` upstream, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// Upper bound on upstream calls per second (fractions allowed); unset means no bound.
+    pub max_requests_per_second: Option<f64>,
+    /// Upper bound on upstream calls in flight at once; unset means no bound.
+    pub max_concurrent_requests: Option<NonZeroUsize>,
+    /// How long a call may wait for the budget above before the client gets a 429.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -87,6 +95,9 @@ impl Default for UpstreamConfig {
             request_timeout: Duration::from_secs(10),
             max_body_size: ByteSize::mib(8),
             ca_file: None,
+            max_requests_per_second: None,
+            max_concurrent_requests: None,
+            queue_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -102,6 +113,9 @@ pub struct CacheConfig {
     pub max_size: ByteSize,
     /// Run statuses that mean the run has ended; only runs in one of them are cached.
     pub terminal_statuses: Vec<String>,
+    /// How long an upstream 404 is remembered; `0s` (the default) never remembers one.
+    #[serde(with = "humantime_serde")]
+    pub not_found_ttl: Duration,
 }
 
 impl Default for CacheConfig {
@@ -110,6 +124,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(24 * 60 * 60),
             max_size: ByteSize::mib(256),
             terminal_statuses: DEFAULT_TERMINAL_STATUSES.map(str::to_owned).to_vec(),
+            not_found_ttl: Duration::ZERO,
         }
     }
 }
@@ -178,6 +193,13 @@ impl Config {
         }
         if self.upstream.api_key_env.is_some() && self.upstream.api_key_file.is_some() {
             return invalid("set only one of upstream.api_key_env and upstream.api_key_file".to_owned());
+        }
+        if let Some(rate) = self.upstream.max_requests_per_second
+            && !(rate.is_finite() && (0.001..=1_000_000.0).contains(&rate))
+        {
+            return invalid(format!(
+                "upstream.max_requests_per_second is {rate}: use a number from 0.001 to 1000000, or leave it out"
+            ));
         }
         if self.cache.ttl.is_zero() {
             return invalid("cache.ttl must be more than 0s".to_owned());
@@ -295,6 +317,29 @@ mod tests {
         assert_eq!(config.cache.ttl, Duration::from_secs(86_400));
         assert_eq!(config.cache.max_size.as_u64(), 256 * 1024 * 1024);
         assert_eq!(config.cache.terminal_statuses, ["COMPLETED", "FAILED", "CLOSED"]);
+        assert_eq!(config.cache.not_found_ttl, Duration::ZERO);
+        assert_eq!(config.upstream.max_requests_per_second, None);
+        assert_eq!(config.upstream.max_concurrent_requests, None);
+        assert_eq!(config.upstream.queue_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_budget_is_read_and_checked() {
+        let config = Config::parse(
+            "[upstream]\nmax_requests_per_second = 2.5\nmax_concurrent_requests = 4\nqueue_timeout = \"3s\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.upstream.max_requests_per_second, Some(2.5));
+        assert_eq!(config.upstream.max_concurrent_requests, NonZeroUsize::new(4));
+        assert_eq!(config.upstream.queue_timeout, Duration::from_secs(3));
+        for bad in [
+            "max_requests_per_second = 0",
+            "max_requests_per_second = -1",
+            "max_concurrent_requests = 0",
+        ] {
+            let message = parse_error(&format!("[upstream]\n{bad}\n"));
+            assert!(message.contains("max_"), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! for the first time starts QUEUED, is PROCESSING after 2 s and ends after 5 s (FAILED for about
 //! one id in five, COMPLETED otherwise). Ids starting `done-` are COMPLETED and `failed-` FAILED
 //! from the first request; ids starting `missing-` are 404. Each answer takes about 40 ms, like a
-//! call across the internet, so hits and misses look different.
+//! call across the internet, so hits and misses look different. Benchmarks start it with other
+//! timings ([`DemoOptions`]) and read how many requests it answered.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,40 +30,85 @@ use crate::routes::RUNS_PATH;
 
 /// The key the demo upstream accepts; not a secret.
 pub const DEMO_API_KEY: &str = "demo-key";
-const QUEUED_FOR: Duration = Duration::from_secs(2);
-const FINISHES_AFTER: Duration = Duration::from_secs(5);
-const SIMULATED_LATENCY: Duration = Duration::from_millis(40);
 /// The demo forgets every run once it has seen this many, so it cannot grow without bound.
 const MAX_TRACKED_RUNS: usize = 100_000;
 
-/// When each run was first asked for.
-#[derive(Default)]
-struct Runs(Mutex<HashMap<String, (Instant, SystemTime)>>);
-
-/// Starts the simulated upstream on `127.0.0.1:0` and returns its address.
-pub async fn spawn() -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-    let addr = listener.local_addr()?;
-    let runs = Arc::new(Runs::default());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let runs = Arc::clone(&runs);
-            let service = hyper::service::service_fn(move |request| answer(request, Arc::clone(&runs)));
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+/// How the simulated runs behave.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoOptions {
+    /// A new run is QUEUED this long...
+    pub queued_for: Duration,
+    /// ...then PROCESSING until this long after it was first asked for.
+    pub finishes_after: Duration,
+    /// Time taken by every answer.
+    pub latency: Duration,
 }
 
-async fn answer<B>(request: Request<B>, runs: Arc<Runs>) -> Result<Response<Body>, Infallible> {
-    tokio::time::sleep(SIMULATED_LATENCY).await;
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            queued_for: Duration::from_secs(2),
+            finishes_after: Duration::from_secs(5),
+            latency: Duration::from_millis(40),
+        }
+    }
+}
+
+/// A running simulated upstream.
+pub struct DemoUpstream {
+    pub addr: SocketAddr,
+    answered: Arc<AtomicU64>,
+}
+
+impl DemoUpstream {
+    /// Starts the simulated upstream on `127.0.0.1:0`.
+    pub async fn start(options: DemoOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            options,
+            runs: Mutex::default(),
+            answered: Arc::default(),
+        });
+        let answered = Arc::clone(&state.answered);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = Arc::clone(&state);
+                let service = hyper::service::service_fn(move |request| answer(request, Arc::clone(&state)));
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, answered })
+    }
+
+    /// Requests answered so far (any status).
+    pub fn requests_answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the simulated upstream with the default timings and returns its address.
+pub async fn spawn() -> std::io::Result<SocketAddr> {
+    Ok(DemoUpstream::start(DemoOptions::default()).await?.addr)
+}
+
+struct State {
+    options: DemoOptions,
+    /// When each run was first asked for.
+    runs: Mutex<HashMap<String, (Instant, SystemTime)>>,
+    answered: Arc<AtomicU64>,
+}
+
+async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
+    tokio::time::sleep(state.options.latency).await;
+    state.answered.fetch_add(1, Ordering::Relaxed);
     let expected = format!("api-key {DEMO_API_KEY}");
     if request
         .headers()
@@ -85,14 +132,17 @@ async fn answer<B>(request: Request<B>, runs: Arc<Runs>) -> Result<Response<Body
             error_body("NOT_FOUND", "run not found", None, false),
         ));
     }
-    let (first_seen, started_at) = runs.first_seen(id);
-    let status = status_of(id, first_seen.elapsed());
-    Ok(json(StatusCode::OK, run_body(id, status, started_at)))
+    let (first_seen, started_at) = state.first_seen(id);
+    let status = status_of(id, first_seen.elapsed(), &state.options);
+    Ok(json(
+        StatusCode::OK,
+        run_body(id, status, started_at, state.options.finishes_after),
+    ))
 }
 
-impl Runs {
+impl State {
     fn first_seen(&self, id: &str) -> (Instant, SystemTime) {
-        let mut runs = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if runs.len() >= MAX_TRACKED_RUNS && !runs.contains_key(id) {
             runs.clear();
         }
@@ -103,17 +153,17 @@ impl Runs {
 }
 
 /// The simulated life of a run.
-fn status_of(id: &str, age: Duration) -> &'static str {
+fn status_of(id: &str, age: Duration, options: &DemoOptions) -> &'static str {
     if id.starts_with("done-") {
         return "COMPLETED";
     }
     if id.starts_with("failed-") {
         return "FAILED";
     }
-    if age < QUEUED_FOR {
+    if age < options.queued_for {
         return "QUEUED";
     }
-    if age < FINISHES_AFTER {
+    if age < options.finishes_after {
         return "PROCESSING";
     }
     let mut hasher = DefaultHasher::new();
@@ -125,7 +175,7 @@ fn status_of(id: &str, age: Duration) -> &'static str {
     }
 }
 
-fn run_body(id: &str, status: &str, started_at: SystemTime) -> Bytes {
+fn run_body(id: &str, status: &str, started_at: SystemTime, run_time: Duration) -> Bytes {
     let finished = matches!(status, "COMPLETED" | "FAILED");
     let timestamp = |time: SystemTime| humantime::format_rfc3339_seconds(time).to_string();
     let steps_done = match status {
@@ -139,14 +189,14 @@ fn run_body(id: &str, status: &str, started_at: SystemTime) -> Bytes {
         "createdAt": timestamp(started_at),
         "updatedAt": timestamp(SystemTime::now()),
         "startedAt": timestamp(started_at),
-        "completedAt": if finished { Some(timestamp(started_at + FINISHES_AFTER)) } else { None },
+        "completedAt": if finished { Some(timestamp(started_at + run_time)) } else { None },
         "error": (status == "FAILED").then(|| json!({
             "code": "UNSUPPORTED_DOCUMENT",
             "message": "The document could not be processed by Document Insights."
         })),
         "workflow": { "id": "wf_demo_invoices", "name": "Invoice extraction (demo)" },
         "progress": { "stepsCompleted": steps_done, "stepsTotal": 2 },
-        "durationMs": if finished { Some(FINISHES_AFTER.as_secs() * 1000) } else { None },
+        "durationMs": if finished { Some(u64::try_from(run_time.as_millis()).unwrap_or(u64::MAX)) } else { None },
         "steps": [
             { "id": "step_ocr", "name": "Read document", "type": "ocr",
               "status": if steps_done >= 1 { "COMPLETED" } else { "QUEUED" }, "message": null, "output": null,
@@ -166,19 +216,20 @@ mod tests {
 
     #[test]
     fn runs_move_from_queued_to_an_end() {
-        assert_eq!(status_of("r1", Duration::ZERO), "QUEUED");
-        assert_eq!(status_of("r1", Duration::from_secs(3)), "PROCESSING");
+        let options = DemoOptions::default();
+        assert_eq!(status_of("r1", Duration::ZERO, &options), "QUEUED");
+        assert_eq!(status_of("r1", Duration::from_secs(3), &options), "PROCESSING");
         assert!(matches!(
-            status_of("r1", Duration::from_secs(6)),
+            status_of("r1", Duration::from_secs(6), &options),
             "COMPLETED" | "FAILED"
         ));
-        assert_eq!(status_of("done-1", Duration::ZERO), "COMPLETED");
-        assert_eq!(status_of("failed-1", Duration::ZERO), "FAILED");
+        assert_eq!(status_of("done-1", Duration::ZERO, &options), "COMPLETED");
+        assert_eq!(status_of("failed-1", Duration::ZERO, &options), "FAILED");
     }
 
     #[test]
     fn bodies_are_runs_the_gateway_can_sniff() {
-        let body = run_body("r1", "COMPLETED", SystemTime::now());
+        let body = run_body("r1", "COMPLETED", SystemTime::now(), Duration::from_secs(5));
         let head = crate::cache::sniff::sniff_run(&body).expect("a run");
         assert_eq!(head.id.as_deref(), Some("r1"));
         assert_eq!(head.status.as_deref(), Some("COMPLETED"));

@@ -5,7 +5,7 @@
 //! detail, no header, no key ever reaches a body.
 
 use bytes::Bytes;
-use http::header::{ALLOW, HeaderValue};
+use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
@@ -34,6 +34,12 @@ pub enum GatewayError {
     UpstreamBodyTooLarge,
     #[error("upstream sent a response the gateway cannot forward")]
     UpstreamBadResponse,
+    #[error("the gateway's upstream request budget is spent: retry after {retry_after_secs}s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("upstream asked the gateway to slow down: retry after {retry_after_secs}s")]
+    UpstreamCoolingDown { retry_after_secs: u64 },
+    #[error("internal error")]
+    Internal,
 }
 
 impl GatewayError {
@@ -49,6 +55,8 @@ impl GatewayError {
             | Self::UpstreamBodyTooLarge
             | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } | Self::UpstreamCoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -65,23 +73,41 @@ impl GatewayError {
             Self::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             Self::UpstreamBodyTooLarge => "UPSTREAM_BODY_TOO_LARGE",
             Self::UpstreamBadResponse => "UPSTREAM_BAD_RESPONSE",
+            Self::RateLimited { .. } => "GATEWAY_RATE_LIMITED",
+            Self::UpstreamCoolingDown { .. } => "UPSTREAM_RATE_LIMITED",
+            Self::Internal => "INTERNAL",
         }
     }
 
     /// Whether the same request may succeed later without the client changing anything.
     pub fn retryable(self) -> bool {
-        matches!(self, Self::UpstreamUnavailable | Self::UpstreamTimeout)
+        matches!(
+            self,
+            Self::UpstreamUnavailable
+                | Self::UpstreamTimeout
+                | Self::RateLimited { .. }
+                | Self::UpstreamCoolingDown { .. }
+                | Self::Internal
+        )
     }
 
-    /// The JSON error response, `no-store`, with `Allow` on a 405.
+    /// The JSON error response, `no-store`, with `Allow` on a 405 and `Retry-After` on a 429.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<Body> {
         let request_id = request_id.and_then(|value| value.to_str().ok());
         let body = error_body(self.code(), &self.to_string(), request_id, self.retryable());
         let mut response = json(self.status(), body);
-        if self == Self::MethodNotAllowed {
-            response
-                .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        match self {
+            Self::MethodNotAllowed => {
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Self::RateLimited { retry_after_secs } | Self::UpstreamCoolingDown { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
         }
         response.extensions_mut().insert(CacheOutcome::Error);
         response
@@ -138,6 +164,19 @@ mod tests {
         assert_eq!(json["error"]["requestId"], "req-1");
         assert_eq!(json["error"]["retryable"], true);
         assert!(json["error"]["message"].is_string());
+    }
+
+    #[test]
+    fn rate_limits_say_when_to_retry() {
+        for error in [
+            GatewayError::RateLimited { retry_after_secs: 3 },
+            GatewayError::UpstreamCoolingDown { retry_after_secs: 3 },
+        ] {
+            let response = error.into_response(None);
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[RETRY_AFTER], "3");
+            assert!(error.retryable());
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Frontends poll `GET /api/public/v1/workflow-runs/{runId}` here instead of at Plextera. The
 //! gateway injects the server-side API key on the way up (so no frontend holds it), keeps runs that
-//! have ended in a size-bounded memory cache (a finished run never changes), and passes runs that
-//! are still going straight through, never stale.
+//! have ended in a size-bounded memory cache (a finished run never changes), passes runs that are
+//! still going straight through, never stale, and spends as few upstream calls as it can: one call
+//! per run however many clients ask at once, within a rate and concurrency budget, and none at all
+//! while upstream has asked it to back off.
 //!
 //! Layout, one concern per module:
 //! - [`config`]: the TOML file, defaults, validation, key lookup;
@@ -11,18 +13,23 @@
 //! - [`server`]: listeners, connections, graceful drain; [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
 //!   log) → CORS → [`request_metrics`] → [`routes`] (validation into a [`routes::RunRequest`]) →
-//!   [`proxy`] (cache, then upstream, then the store decision);
+//!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
+//!   [`budget`]; then the store decision);
 //! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
-//! - [`cache`]: policy, status sniffing, the moka store; [`metrics`]: every Prometheus series;
+//! - [`cache`]: policy, status sniffing, the moka store; [`etag`]: validators and 304s;
+//! - [`metrics`]: every Prometheus series;
 //! - [`upstream`]: the pooled client and what it sends; [`error`]/[`response`]: what clients get;
 //! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod budget;
 pub mod cache;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod etag;
 pub mod metrics;
 pub mod proxy;
 pub mod request_log;

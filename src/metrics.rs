@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::response::CacheOutcome;
@@ -62,8 +62,11 @@ pub struct Metrics {
     pub upstream: UpstreamMetrics,
     pub runs: RunStatusMetrics,
     pub cache: CacheMetrics,
+    pub budget: BudgetMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
+    /// `plextera_gateway_coalesced_waiters`.
+    pub coalesced_waiters: IntGauge,
 }
 
 impl Metrics {
@@ -74,6 +77,11 @@ impl Metrics {
             "Client requests that shared another request's upstream call instead of making their own.",
         ))?;
         registry.register(Box::new(coalesced_requests.clone()))?;
+        let coalesced_waiters = IntGauge::with_opts(opts(
+            "coalesced_waiters",
+            "Client requests waiting right now on another request's upstream call.",
+        ))?;
+        registry.register(Box::new(coalesced_waiters.clone()))?;
         let build_info = IntGaugeVec::new(
             opts(
                 "build_info",
@@ -91,7 +99,9 @@ impl Metrics {
             upstream: UpstreamMetrics::new(&registry)?,
             runs: RunStatusMetrics::new(&registry, statuses)?,
             cache: CacheMetrics::new(&registry)?,
+            budget: BudgetMetrics::new(&registry)?,
             coalesced_requests,
+            coalesced_waiters,
             registry,
         })
     }
@@ -368,5 +378,54 @@ impl CacheMetrics {
 
     pub fn evicted(&self, cause: EvictionCause) {
         self.evictions[cause as usize].inc();
+    }
+}
+
+/// Why the budget kept a call from going upstream, for `plextera_gateway_upstream_budget_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// `max_requests_per_second` or `max_concurrent_requests` spent past `queue_timeout`.
+    Exhausted,
+    /// Upstream's 429 cooldown still running.
+    Cooldown,
+}
+
+/// The upstream budget: refusals and the shared cooldown.
+#[derive(Clone)]
+pub struct BudgetMetrics {
+    cooldown_seconds: Gauge,
+    /// In `RefusalReason` declaration order.
+    refusals: Arc<[IntCounter; 2]>,
+}
+
+impl BudgetMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let cooldown_seconds = Gauge::with_opts(opts(
+            "upstream_cooldown_seconds",
+            "Time left before upstream calls resume after an upstream 429 (0 when none).",
+        ))?;
+        registry.register(Box::new(cooldown_seconds.clone()))?;
+        let refusals = IntCounterVec::new(
+            opts(
+                "upstream_budget_refusals_total",
+                "Upstream calls not made because the budget was spent (exhausted) or upstream asked to wait (cooldown).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refusals.clone()))?;
+        let reason = |label: &str| refusals.with_label_values(&[label]);
+        Ok(Self {
+            cooldown_seconds,
+            refusals: Arc::new([reason("exhausted"), reason("cooldown")]),
+        })
+    }
+
+    /// Sets the cooldown gauge (called just before a scrape).
+    pub fn set_cooldown(&self, remaining: Duration) {
+        self.cooldown_seconds.set(remaining.as_secs_f64());
+    }
+
+    pub fn refused(&self, reason: RefusalReason) {
+        self.refusals[reason as usize].inc();
     }
 }

@@ -1,28 +1,71 @@
 //! The caching proxy: answers a [`RunRequest`] from memory, or from upstream and maybe stores it.
 //!
-//! Order per request: look the run up (a hit is answered at once, nothing parsed); otherwise fetch
-//! it, map upstream faults to gateway errors, ask the policy whether the answer is a terminal run,
-//! store it if so (MISS) and forward it either way (PASS when not stored). Upstream 401/403 mean
-//! the gateway's own key is wrong, not the client's request: they become 502 `UPSTREAM_AUTH` and
-//! are logged at ERROR. Upstream 1xx/3xx cannot be forwarded meaningfully and become 502 too.
+//! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise join or lead
+//! the single upstream call for that run ([`Coalescer`]). The call, in a task of its own so no
+//! client's disconnect cancels it: checks the store once more (a call that just ended may have
+//! filled it), waits for the upstream budget, fetches, maps faults to gateway errors, asks the
+//! policy whether the answer is a terminal run, stores it if so, and only then lets go of the run
+//! id. Everyone who waited gets the same answer.
+//!
+//! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
+//! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too. An upstream 429 is
+//! forwarded and starts the budget's shared cooldown.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use http::header::RETRY_AFTER;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, ETAG, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use tower::Service;
+use tracing::Instrument;
 
+use crate::budget::{self, Budget, Refusal};
 use crate::cache::{CachedRun, Decision, RunStore, policy};
+use crate::coalesce::{Coalescer, Role};
 use crate::error::GatewayError;
-use crate::metrics::RunStatusMetrics;
+use crate::etag;
+use crate::metrics::{Metrics, RefusalReason};
 use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control};
 use crate::routes::RunRequest;
-use crate::run_status::RunStatuses;
+use crate::run_id::RunId;
+use crate::run_status::{RunStatus, RunStatuses};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
+
+/// What one upstream call produced, shared by everyone who waited for it.
+#[derive(Clone)]
+enum Fetched {
+    /// In the store now. `fresh` when this call stored it; otherwise a call that ended just
+    /// before this one had.
+    Stored { entry: Arc<CachedRun>, fresh: bool },
+    /// Upstream's answer, forwarded and not stored.
+    Passed(Arc<Passed>),
+    /// No answer to forward.
+    Failed(GatewayError),
+}
+
+/// An upstream answer that is forwarded but not stored.
+struct Passed {
+    status: StatusCode,
+    content_type: HeaderValue,
+    retry_after: Option<HeaderValue>,
+    body: Bytes,
+    /// Set for 200 answers: the run's status, `other` when the body has none.
+    run_status: Option<RunStatus>,
+}
+
+/// The settings the proxy works with.
+pub struct ProxySettings {
+    pub statuses: RunStatuses,
+    /// `cache.ttl`: how long terminal runs are kept, and the clients' `max-age`.
+    pub ttl: Duration,
+    /// `cache.not_found_ttl`: how long a 404 is kept (zero: never).
+    pub not_found_ttl: Duration,
+}
 
 /// The innermost service of the public stack. Cheap to clone: all state is shared.
 #[derive(Clone)]
@@ -33,8 +76,10 @@ pub struct RunService {
 struct Shared {
     store: RunStore,
     upstream: Upstream,
-    statuses: RunStatuses,
-    run_metrics: RunStatusMetrics,
+    budget: Budget,
+    coalescer: Coalescer<RunId, Fetched>,
+    metrics: Metrics,
+    settings: ProxySettings,
     /// `cache-control` for terminal runs, formatted once.
     terminal_cache_control: HeaderValue,
 }
@@ -43,17 +88,19 @@ impl RunService {
     pub fn new(
         store: RunStore,
         upstream: Upstream,
-        statuses: RunStatuses,
-        run_metrics: RunStatusMetrics,
-        ttl: std::time::Duration,
+        budget: Budget,
+        metrics: Metrics,
+        settings: ProxySettings,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
                 upstream,
-                statuses,
-                run_metrics,
-                terminal_cache_control: terminal_cache_control(ttl),
+                budget,
+                coalescer: Coalescer::new(metrics.coalesced_waiters.clone()),
+                metrics,
+                terminal_cache_control: terminal_cache_control(settings.ttl),
+                settings,
             }),
         }
     }
@@ -75,82 +122,190 @@ impl Service<RunRequest> for RunService {
 }
 
 impl Shared {
-    async fn answer(&self, request: RunRequest) -> Response<Body> {
-        if let Some(run) = self.store.get(request.id.as_str()).await {
-            self.run_metrics.served(run.status);
-            return run_response(
-                StatusCode::OK,
-                run.content_type.clone(),
-                self.terminal_cache_control.clone(),
-                CacheOutcome::Hit,
-                run.body.clone(),
-            );
+    async fn answer(self: Arc<Self>, request: RunRequest) -> Response<Body> {
+        if let Some(entry) = self.store.get(request.id.as_str()).await {
+            return self.stored_response(&entry, CacheOutcome::Hit, &request);
         }
-        match self.upstream.fetch(&request.id, &request.request_id).await {
+        let call = {
+            let shared = Arc::clone(&self);
+            let (id, request_id) = (request.id.clone(), request.request_id.clone());
+            async move { shared.fetch(id, request_id).await }.in_current_span()
+        };
+        let (fetched, role) = self.coalescer.run(request.id.clone(), call).await;
+        let fetched = fetched.unwrap_or_else(|_| {
+            tracing::error!("the upstream call for this run panicked");
+            Fetched::Failed(GatewayError::Internal)
+        });
+        let mut response = match fetched {
+            Fetched::Stored { entry, fresh } => {
+                let outcome = if fresh {
+                    CacheOutcome::Miss
+                } else {
+                    CacheOutcome::Hit
+                };
+                self.stored_response(&entry, outcome, &request)
+            }
+            Fetched::Passed(passed) => self.passed_response(&passed),
+            Fetched::Failed(error) => error.into_response(Some(&request.request_id)),
+        };
+        if role == Role::Waiter {
+            self.metrics.coalesced_requests.inc();
+            response.extensions_mut().insert(CacheOutcome::Coalesced);
+        }
+        response
+    }
+
+    /// The one upstream call for a run, run by the coalescer in a task of its own.
+    async fn fetch(&self, id: RunId, request_id: HeaderValue) -> Fetched {
+        if let Some(entry) = self.store.get(id.as_str()).await {
+            return Fetched::Stored { entry, fresh: false };
+        }
+        let admission = match self.budget.admit().await {
+            Ok(admission) => admission,
+            Err(refusal) => return Fetched::Failed(self.refused(refusal)),
+        };
+        let answer = self.upstream.fetch(&id, &request_id).await;
+        drop(admission);
+        match answer {
             Ok(answer) => {
                 let upstream_ms = (answer.elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
                 tracing::Span::current().record("upstream_ms", upstream_ms);
-                self.forward(request, answer).await
+                self.process(id, answer).await
             }
             Err(error) => {
                 tracing::warn!(%error, "upstream request failed");
-                upstream_failure(error).into_response(Some(&request.request_id))
+                Fetched::Failed(upstream_failure(error))
             }
         }
     }
 
-    async fn forward(&self, request: RunRequest, answer: UpstreamResponse) -> Response<Body> {
-        if answer.status == StatusCode::UNAUTHORIZED || answer.status == StatusCode::FORBIDDEN {
-            tracing::error!(
-                upstream_status = answer.status.as_u16(),
-                "upstream refused the gateway's API key: check upstream.api_key_env / api_key_file"
-            );
-            return GatewayError::UpstreamAuth.into_response(Some(&request.request_id));
-        }
-        if answer.status.is_informational() || answer.status.is_redirection() {
-            tracing::warn!(
-                upstream_status = answer.status.as_u16(),
-                "unexpected upstream status"
-            );
-            return GatewayError::UpstreamBadResponse.into_response(Some(&request.request_id));
+    /// Maps an upstream answer to what clients get, storing it when it may be stored.
+    async fn process(&self, id: RunId, answer: UpstreamResponse) -> Fetched {
+        match answer.status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                tracing::error!(
+                    upstream_status = answer.status.as_u16(),
+                    "upstream refused the gateway's API key: check upstream.api_key_env / api_key_file"
+                );
+                return Fetched::Failed(GatewayError::UpstreamAuth);
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                let pause = answer
+                    .retry_after
+                    .as_ref()
+                    .and_then(budget::parse_retry_after)
+                    .unwrap_or(budget::DEFAULT_COOLDOWN);
+                tracing::warn!(?pause, "upstream rate limit reached: holding upstream calls");
+                self.budget.cool_down(pause);
+            }
+            status if status.is_informational() || status.is_redirection() => {
+                tracing::warn!(upstream_status = status.as_u16(), "unexpected upstream status");
+                return Fetched::Failed(GatewayError::UpstreamBadResponse);
+            }
+            _ => {}
         }
         let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
-        let verdict = policy::decide(answer.status, &answer.body, &request.id, &self.statuses);
-        if answer.status == StatusCode::OK {
-            self.run_metrics
-                .served(verdict.status.unwrap_or_else(|| self.statuses.other()));
-        }
-        match verdict.decision {
-            Decision::Store(status) => {
-                let run = Arc::new(CachedRun {
-                    body: answer.body.clone(),
-                    content_type: content_type.clone(),
-                    status,
-                });
-                self.store.insert(request.id, run).await;
-                run_response(
-                    StatusCode::OK,
-                    content_type,
-                    self.terminal_cache_control.clone(),
-                    CacheOutcome::Miss,
-                    answer.body,
-                )
+        let verdict = policy::decide(answer.status, &answer.body, &id, &self.settings.statuses);
+        let entry = match verdict.decision {
+            Decision::Store(run_status) => CachedRun::terminal(
+                answer.body,
+                content_type,
+                run_status,
+                self.terminal_cache_control.clone(),
+                self.settings.ttl,
+            ),
+            Decision::Pass(_)
+                if answer.status == StatusCode::NOT_FOUND && !self.settings.not_found_ttl.is_zero() =>
+            {
+                CachedRun::not_found(answer.body, content_type, self.settings.not_found_ttl)
             }
             Decision::Pass(reason) => {
                 tracing::debug!(reason = reason.as_str(), "not stored");
-                let mut response = run_response(
-                    answer.status,
+                let run_status = (answer.status == StatusCode::OK)
+                    .then(|| verdict.status.unwrap_or_else(|| self.settings.statuses.other()));
+                return Fetched::Passed(Arc::new(Passed {
+                    status: answer.status,
                     content_type,
-                    NO_STORE,
-                    CacheOutcome::Pass,
-                    answer.body,
-                );
-                if let Some(retry_after) = answer.retry_after {
-                    response.headers_mut().insert(RETRY_AFTER, retry_after);
+                    retry_after: answer.retry_after,
+                    body: answer.body,
+                    run_status,
+                }));
+            }
+        };
+        let entry = Arc::new(entry);
+        self.store.insert(id, Arc::clone(&entry)).await;
+        Fetched::Stored { entry, fresh: true }
+    }
+
+    fn refused(&self, refusal: Refusal) -> GatewayError {
+        match refusal {
+            Refusal::Exhausted { retry_after } => {
+                self.metrics.budget.refused(RefusalReason::Exhausted);
+                tracing::warn!(?retry_after, "upstream budget spent: refusing");
+                GatewayError::RateLimited {
+                    retry_after_secs: budget::retry_after_secs(retry_after),
                 }
-                response
+            }
+            Refusal::CoolingDown { retry_after } => {
+                self.metrics.budget.refused(RefusalReason::Cooldown);
+                GatewayError::UpstreamCoolingDown {
+                    retry_after_secs: budget::retry_after_secs(retry_after),
+                }
             }
         }
+    }
+
+    /// A stored answer, or 304 when the client already holds it.
+    fn stored_response(
+        &self,
+        entry: &CachedRun,
+        outcome: CacheOutcome,
+        request: &RunRequest,
+    ) -> Response<Body> {
+        if let Some(run_status) = entry.run_status {
+            self.metrics.runs.served(run_status);
+        }
+        let not_modified = match (&entry.etag, &request.if_none_match) {
+            (Some(etag), Some(if_none_match)) => etag::none_match(if_none_match, etag),
+            _ => false,
+        };
+        let (status, body) = if not_modified {
+            (StatusCode::NOT_MODIFIED, Bytes::new())
+        } else {
+            (entry.status, entry.body.clone())
+        };
+        let mut response = run_response(
+            status,
+            entry.content_type.clone(),
+            entry.cache_control.clone(),
+            outcome,
+            body,
+        );
+        if let Some(etag) = &entry.etag {
+            response.headers_mut().insert(ETAG, etag.clone());
+        }
+        if not_modified {
+            // A 304 carries validators and caching headers, not representation metadata.
+            response.headers_mut().remove(CONTENT_TYPE);
+        }
+        response
+    }
+
+    fn passed_response(&self, passed: &Passed) -> Response<Body> {
+        if let Some(run_status) = passed.run_status {
+            self.metrics.runs.served(run_status);
+        }
+        let mut response = run_response(
+            passed.status,
+            passed.content_type.clone(),
+            NO_STORE,
+            CacheOutcome::Pass,
+            passed.body.clone(),
+        );
+        if let Some(retry_after) = &passed.retry_after {
+            response.headers_mut().insert(RETRY_AFTER, retry_after.clone());
+        }
+        response
     }
 }
 

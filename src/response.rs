@@ -95,8 +95,9 @@ pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     response
 }
 
-/// `private, max-age=<ttl>`: a terminal run never changes, so a client may keep it as long as we do.
+/// `private, max-age=<ttl>, immutable`: a terminal run never changes, so a client may keep it as
+/// long as the gateway does and need not revalidate it.
 pub fn terminal_cache_control(ttl: std::time::Duration) -> HeaderValue {
-    HeaderValue::from_str(&format!("private, max-age={}", ttl.as_secs()))
+    HeaderValue::from_str(&format!("private, max-age={}, immutable", ttl.as_secs()))
         .expect("digits and ASCII punctuation are a valid header value")
 }

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
+use http::header::IF_NONE_MATCH;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
@@ -30,6 +31,8 @@ pub struct RunRequest {
     pub id: RunId,
     /// The request id set by the request-log layer; sent upstream and in error bodies.
     pub request_id: HeaderValue,
+    /// The client's `If-None-Match`, answered with 304 when it names the stored run's ETag.
+    pub if_none_match: Option<HeaderValue>,
 }
 
 /// Adds [`Route`] in front of a `Service<RunRequest>`.
@@ -68,7 +71,12 @@ where
             Ok(id) => {
                 tracing::Span::current().record("run_id", id.as_str());
                 let request_id = request_id.unwrap_or_else(|| HeaderValue::from_static("-"));
-                Either::Right(self.inner.call(RunRequest { id, request_id }))
+                let if_none_match = request.headers().get(IF_NONE_MATCH).cloned();
+                Either::Right(self.inner.call(RunRequest {
+                    id,
+                    request_id,
+                    if_none_match,
+                }))
             }
             Err(error) => Either::Left(ready(Ok(error.into_response(request_id.as_ref())))),
         }

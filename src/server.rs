@@ -22,10 +22,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::budget::Budget;
 use crate::cache::RunStore;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::proxy::RunService;
+use crate::proxy::{ProxySettings, RunService};
 use crate::response::Body;
 use crate::run_status::RunStatuses;
 use crate::secret::ApiKey;
@@ -67,23 +68,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds metrics, the upstream client and the cache, then binds the public and admin ports.
+    /// Builds metrics, the upstream client, the budget and the cache, then binds both ports.
     pub async fn bind(config: &Config, key: &ApiKey) -> Result<Self, StartError> {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
         let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
         let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
-        let store = RunStore::new(
-            config.cache.max_size.as_u64(),
-            config.cache.ttl,
-            metrics.cache.clone(),
-        );
-        let runs = RunService::new(
-            store.clone(),
-            upstream,
+        let store = RunStore::new(config.cache.max_size.as_u64(), metrics.cache.clone());
+        let budget = Budget::new(&config.upstream);
+        let settings = ProxySettings {
             statuses,
-            metrics.runs.clone(),
-            config.cache.ttl,
-        );
+            ttl: config.cache.ttl,
+            not_found_ttl: config.cache.not_found_ttl,
+        };
+        let runs = RunService::new(store.clone(), upstream, budget.clone(), metrics.clone(), settings);
         let public = bind("public", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
         Ok(Self {
@@ -94,6 +91,7 @@ impl Gateway {
                 readiness: Readiness::default(),
                 metrics,
                 store,
+                budget,
             },
             cors_allowed_origins: config.server.cors_allowed_origins.clone(),
             shutdown_grace: config.server.shutdown_grace,

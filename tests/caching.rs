@@ -31,7 +31,10 @@ async fn terminal_runs_are_stored_and_served_byte_identical_without_upstream() {
             assert_eq!(again.x_cache(), Some("HIT"), "{id}");
             assert_eq!(again.body, body.as_bytes(), "{id}: hit must be byte-identical");
             assert_eq!(again.header("content-type"), Some("application/json"));
-            assert_eq!(again.header("cache-control"), Some("private, max-age=86400"));
+            assert_eq!(
+                again.header("cache-control"),
+                Some("private, max-age=86400, immutable")
+            );
         }
         assert_eq!(mock.count_for(id), 1, "{id}: upstream called once");
     }
@@ -213,7 +216,10 @@ async fn entries_expire_after_the_ttl() {
     .await;
     mock.set("run_t", Reply::run("run_t", "COMPLETED"));
     let first = gateway.get_run("run_t").await;
-    assert_eq!(first.header("cache-control"), Some("private, max-age=0"));
+    assert_eq!(
+        first.header("cache-control"),
+        Some("private, max-age=0, immutable")
+    );
     assert_eq!(gateway.get_run("run_t").await.x_cache(), Some("HIT"));
     support::eventually("the entry expires", || async {
         gateway.get_run("run_t").await.x_cache() == Some("MISS")

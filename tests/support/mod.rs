@@ -130,6 +130,8 @@ pub struct Recorded {
     pub method: Method,
     pub target: String,
     pub headers: HeaderMap,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -244,6 +246,7 @@ async fn answer_mock(
         method: request.method().clone(),
         target,
         headers: request.headers().clone(),
+        at: std::time::Instant::now(),
     });
     arrivals.send_modify(|arrived| *arrived += 1);
     let reply = state.replies.lock().expect("mock lock").get(&id).cloned();
@@ -354,6 +357,20 @@ impl TestGateway {
         self.client
             .send(Method::GET, &format!("http://{}{path}", self.admin), &[])
             .await
+    }
+
+    /// Waits until `count` requests are parked on another request's upstream call.
+    pub async fn wait_for_waiters(&self, count: u64) {
+        eventually(
+            &format!("{count} requests wait on a shared upstream call"),
+            || async {
+                self.scrape()
+                    .await
+                    .expect("plextera_gateway_coalesced_waiters", &[])
+                    == count as f64
+            },
+        )
+        .await;
     }
 
     /// Scrapes `/metrics` on the admin port and parses it strictly.

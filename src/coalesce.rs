@@ -1,0 +1,230 @@
+//! Single flight: concurrent requests for one key share one piece of work.
+//!
+//! The first caller for a key (the leader) starts the work as a spawned task; callers that arrive
+//! while it runs (waiters) await the same result. Because the work is a task of its own, no
+//! caller's disconnect cancels it: the others still get their answer and a terminal run still gets
+//! stored. The key leaves the in-flight map when the work ends, inside the task and before anyone
+//! is woken, so a later caller never joins finished work: it starts anew, or finds what the work
+//! stored. A failed result is shared like any other and is never reused.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use prometheus::IntGauge;
+
+/// Whether this caller started the work or joined it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Waiter,
+}
+
+/// The work's task panicked; nobody got a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shared work panicked")]
+pub struct Panicked;
+
+type InFlight<V> = Shared<BoxFuture<'static, Result<V, Panicked>>>;
+
+/// An in-flight map from key to shared work.
+pub struct Coalescer<K, V> {
+    in_flight: Arc<Mutex<HashMap<K, InFlight<V>>>>,
+    /// Callers currently waiting on someone else's work.
+    waiting: IntGauge,
+}
+
+impl<K, V> Coalescer<K, V>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// `waiting` is kept at the number of waiters currently parked.
+    pub fn new(waiting: IntGauge) -> Self {
+        Self {
+            in_flight: Arc::default(),
+            waiting,
+        }
+    }
+
+    /// Runs `work` for `key` unless the same key is already in flight, in which case it waits for
+    /// that work's result instead. `work` is only polled when this caller leads.
+    pub async fn run<F>(&self, key: K, work: F) -> (Result<V, Panicked>, Role)
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (shared, role) = {
+            let mut in_flight = self.lock();
+            match in_flight.get(&key) {
+                Some(shared) => (shared.clone(), Role::Waiter),
+                None => {
+                    let shared = self.spawn(key.clone(), work);
+                    in_flight.insert(key, shared.clone());
+                    (shared, Role::Leader)
+                }
+            }
+        };
+        let _parked = (role == Role::Waiter).then(|| Parked::new(&self.waiting));
+        (shared.await, role)
+    }
+
+    /// Keys with work in flight.
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn spawn<F>(&self, key: K, work: F) -> InFlight<V>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let release = Release {
+            in_flight: Arc::clone(&self.in_flight),
+            key: Some(key),
+        };
+        let task = tokio::spawn(async move {
+            let value = work.await;
+            drop(release);
+            value
+        });
+        async move { task.await.map_err(|_| Panicked) }.boxed().shared()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, InFlight<V>>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Removes the key from the in-flight map when the work ends, whether it returns or panics.
+struct Release<K: Hash + Eq, V> {
+    in_flight: Arc<Mutex<HashMap<K, InFlight<V>>>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq, V> Drop for Release<K, V> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            in_flight.remove(&key);
+        }
+    }
+}
+
+/// Counts a waiter for as long as it waits (including when its client goes away).
+struct Parked<'a>(&'a IntGauge);
+
+impl<'a> Parked<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::oneshot;
+
+    fn coalescer() -> Coalescer<&'static str, usize> {
+        Coalescer::new(IntGauge::new("waiting", "test").expect("gauge"))
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_run_of_the_work() {
+        let coalescer = Arc::new(coalescer());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (release, released) = oneshot::channel::<()>();
+        let leader = {
+            let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", async move {
+                        let _ = released.await;
+                        runs.fetch_add(1, Ordering::SeqCst) + 41
+                    })
+                    .await
+            })
+        };
+        // The leader has registered once the key is in flight.
+        while coalescer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let waiters: Vec<_> = (0..10)
+            .map(|_| {
+                let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
+                tokio::spawn(async move {
+                    coalescer
+                        .run("k", async move { runs.fetch_add(1, Ordering::SeqCst) })
+                        .await
+                })
+            })
+            .collect();
+        while coalescer.waiting.get() < 10 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("leader waiting");
+        assert_eq!(leader.await.expect("leader"), (Ok(41), Role::Leader));
+        for waiter in waiters {
+            assert_eq!(waiter.await.expect("waiter"), (Ok(41), Role::Waiter));
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(coalescer.in_flight(), 0);
+        assert_eq!(coalescer.waiting.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn finished_work_is_not_reused() {
+        let coalescer = coalescer();
+        assert_eq!(coalescer.run("k", async { 1 }).await, (Ok(1), Role::Leader));
+        assert_eq!(coalescer.run("k", async { 2 }).await, (Ok(2), Role::Leader));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leader_does_not_cancel_the_work() {
+        let coalescer = Arc::new(coalescer());
+        let (release, released) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let leader = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", async move {
+                        let _ = released.await;
+                        let _ = done_tx.send(());
+                        7
+                    })
+                    .await
+            })
+        };
+        while coalescer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        leader.abort();
+        let _ = leader.await;
+        release.send(()).expect("work still waiting");
+        done_rx.await.expect("the work ran to the end");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_shared_and_the_key_released() {
+        let coalescer = coalescer();
+        let (result, _) = coalescer.run("k", async { panic!("boom") }).await;
+        assert_eq!(result, Err(Panicked));
+        assert_eq!(coalescer.in_flight(), 0);
+        assert_eq!(coalescer.run("k", async { 3 }).await.0, Ok(3));
+    }
+}
