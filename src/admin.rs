@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 
 use crate::budget::Budget;
 use crate::cache::RunStore;
@@ -89,7 +88,7 @@ async fn scrape(state: &AdminState) -> Response<Body> {
         .metrics
         .budget
         .set_cooldown(state.budget.cooldown_remaining());
-    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    let mut response = Response::new(Body::new(Bytes::from(state.metrics.render()), None));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     headers.insert(CACHE_CONTROL, NO_STORE);

@@ -15,7 +15,7 @@ use bytesize::ByteSize;
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
-use crate::run_status::OTHER_STATUS;
+use crate::run_status::{MAX_TERMINAL_STATUSES, OTHER_STATUS};
 use crate::secret::ApiKey;
 
 /// Where the gateway looks for its configuration when `--config` is not given.
@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Browser origins allowed by CORS (`"*"` for any); empty sends no CORS headers at all.
     pub cors_allowed_origins: Vec<String>,
+    /// Runtime worker threads; unset means one per CPU available to the process.
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             shutdown_grace: Duration::from_secs(10),
             cors_allowed_origins: Vec::new(),
+            worker_threads: None,
         }
     }
 }
@@ -206,6 +209,12 @@ impl Config {
         }
         if self.cache.max_size.as_u64() == 0 {
             return invalid("cache.max_size must be more than 0".to_owned());
+        }
+        if self.cache.terminal_statuses.len() > MAX_TERMINAL_STATUSES {
+            return invalid(format!(
+                "cache.terminal_statuses lists {} statuses; at most {MAX_TERMINAL_STATUSES}",
+                self.cache.terminal_statuses.len()
+            ));
         }
         if let Some(bad) =
             self.cache.terminal_statuses.iter().find(|status| {

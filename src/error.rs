@@ -109,7 +109,7 @@ impl GatewayError {
             }
             _ => {}
         }
-        response.extensions_mut().insert(CacheOutcome::Error);
+        response.body_mut().set_outcome(CacheOutcome::Error);
         response
     }
 }

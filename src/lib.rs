@@ -10,7 +10,8 @@
 //! Layout, one concern per module:
 //! - [`config`]: the TOML file, defaults, validation, key lookup;
 //! - [`secret`]: the key wrapper that never prints;
-//! - [`server`]: listeners, connections, graceful drain; [`admin`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`app`]: the parts wired from a config; [`server`]: listeners, connections, graceful drain;
+//!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
 //!   log) → CORS → [`request_metrics`] → [`routes`] (validation into a [`routes::RunRequest`]) →
 //!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod budget;
 pub mod cache;
 pub mod coalesce;
@@ -44,6 +46,7 @@ pub mod stack;
 pub mod telemetry;
 pub mod upstream;
 
+pub use app::App;
 pub use config::Config;
 pub use secret::ApiKey;
 pub use server::{Gateway, StartError};

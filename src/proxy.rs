@@ -41,7 +41,7 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 enum Fetched {
     /// In the store now. `fresh` when this call stored it; otherwise a call that ended just
     /// before this one had.
-    Stored { entry: Arc<CachedRun>, fresh: bool },
+    Stored { entry: CachedRun, fresh: bool },
     /// Upstream's answer, forwarded and not stored.
     Passed(Arc<Passed>),
     /// No answer to forward.
@@ -117,15 +117,19 @@ impl Service<RunRequest> for RunService {
 
     fn call(&mut self, request: RunRequest) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move { Ok(shared.answer(request).await) })
+        Box::pin(async move {
+            if let Some(entry) = shared.store.get(request.id.as_str()).await {
+                return Ok(shared.stored_response(&entry, CacheOutcome::Hit, &request));
+            }
+            // Boxed so the (large) miss path's state does not make every hit's future larger.
+            Ok(Box::pin(shared.miss(request)).await)
+        })
     }
 }
 
 impl Shared {
-    async fn answer(self: Arc<Self>, request: RunRequest) -> Response<Body> {
-        if let Some(entry) = self.store.get(request.id.as_str()).await {
-            return self.stored_response(&entry, CacheOutcome::Hit, &request);
-        }
+    /// Joins or leads the one upstream call for the run, then answers from what it produced.
+    async fn miss(self: Arc<Self>, request: RunRequest) -> Response<Body> {
         let call = {
             let shared = Arc::clone(&self);
             let (id, request_id) = (request.id.clone(), request.request_id.clone());
@@ -150,7 +154,7 @@ impl Shared {
         };
         if role == Role::Waiter {
             self.metrics.coalesced_requests.inc();
-            response.extensions_mut().insert(CacheOutcome::Coalesced);
+            response.body_mut().set_outcome(CacheOutcome::Coalesced);
         }
         response
     }
@@ -207,17 +211,11 @@ impl Shared {
         let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
         let verdict = policy::decide(answer.status, &answer.body, &id, &self.settings.statuses);
         let entry = match verdict.decision {
-            Decision::Store(run_status) => CachedRun::terminal(
-                answer.body,
-                content_type,
-                run_status,
-                self.terminal_cache_control.clone(),
-                self.settings.ttl,
-            ),
+            Decision::Store(run_status) => CachedRun::terminal(answer.body, content_type, run_status),
             Decision::Pass(_)
                 if answer.status == StatusCode::NOT_FOUND && !self.settings.not_found_ttl.is_zero() =>
             {
-                CachedRun::not_found(answer.body, content_type, self.settings.not_found_ttl)
+                CachedRun::not_found(answer.body, content_type)
             }
             Decision::Pass(reason) => {
                 tracing::debug!(reason = reason.as_str(), "not stored");
@@ -232,8 +230,7 @@ impl Shared {
                 }));
             }
         };
-        let entry = Arc::new(entry);
-        self.store.insert(id, Arc::clone(&entry)).await;
+        self.store.insert(id, entry.clone()).await;
         Fetched::Stored { entry, fresh: true }
     }
 
@@ -262,7 +259,7 @@ impl Shared {
         outcome: CacheOutcome,
         request: &RunRequest,
     ) -> Response<Body> {
-        if let Some(run_status) = entry.run_status {
+        if let Some(run_status) = entry.run_status() {
             self.metrics.runs.served(run_status);
         }
         let not_modified = match (&entry.etag, &request.if_none_match) {
@@ -272,15 +269,14 @@ impl Shared {
         let (status, body) = if not_modified {
             (StatusCode::NOT_MODIFIED, Bytes::new())
         } else {
-            (entry.status, entry.body.clone())
+            (entry.status(), entry.body.clone())
         };
-        let mut response = run_response(
-            status,
-            entry.content_type.clone(),
-            entry.cache_control.clone(),
-            outcome,
-            body,
-        );
+        let cache_control = if entry.is_terminal() {
+            self.terminal_cache_control.clone()
+        } else {
+            NO_STORE
+        };
+        let mut response = run_response(status, entry.content_type(), cache_control, outcome, body);
         if let Some(etag) = &entry.etag {
             response.headers_mut().insert(ETAG, etag.clone());
         }

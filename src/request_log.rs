@@ -21,7 +21,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, instrument::Instrumented};
 
-use crate::response::{CacheOutcome, X_REQUEST_ID};
+use crate::response::{Body, CacheOutcome, X_REQUEST_ID};
 
 /// Longest client-supplied request id that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -44,9 +44,9 @@ pub struct RequestLog<S> {
     inner: S,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequestLog<S>
+impl<S, ReqBody> Service<Request<ReqBody>> for RequestLog<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -93,9 +93,9 @@ pin_project! {
     }
 }
 
-impl<F, ResBody, E> Future for RequestLogFuture<F>
+impl<F, E> Future for RequestLogFuture<F>
 where
-    F: Future<Output = Result<Response<ResBody>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     type Output = F::Output;
 
@@ -105,10 +105,7 @@ where
         if let Ok(response) = &mut result {
             let span: &Span = this.inner.span();
             let _entered = span.enter();
-            let cache = response
-                .extensions()
-                .get::<CacheOutcome>()
-                .map_or("none", |outcome| outcome.as_str());
+            let cache = response.body().outcome().map_or("none", CacheOutcome::as_str);
             span.record("cache", cache);
             tracing::info!(
                 target: "plextera_gateway::access",

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::metrics::RequestMetrics;
-use crate::response::CacheOutcome;
+use crate::response::{Body, CacheOutcome};
 
 /// Adds [`RecordMetrics`] around a service.
 #[derive(Clone)]
@@ -47,9 +47,9 @@ pub struct RecordMetrics<S> {
     metrics: RequestMetrics,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RecordMetrics<S>
+impl<S, ReqBody> Service<Request<ReqBody>> for RecordMetrics<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -78,9 +78,9 @@ pin_project! {
     }
 }
 
-impl<F, ResBody, E> Future for RecordMetricsFuture<F>
+impl<F, E> Future for RecordMetricsFuture<F>
 where
-    F: Future<Output = Result<Response<ResBody>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     type Output = F::Output;
 
@@ -88,11 +88,7 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
-            let outcome = response
-                .extensions()
-                .get::<CacheOutcome>()
-                .copied()
-                .unwrap_or(CacheOutcome::Error);
+            let outcome = response.body().outcome().unwrap_or(CacheOutcome::Error);
             this.metrics
                 .observe(outcome, response.status(), this.started.elapsed());
         }

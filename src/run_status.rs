@@ -12,15 +12,17 @@ use std::sync::Arc;
 pub const RUNNING_STATUSES: [&str; 2] = ["QUEUED", "PROCESSING"];
 /// The label for every status the table does not know.
 pub const OTHER_STATUS: &str = "other";
+/// Most terminal statuses the table holds (the config refuses more).
+pub const MAX_TERMINAL_STATUSES: usize = 64;
 
 /// A position in a [`RunStatuses`] table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RunStatus(usize);
+pub struct RunStatus(u8);
 
 impl RunStatus {
     /// Index into the table, for per-status arrays such as metric handles.
     pub fn index(self) -> usize {
-        self.0
+        usize::from(self.0)
     }
 }
 
@@ -35,7 +37,7 @@ impl RunStatuses {
     /// Builds the table from the configured terminal statuses (exact, case-sensitive matching).
     pub fn new<S: AsRef<str>>(terminal: &[S]) -> Self {
         let mut labels: Vec<Box<str>> = Vec::new();
-        for status in terminal {
+        for status in terminal.iter().take(MAX_TERMINAL_STATUSES) {
             if !labels.iter().any(|known| **known == *status.as_ref()) {
                 labels.push(status.as_ref().into());
             }
@@ -56,33 +58,36 @@ impl RunStatuses {
     /// Maps an upstream status onto the table; unknown statuses (and the literal "other") are `other`.
     pub fn classify(&self, status: &str) -> RunStatus {
         let known = &self.labels[..self.labels.len() - 1];
-        RunStatus(
-            known
-                .iter()
-                .position(|label| &**label == status)
-                .unwrap_or(self.other().0),
-        )
+        known
+            .iter()
+            .position(|label| &**label == status)
+            .map_or(self.other(), position_status)
     }
 
     /// The `other` entry.
     pub fn other(&self) -> RunStatus {
-        RunStatus(self.labels.len() - 1)
+        position_status(self.labels.len() - 1)
     }
 
     /// Whether a run in this status has ended for good.
     pub fn is_terminal(&self, status: RunStatus) -> bool {
-        status.0 < self.terminal_count
+        status.index() < self.terminal_count
     }
 
     /// The metric label of a status.
     pub fn label(&self, status: RunStatus) -> &str {
-        &self.labels[status.0]
+        &self.labels[status.index()]
     }
 
     /// Every entry in table order.
     pub fn all(&self) -> impl Iterator<Item = RunStatus> + '_ {
-        (0..self.labels.len()).map(RunStatus)
+        (0..self.labels.len()).map(position_status)
     }
+}
+
+/// The table holds at most `MAX_TERMINAL_STATUSES` + 3 entries, so a position fits in a byte.
+fn position_status(position: usize) -> RunStatus {
+    RunStatus(u8::try_from(position).expect("the status table has fewer than 256 entries"))
 }
 
 #[cfg(test)]

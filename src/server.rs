@@ -1,7 +1,8 @@
 //! Listeners, connections and graceful shutdown.
 //!
-//! [`Gateway::bind`] does everything that can fail on configuration first (upstream client, TLS
-//! roots) and only then binds both ports, so a bad config never leaves a half-started process.
+//! [`Gateway::bind`] builds the gateway's parts first ([`App`]: everything that can fail on
+//! configuration, such as TLS roots) and only then binds both ports, so a bad config never leaves
+//! a half-started process.
 //! [`Gateway::serve`] accepts until the shutdown future resolves, then: `/readyz` turns 503, the
 //! public listener closes (new connections are refused), in-flight requests get `shutdown_grace`
 //! to finish (HTTP/1 keep-alive connections are closed once idle, HTTP/2 gets GOAWAY), and whatever
@@ -21,17 +22,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, AdminState, Readiness};
-use crate::budget::Budget;
-use crate::cache::RunStore;
-use crate::config::{Config, ConfigError};
-use crate::metrics::Metrics;
-use crate::proxy::{ProxySettings, RunService};
+use crate::admin;
+use crate::app::{App, AppError};
+use crate::config::Config;
 use crate::response::Body;
-use crate::run_status::RunStatuses;
 use crate::secret::ApiKey;
-use crate::stack;
-use crate::upstream::Upstream;
 
 /// A client has this long to send its request head before the connection is closed (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,9 +41,7 @@ const ADMIN_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("cannot register metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    App(#[from] AppError),
     #[error("cannot listen on {addr} ({which}): {source}")]
     Bind {
         which: &'static str,
@@ -61,39 +54,21 @@ pub enum StartError {
 pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
-    runs: RunService,
-    admin_state: AdminState,
-    cors_allowed_origins: Vec<String>,
+    app: App,
     shutdown_grace: Duration,
 }
 
 impl Gateway {
-    /// Builds metrics, the upstream client, the budget and the cache, then binds both ports.
+    /// Builds the gateway's parts ([`App::new`]: everything that can fail on configuration), then
+    /// binds both ports.
     pub async fn bind(config: &Config, key: &ApiKey) -> Result<Self, StartError> {
-        let statuses = RunStatuses::new(&config.cache.terminal_statuses);
-        let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
-        let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
-        let store = RunStore::new(config.cache.max_size.as_u64(), metrics.cache.clone());
-        let budget = Budget::new(&config.upstream);
-        let settings = ProxySettings {
-            statuses,
-            ttl: config.cache.ttl,
-            not_found_ttl: config.cache.not_found_ttl,
-        };
-        let runs = RunService::new(store.clone(), upstream, budget.clone(), metrics.clone(), settings);
+        let app = App::new(config, key)?;
         let public = bind("public", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
         Ok(Self {
             public,
             admin,
-            runs,
-            admin_state: AdminState {
-                readiness: Readiness::default(),
-                metrics,
-                store,
-                budget,
-            },
-            cors_allowed_origins: config.server.cors_allowed_origins.clone(),
+            app,
             shutdown_grace: config.server.shutdown_grace,
         })
     }
@@ -109,9 +84,9 @@ impl Gateway {
     /// Serves until `shutdown` resolves, then drains as described in the module documentation.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (public_addr, admin_addr) = (self.public_addr(), self.admin_addr());
-        let readiness = self.admin_state.readiness.clone();
-        let request_metrics = self.admin_state.metrics.requests.clone();
-        let admin_state = self.admin_state;
+        let public_service = TowerToHyperService::new(self.app.public_service());
+        let readiness = self.app.admin.readiness.clone();
+        let admin_state = self.app.admin;
         let admin_service =
             hyper::service::service_fn(move |request| admin::handle(request, admin_state.clone()));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -125,11 +100,6 @@ impl Gateway {
             admin.drain(ADMIN_GRACE).await;
         });
 
-        let public_service = TowerToHyperService::new(stack::public_service(
-            self.runs,
-            request_metrics,
-            &self.cors_allowed_origins,
-        ));
         let mut public = Acceptor::new(self.public, public_service);
         readiness.set(true);
         tracing::info!(%public_addr, %admin_addr, "gateway ready");

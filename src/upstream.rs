@@ -123,9 +123,10 @@ impl Upstream {
         id: &RunId,
         request_id: &HeaderValue,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let uri: Uri = format!("{}{}", self.runs_url_prefix, id)
-            .parse()
-            .expect("a validated base URL plus a validated run id is a valid URI");
+        let mut url = String::with_capacity(self.runs_url_prefix.len() + id.as_str().len());
+        url.push_str(&self.runs_url_prefix);
+        url.push_str(id.as_str());
+        let uri = Uri::try_from(url).expect("a validated base URL plus a validated run id is a valid URI");
         let mut request = Request::new(Empty::new());
         *request.uri_mut() = uri;
         let headers = request.headers_mut();

@@ -1,7 +1,8 @@
-//! Caching of terminal runs: the decision ([`policy`]), the body sniffing it relies on ([`sniff`])
-//! and the bounded store ([`store`]).
+//! Caching of terminal runs: the decision ([`policy`]), the body reading it relies on (a quick
+//! [`scan`] for runs still going, a validating [`sniff`] before storing) and the bounded [`store`].
 
 pub mod policy;
+pub mod scan;
 pub mod sniff;
 pub mod store;
 

@@ -1,11 +1,13 @@
 //! Cacheability: may this upstream answer be stored? A pure function of the answer and the config.
 //!
 //! Only one thing is ever stored: a 200 whose body is a JSON object with the requested `id` and a
-//! top-level `status` that the config lists as terminal. Everything else is passed through, and
-//! the reason is kept so logs say why.
+//! top-level `status` that the config lists as terminal, checked by a validating parse. Everything
+//! else is passed through, and the reason is kept so logs say why. Most answers are runs still
+//! going: a quick scan of the top level recognises those without the full parse.
 
 use http::StatusCode;
 
+use super::scan::{Scan, scan_status};
 use super::sniff::sniff_run;
 use crate::run_id::RunId;
 use crate::run_status::{RunStatus, RunStatuses};
@@ -62,6 +64,16 @@ pub fn decide(status: StatusCode, body: &[u8], requested: &RunId, statuses: &Run
     };
     if status != StatusCode::OK {
         return pass(PassReason::NotOk, None);
+    }
+    // The quick scan settles every answer that is passed through anyway; a terminal status (or
+    // anything it is unsure of) goes on to the validating parse, which decides what is stored.
+    match scan_status(body) {
+        Scan::NotAnObject => return pass(PassReason::NotARun, None),
+        Scan::Status(None) => return pass(PassReason::NoStatus, None),
+        Scan::Status(Some(text)) if !statuses.is_terminal(statuses.classify(text)) => {
+            return pass(PassReason::NotTerminal, Some(statuses.classify(text)));
+        }
+        Scan::Status(Some(_)) | Scan::Unsure => {}
     }
     let Ok(run) = sniff_run(body) else {
         return pass(PassReason::NotARun, None);

@@ -1,0 +1,85 @@
+//! Wiring: everything the gateway serves with, built from a config, with no socket involved.
+//!
+//! [`App::new`] creates the metrics registry, the upstream client, the budget, the store and the
+//! proxy, and checks everything that can fail on configuration. The server binds ports around it;
+//! benchmarks and tests can drive [`App::public_service`] directly.
+
+use std::convert::Infallible;
+
+use http::{Request, Response};
+use tower::Service;
+
+use crate::admin::{AdminState, Readiness};
+use crate::budget::Budget;
+use crate::cache::RunStore;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{ProxySettings, RunService};
+use crate::response::Body;
+use crate::run_status::RunStatuses;
+use crate::secret::ApiKey;
+use crate::stack;
+use crate::upstream::Upstream;
+
+/// The gateway's parts, ready to be served.
+pub struct App {
+    pub runs: RunService,
+    /// What the admin port reads: readiness, metrics, the store, the budget.
+    pub admin: AdminState,
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl App {
+    pub fn new(config: &Config, key: &ApiKey) -> Result<Self, AppError> {
+        let statuses = RunStatuses::new(&config.cache.terminal_statuses);
+        let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
+        let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
+        let store = RunStore::new(
+            config.cache.max_size.as_u64(),
+            config.cache.ttl,
+            config.cache.not_found_ttl,
+            metrics.cache.clone(),
+        );
+        let budget = Budget::new(&config.upstream);
+        let settings = ProxySettings {
+            statuses,
+            ttl: config.cache.ttl,
+            not_found_ttl: config.cache.not_found_ttl,
+        };
+        let runs = RunService::new(store.clone(), upstream, budget.clone(), metrics.clone(), settings);
+        Ok(Self {
+            runs,
+            admin: AdminState {
+                readiness: Readiness::default(),
+                metrics,
+                store,
+                budget,
+            },
+            cors_allowed_origins: config.server.cors_allowed_origins.clone(),
+        })
+    }
+
+    /// The public port's service stack (see [`stack`]).
+    pub fn public_service<B: Send + 'static>(
+        &self,
+    ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        stack::public_service(
+            self.runs.clone(),
+            self.admin.metrics.requests.clone(),
+            &self.cors_allowed_origins,
+        )
+    }
+}
+
+/// Why the parts could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
