@@ -33,6 +33,7 @@ impl App {
     pub fn new(config: &Config, key: &ApiKey) -> Result<Self, AppError> {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
         let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
+        metrics.cache.set_max_size(config.cache.max_size.as_u64());
         let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
         let store = RunStore::new(
             config.cache.max_size.as_u64(),

@@ -26,7 +26,7 @@ pub const DEFAULT_API_KEY_ENV: &str = "PLEXTERA_API_KEY";
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 3] = ["COMPLETED", "FAILED", "CLOSED"];
 
 /// The whole configuration file. Unknown keys are errors, so a typo never silently means "default".
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -35,14 +35,18 @@ pub struct Config {
 }
 
 /// `[server]`: the two listeners and how they stop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Public listener: serves the runs path only.
     pub listen: SocketAddr,
     /// Admin listener: `/healthz`, `/readyz` and `/metrics`; keep it off the public network.
     pub admin_listen: SocketAddr,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    /// After SIGTERM/SIGINT, how long to keep accepting requests while reporting not ready, so load
+    /// balancers stop routing here first (Kubernetes: a few seconds).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+    /// How long in-flight requests may take to finish after that.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Browser origins allowed by CORS (`"*"` for any); empty sends no CORS headers at all.
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
             cors_allowed_origins: Vec::new(),
             worker_threads: None,
@@ -64,7 +69,7 @@ impl Default for ServerConfig {
 }
 
 /// `[upstream]`: where Plextera is and how the gateway talks to it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Scheme and host of the Plextera API (a path prefix is kept); `http` or `https`.
@@ -106,7 +111,7 @@ impl Default for UpstreamConfig {
 }
 
 /// `[cache]`: what is kept, for how long, within how much memory.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// How long a terminal run is served from memory (also the clients' `max-age`).

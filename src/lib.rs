@@ -20,7 +20,8 @@
 //! - [`cache`]: policy, status sniffing, the moka store; [`etag`]: validators and 304s;
 //! - [`metrics`]: every Prometheus series;
 //! - [`upstream`]: the pooled client and what it sends; [`error`]/[`response`]: what clients get;
-//! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`.
+//! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`;
+//!   [`health_check`]: `--health-check`, for container images without a shell.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -32,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod etag;
+pub mod health_check;
 pub mod metrics;
 pub mod proxy;
 pub mod request_log;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH};
 use plextera_gateway::telemetry::{self, LogFormat};
-use plextera_gateway::{ApiKey, Gateway, demo};
+use plextera_gateway::{ApiKey, Gateway, demo, health_check};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on
 /// every request; mimalloc serves them in fewer instructions than glibc's malloc (see the
@@ -31,6 +31,9 @@ struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t)]
     log_format: LogFormat,
+    /// Check the running gateway's /healthz on the configured admin port, then exit 0 (healthy) or 1.
+    #[arg(long, conflicts_with = "demo")]
+    health_check: bool,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,16 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(error) => return refuse(error.to_string()),
     };
+    if cli.health_check {
+        let admin = health_check::local_address(config.server.admin_listen);
+        return match health_check::check(admin, health_check::TIMEOUT) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(problem) => {
+                eprintln!("plextera-gateway: unhealthy: {problem}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match runtime(config.server.worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => return refuse(format!("cannot start the async runtime: {error}")),

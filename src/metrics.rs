@@ -341,6 +341,7 @@ pub enum EvictionCause {
 pub struct CacheMetrics {
     entries: IntGauge,
     size_bytes: IntGauge,
+    max_size_bytes: IntGauge,
     /// In `EvictionCause` declaration order.
     evictions: Arc<[IntCounter; 3]>,
 }
@@ -354,6 +355,11 @@ impl CacheMetrics {
             "Bytes held in the cache (bodies plus ids: the sum bounded by cache.max_size).",
         ))?;
         registry.register(Box::new(size_bytes.clone()))?;
+        let max_size_bytes = IntGauge::with_opts(opts(
+            "cache_max_size_bytes",
+            "The configured bound on cache_size_bytes (cache.max_size).",
+        ))?;
+        registry.register(Box::new(max_size_bytes.clone()))?;
         let evictions = IntCounterVec::new(
             opts(
                 "cache_evictions_total",
@@ -366,6 +372,7 @@ impl CacheMetrics {
         Ok(Self {
             entries,
             size_bytes,
+            max_size_bytes,
             evictions: Arc::new([cause("size"), cause("expired"), cause("explicit")]),
         })
     }
@@ -374,6 +381,11 @@ impl CacheMetrics {
     pub fn set_occupancy(&self, entries: u64, size_bytes: u64) {
         self.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
         self.size_bytes.set(i64::try_from(size_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Publishes the configured bound.
+    pub fn set_max_size(&self, bytes: u64) {
+        self.max_size_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn evicted(&self, cause: EvictionCause) {

@@ -3,8 +3,9 @@
 //! [`Gateway::bind`] builds the gateway's parts first ([`App`]: everything that can fail on
 //! configuration, such as TLS roots) and only then binds both ports, so a bad config never leaves
 //! a half-started process.
-//! [`Gateway::serve`] accepts until the shutdown future resolves, then: `/readyz` turns 503, the
-//! public listener closes (new connections are refused), in-flight requests get `shutdown_grace`
+//! [`Gateway::serve`] accepts until the shutdown future resolves, then: `/readyz` turns 503 (and,
+//! for `shutdown_delay`, requests are still accepted while load balancers notice), the public
+//! listener closes (new connections are refused), in-flight requests get `shutdown_grace`
 //! to finish (HTTP/1 keep-alive connections are closed once idle, HTTP/2 gets GOAWAY), and whatever
 //! is left after the grace period is cut, with a warning.
 
@@ -55,6 +56,7 @@ pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
     app: App,
+    shutdown_delay: Duration,
     shutdown_grace: Duration,
 }
 
@@ -69,6 +71,7 @@ impl Gateway {
             public,
             admin,
             app,
+            shutdown_delay: config.server.shutdown_delay,
             shutdown_grace: config.server.shutdown_grace,
         })
     }
@@ -106,6 +109,12 @@ impl Gateway {
         public.accept_until(shutdown).await;
 
         readiness.set(false);
+        if !self.shutdown_delay.is_zero() {
+            // Load balancers route by readiness, which they learn with a delay: keep serving
+            // new requests until they have stopped sending any.
+            tracing::info!(delay = ?self.shutdown_delay, "shutting down: not ready, still serving");
+            public.accept_until(tokio::time::sleep(self.shutdown_delay)).await;
+        }
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining in-flight requests");
         if public.drain(self.shutdown_grace).await {
             tracing::info!("drained");

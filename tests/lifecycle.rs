@@ -99,3 +99,31 @@ async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
         "drained without waiting out the grace"
     );
 }
+
+#[tokio::test]
+async fn a_shutdown_delay_keeps_serving_while_reporting_not_ready() {
+    let mock = MockUpstream::start().await;
+    let mut gateway = TestGateway::start(&mock, |config| {
+        config.server.shutdown_delay = Duration::from_secs(2);
+    })
+    .await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    gateway.begin_shutdown();
+    let admin = gateway.admin;
+    eventually("/readyz reports not ready", || async move {
+        TestClient::new()
+            .try_send(Method::GET, &format!("http://{admin}/readyz"), &[])
+            .await
+            .is_ok_and(|response| response.status == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    // Not ready, but still serving new connections during the delay.
+    let url = gateway.url(&runs_path("run_1"));
+    let response = TestClient::new().send(Method::GET, &url, &[]).await;
+    assert_eq!(response.status, StatusCode::OK);
+    gateway.stopped().await;
+    assert!(
+        TcpStream::connect(gateway.public).await.is_err(),
+        "closed after the delay"
+    );
+}

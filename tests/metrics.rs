@@ -129,6 +129,7 @@ async fn types_follow_prometheus_conventions() {
         ("plextera_gateway_run_status_total", "counter"),
         ("plextera_gateway_cache_entries", "gauge"),
         ("plextera_gateway_cache_size_bytes", "gauge"),
+        ("plextera_gateway_cache_max_size_bytes", "gauge"),
         ("plextera_gateway_cache_evictions_total", "counter"),
         ("plextera_gateway_coalesced_requests_total", "counter"),
         ("plextera_gateway_build_info", "gauge"),

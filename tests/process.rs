@@ -207,3 +207,30 @@ async fn each_request_logs_one_line_with_its_span_fields() {
         "a hit has no upstream latency: {hit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_check_reports_a_running_gateway_and_fails_without_one() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut gateway = GatewayProcess::start(
+        &[
+            "--config",
+            &write_config(dir.path(), &process_config(&mock.base_url(), "")),
+        ],
+        &[("GW_TEST_KEY", TEST_KEY)],
+    );
+    // The check reads admin_listen from a config: point one at the running gateway's admin port.
+    let probe_dir = tempfile::tempdir().expect("temp dir");
+    let probe = write_config(
+        probe_dir.path(),
+        &format!("[server]\nadmin_listen = \"{}\"\n", gateway.admin),
+    );
+    let (status, _, stderr) = run_to_exit(&["--config", &probe, "--health-check"], &[]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    assert_eq!(gateway.terminate().code(), Some(0));
+    let (status, _, stderr) = run_to_exit(&["--config", &probe, "--health-check"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+}

@@ -1,0 +1,478 @@
+//! deploy/ is checked, not decoration: every file parses, the manifests agree with the config they
+//! ship, and every metric the dashboard and the alerts query exists in a real scrape.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::StatusCode;
+use plextera_gateway::Config;
+use serde_json::Value;
+use support::{MockUpstream, Reply, TestGateway};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+fn yaml_documents(path: &str) -> Vec<Value> {
+    let text = read(path);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| {
+            serde::Deserialize::deserialize(document).unwrap_or_else(|error| panic!("{path}: {error}"))
+        })
+        .filter(|document: &Value| !document.is_null())
+        .collect()
+}
+
+fn yaml(path: &str) -> Value {
+    let mut documents = yaml_documents(path);
+    assert_eq!(documents.len(), 1, "{path} holds one document");
+    documents.remove(0)
+}
+
+fn config(path: &str) -> Config {
+    Config::load(&root().join(path)).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Bytes from a Kubernetes quantity such as `640Mi`.
+fn quantity_bytes(quantity: &str) -> u64 {
+    let (number, unit) = quantity.split_at(
+        quantity
+            .find(|c: char| c.is_alphabetic())
+            .unwrap_or(quantity.len()),
+    );
+    let factor = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => panic!("unit {other}"),
+    };
+    number.parse::<u64>().expect("number") * factor
+}
+
+#[test]
+fn every_yaml_and_json_file_parses() {
+    let files = files_under(&root().join("deploy"));
+    let mut checked = 0;
+    for file in &files {
+        let relative = file
+            .strip_prefix(root())
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
+        match file.extension().and_then(|extension| extension.to_str()) {
+            Some("yaml" | "yml") => {
+                assert!(!yaml_documents(&relative).is_empty(), "{relative} is empty");
+                checked += 1;
+            }
+            Some("json") => {
+                serde_json::from_str::<Value>(&read(&relative))
+                    .unwrap_or_else(|error| panic!("{relative}: {error}"));
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked >= 12, "only {checked} YAML/JSON files found");
+}
+
+#[test]
+fn deployed_configs_differ_from_the_documented_one_only_where_they_say() {
+    let base = config("config/gateway.toml");
+    let mut defaults = Config::default();
+    defaults.upstream.api_key_env = Some(plextera_gateway::config::DEFAULT_API_KEY_ENV.to_owned());
+    assert_eq!(
+        base, defaults,
+        "config/gateway.toml shows the defaults (naming the key's variable)"
+    );
+
+    let mut container = base.clone();
+    container.server.admin_listen = "0.0.0.0:9090".parse().expect("addr");
+    container.server.shutdown_delay = Duration::from_secs(5);
+    assert_eq!(config("deploy/kubernetes/gateway.toml"), container);
+
+    let mut host = base.clone();
+    host.upstream.api_key_env = None;
+    host.upstream.api_key_file = Some("/run/credentials/plextera-gateway.service/api-key".into());
+    assert_eq!(config("deploy/systemd/gateway.toml"), host);
+}
+
+#[test]
+fn the_deployment_matches_the_config_it_mounts() {
+    let gateway_config = config("deploy/kubernetes/gateway.toml");
+    let deployment = yaml("deploy/kubernetes/deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+
+    assert!(
+        deployment["spec"]["replicas"].as_u64() >= Some(2),
+        "at least two replicas"
+    );
+    let port = |name: &str| {
+        container["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|port| port["name"] == name)
+            .and_then(|port| port["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no {name} port"))
+    };
+    assert_eq!(port("http"), u64::from(gateway_config.server.listen.port()));
+    assert_eq!(
+        port("admin"),
+        u64::from(gateway_config.server.admin_listen.port())
+    );
+    assert!(
+        gateway_config.server.admin_listen.ip().is_unspecified(),
+        "probes reach the admin port"
+    );
+
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "admin");
+
+    let key_env = gateway_config
+        .upstream
+        .api_key_env
+        .as_deref()
+        .unwrap_or("PLEXTERA_API_KEY");
+    let env = container["env"].as_array().expect("env");
+    let key = env
+        .iter()
+        .find(|variable| variable["name"] == key_env)
+        .expect("the key's variable is set");
+    let secret = yaml("deploy/kubernetes/secret.example.yaml");
+    assert_eq!(
+        key["valueFrom"]["secretKeyRef"]["name"],
+        secret["metadata"]["name"]
+    );
+    let key_name = key["valueFrom"]["secretKeyRef"]["key"].as_str().expect("key");
+    let placeholder = secret["stringData"][key_name]
+        .as_str()
+        .expect("the example holds the key");
+    assert!(
+        placeholder.starts_with("REPLACE_WITH"),
+        "the example key is a placeholder"
+    );
+
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let config_arg = args
+        .iter()
+        .position(|arg| *arg == "--config")
+        .map(|index| args[index + 1])
+        .expect("--config");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|mount| config_arg.starts_with(mount["mountPath"].as_str().unwrap_or("-")))
+        .expect("the config path is mounted");
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|volume| volume["name"] == mount["name"])
+        .expect("the mounted volume");
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    let generator = &kustomization["configMapGenerator"][0];
+    assert_eq!(volume["configMap"]["name"], generator["name"]);
+    assert!(config_arg.ends_with(generator["files"][0].as_str().expect("file")));
+
+    let stop_budget = gateway_config.server.shutdown_delay + gateway_config.server.shutdown_grace;
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().expect("grace") > stop_budget.as_secs());
+
+    let security = &container["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+
+    // benches/memory.sh: ~1.8 x cache.max_size in RSS for ~1 KB runs.
+    let limit = quantity_bytes(
+        container["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("memory limit"),
+    );
+    assert!(
+        limit as f64 >= 1.8 * gateway_config.cache.max_size.as_u64() as f64,
+        "limit {limit}"
+    );
+}
+
+#[test]
+fn services_expose_the_public_port_and_metrics_separately() {
+    let service = yaml("deploy/kubernetes/service.yaml");
+    let ports = service["spec"]["ports"].as_array().expect("ports");
+    assert_eq!(ports.len(), 1, "the public port only");
+    assert_eq!(ports[0]["targetPort"], "http");
+
+    let metrics = yaml("deploy/kubernetes/service-metrics.yaml");
+    assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "admin");
+    let monitor = yaml("deploy/kubernetes/servicemonitor.yaml");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        metrics["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    for (label, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("labels")
+    {
+        assert_eq!(
+            &metrics["metadata"]["labels"][label], value,
+            "the monitor selects the metrics service"
+        );
+    }
+
+    let policy = yaml("deploy/kubernetes/networkpolicy.yaml");
+    let admin_rules: Vec<&Value> = policy["spec"]["ingress"]
+        .as_array()
+        .expect("ingress")
+        .iter()
+        .filter(|rule| {
+            rule["ports"]
+                .as_array()
+                .is_some_and(|ports| ports.iter().any(|port| port["port"] == "admin"))
+        })
+        .collect();
+    assert_eq!(admin_rules.len(), 1);
+    assert_eq!(
+        admin_rules[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+
+    let pdb = yaml("deploy/kubernetes/pdb.yaml");
+    assert!(pdb["spec"]["minAvailable"].as_u64() >= Some(1));
+    let hpa = yaml("deploy/kubernetes/hpa.yaml");
+    assert!(hpa["spec"]["minReplicas"].as_u64() >= Some(2));
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        yaml("deploy/kubernetes/deployment.yaml")["metadata"]["name"]
+    );
+}
+
+#[test]
+fn the_kustomization_lists_every_manifest_but_the_secret_example() {
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    let resources: BTreeSet<&str> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for resource in &resources {
+        assert!(
+            root().join("deploy/kubernetes").join(resource).exists(),
+            "{resource} missing"
+        );
+    }
+    let manifests: BTreeSet<String> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .expect("dir")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    let expected: BTreeSet<String> = manifests
+        .into_iter()
+        .filter(|name| name != "secret.example.yaml")
+        .collect();
+    assert_eq!(resources, expected.iter().map(String::as_str).collect());
+}
+
+#[test]
+fn the_dockerfile_matches_the_container_config() {
+    let dockerfile = read("deploy/Dockerfile");
+    let container = config("deploy/kubernetes/gateway.toml");
+    assert!(
+        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")) >= 2,
+        "multi-stage"
+    );
+    let expose = dockerfile
+        .lines()
+        .find(|line| line.starts_with("EXPOSE "))
+        .expect("EXPOSE");
+    for port in [
+        container.server.listen.port(),
+        container.server.admin_listen.port(),
+    ] {
+        assert!(
+            expose.split_whitespace().any(|word| word == port.to_string()),
+            "{expose} lacks {port}"
+        );
+    }
+    assert!(dockerfile.contains("COPY deploy/kubernetes/gateway.toml /etc/plextera-gateway/gateway.toml"));
+    assert!(dockerfile.contains("\"--config\", \"/etc/plextera-gateway/gateway.toml\""));
+    assert!(
+        dockerfile
+            .lines()
+            .any(|line| line.trim_start().starts_with("HEALTHCHECK"))
+    );
+    assert!(dockerfile.contains("--health-check"));
+    assert!(dockerfile.lines().any(|line| line.starts_with("USER nonroot")));
+    assert!(!dockerfile.contains("PLEXTERA_API_KEY="), "no key baked in");
+    let dockerignore = read(".dockerignore");
+    assert!(
+        dockerignore
+            .lines()
+            .next()
+            .is_some_and(|line| line.trim() == "*" || line.starts_with('#'))
+    );
+    assert!(dockerignore.contains("!deploy/kubernetes/gateway.toml"));
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_wired_to_its_config() {
+    let unit = read("deploy/systemd/plextera-gateway.service");
+    for directive in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "LoadCredential=api-key:",
+        "EnvironmentFile=-/etc/plextera-gateway/plextera-gateway.env",
+        "ExecStart=/usr/local/bin/plextera-gateway --config /etc/plextera-gateway/gateway.toml",
+    ] {
+        assert!(unit.contains(directive), "missing {directive}");
+    }
+    let host = config("deploy/systemd/gateway.toml");
+    let key_file = host
+        .upstream
+        .api_key_file
+        .expect("the key comes from the credential");
+    assert_eq!(
+        key_file,
+        Path::new("/run/credentials/plextera-gateway.service/api-key")
+    );
+    let stop = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("TimeoutStopSec="))
+        .and_then(|value| value.parse::<u64>().ok())
+        .expect("TimeoutStopSec");
+    assert!(stop > (host.server.shutdown_delay + host.server.shutdown_grace).as_secs());
+    assert!(!read("deploy/systemd/plextera-gateway.env").contains("PLEXTERA_API_KEY="));
+
+    let Ok(analyze) = which("systemd-analyze") else {
+        println!("systemd-analyze not installed: unit verification skipped (.ci/run installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("plextera-gateway.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/plextera-gateway",
+            env!("CARGO_BIN_EXE_plextera-gateway"),
+        ),
+    )
+    .expect("write unit");
+    let output = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
+
+fn which(tool: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
+
+/// Every `plextera_gateway_*` and `process_*` metric named in a PromQL expression.
+fn metric_names(expressions: &[String]) -> BTreeSet<String> {
+    let pattern = regex::Regex::new(r"\b(plextera_gateway_[a-z_]+|process_[a-z_]+)\b").expect("regex");
+    expressions
+        .iter()
+        .flat_map(|expression| {
+            pattern
+                .find_iter(expression)
+                .map(|found| found.as_str().to_owned())
+        })
+        .collect()
+}
+
+fn dashboard_expressions() -> Vec<String> {
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/plextera-gateway.json")).expect("json");
+    dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|target| target["expr"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn alert_expressions() -> Vec<String> {
+    let alerts = yaml("deploy/prometheus/alerts.yml");
+    alerts["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+        .filter_map(|rule| rule["expr"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_query_exists_in_a_scrape() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    mock.set("done", Reply::run("done", "COMPLETED"));
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    mock.set("denied", Reply::status(StatusCode::UNAUTHORIZED, "{}"));
+    for id in ["done", "done", "live", "denied", "missing"] {
+        gateway.get_run(id).await;
+    }
+    let scrape = gateway.scrape().await;
+    let families: BTreeSet<String> = scrape.types.keys().cloned().collect();
+
+    let dashboard = dashboard_expressions();
+    let alerts = alert_expressions();
+    assert!(
+        dashboard.len() >= 15 && alerts.len() >= 6,
+        "expressions were found"
+    );
+    let names = metric_names(&dashboard.iter().chain(&alerts).cloned().collect::<Vec<_>>());
+    assert!(names.len() >= 12, "{names:?}");
+    for name in &names {
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|base| families.contains(*base)))
+            .unwrap_or(name);
+        assert!(
+            families.contains(family),
+            "{name} is queried but not exported; exported: {families:?}"
+        );
+    }
+}
