@@ -102,7 +102,7 @@ fn cache_hit(c: &mut Criterion) {
 
     let key = ApiKey::new("bench-key").expect("key");
     let app = runtime.block_on(async {
-        let app = App::new(&test_config(), &key).expect("app");
+        let app = App::new(&test_config(), &plextera_gateway::Secrets::key_only(key)).expect("app");
         fill(app.admin.store.clone()).await;
         app
     });

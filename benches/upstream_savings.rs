@@ -85,7 +85,9 @@ async fn simulate(scenario: &Scenario, through_gateway: bool) -> (u64, u64) {
         config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
         config.upstream.base_url = format!("http://{}", upstream.addr);
         let key = ApiKey::new(DEMO_API_KEY).expect("key");
-        let gateway = Gateway::bind(&config, &key).await.expect("gateway");
+        let gateway = Gateway::bind(&config, &plextera_gateway::Secrets::key_only(key))
+            .await
+            .expect("gateway");
         let addr = gateway.public_addr();
         tokio::spawn(gateway.serve(std::future::pending()));
         format!("http://{addr}")

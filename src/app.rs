@@ -12,14 +12,15 @@ use tower::Service;
 use crate::admin::{AdminState, Readiness};
 use crate::budget::Budget;
 use crate::cache::RunStore;
+use crate::client_auth::ClientTokens;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{ProxySettings, RunService};
 use crate::response::Body;
 use crate::run_status::RunStatuses;
-use crate::secret::ApiKey;
+use crate::secret::Secrets;
 use crate::stack;
-use crate::upstream::Upstream;
+use crate::upstream::{KeyRotation, Upstream};
 
 /// The gateway's parts, ready to be served.
 pub struct App {
@@ -27,14 +28,19 @@ pub struct App {
     /// What the admin port reads: readiness, metrics, the store, the budget.
     pub admin: AdminState,
     pub cors_allowed_origins: Vec<String>,
+    /// Accepted client tokens, when client authentication is on.
+    pub client_tokens: Option<ClientTokens>,
+    /// Replaces the upstream key without a restart.
+    pub key_rotation: KeyRotation,
 }
 
 impl App {
-    pub fn new(config: &Config, key: &ApiKey) -> Result<Self, AppError> {
+    pub fn new(config: &Config, secrets: &Secrets) -> Result<Self, AppError> {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
         let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
-        let upstream = Upstream::new(&config.upstream, key, metrics.upstream.clone())?;
+        let upstream = Upstream::new(&config.upstream, &secrets.api_key, metrics.upstream.clone())?;
+        let key_rotation = upstream.key_rotation();
         let store = RunStore::new(
             config.cache.max_size.as_u64(),
             config.cache.ttl,
@@ -57,6 +63,8 @@ impl App {
                 budget,
             },
             cors_allowed_origins: config.server.cors_allowed_origins.clone(),
+            client_tokens: secrets.client_tokens.clone(),
+            key_rotation,
         })
     }
 
@@ -72,6 +80,7 @@ impl App {
             self.runs.clone(),
             self.admin.metrics.requests.clone(),
             &self.cors_allowed_origins,
+            self.client_tokens.clone(),
         )
     }
 }

@@ -53,6 +53,18 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Runtime worker threads; unset means one per CPU available to the process.
     pub worker_threads: Option<NonZeroUsize>,
+    /// Most client connections open at once on the public port; further ones wait in the kernel's
+    /// accept queue until one closes.
+    pub max_connections: NonZeroUsize,
+    /// A client must send a complete request head within this long, and an idle keep-alive
+    /// connection is closed after it (slowloris protection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per client connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Name of an environment variable holding comma-separated client tokens; when set, every
+    /// request needs `Authorization: Bearer <one of them>`.
+    pub client_tokens_env: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +76,10 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             cors_allowed_origins: Vec::new(),
             worker_threads: None,
+            max_connections: NonZeroUsize::new(10_000).expect("non-zero"),
+            header_read_timeout: Duration::from_secs(10),
+            http2_max_concurrent_streams: 100,
+            client_tokens_env: None,
         }
     }
 }
@@ -154,6 +170,8 @@ pub enum ConfigError {
     KeyFileRead { path: PathBuf, source: std::io::Error },
     #[error("the API key file {0} is empty or does not hold a valid header value")]
     KeyFileInvalid(PathBuf),
+    #[error("server.client_tokens_env names {0}, which is unset or holds no token")]
+    ClientTokensMissing(String),
 }
 
 impl Config {
@@ -192,6 +210,12 @@ impl Config {
             ));
         }
         validate_cors_origins(&self.server.cors_allowed_origins)?;
+        if self.server.header_read_timeout.is_zero() {
+            return invalid("server.header_read_timeout must be more than 0s".to_owned());
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            return invalid("server.http2_max_concurrent_streams must be at least 1".to_owned());
+        }
         self.upstream.runs_url_prefix()?;
         if self.upstream.request_timeout.is_zero() {
             return invalid("upstream.request_timeout must be more than 0s".to_owned());
@@ -267,6 +291,29 @@ impl UpstreamConfig {
         let name = self.api_key_env.as_deref().unwrap_or(DEFAULT_API_KEY_ENV);
         let value = env(name).ok_or_else(|| ConfigError::KeyEnvMissing(name.to_owned()))?;
         ApiKey::new(value.trim()).ok_or_else(|| ConfigError::KeyEnvInvalid(name.to_owned()))
+    }
+}
+
+impl ServerConfig {
+    /// The client tokens named by `client_tokens_env`, or `None` when client authentication is off.
+    pub fn load_client_tokens(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(name) = &self.client_tokens_env else {
+            return Ok(None);
+        };
+        let value = env(name).ok_or_else(|| ConfigError::ClientTokensMissing(name.clone()))?;
+        let tokens: Vec<String> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if tokens.is_empty() {
+            return Err(ConfigError::ClientTokensMissing(name.clone()));
+        }
+        Ok(Some(tokens))
     }
 }
 
@@ -472,6 +519,31 @@ mod tests {
             .to_string();
         assert!(message.contains("PLEXTERA_API_KEY"), "{message}");
         assert!(!message.contains("key-value"), "{message}");
+    }
+
+    #[test]
+    fn client_tokens_are_read_from_the_named_variable() {
+        let config = Config::parse("[server]\nclient_tokens_env = \"TOKENS\"\n").expect("valid");
+        let tokens = config
+            .server
+            .load_client_tokens(|name| (name == "TOKENS").then(|| " a , b,,c ".to_owned()))
+            .expect("tokens");
+        assert_eq!(tokens, Some(vec!["a".to_owned(), "b".to_owned(), "c".to_owned()]));
+        for value in [None, Some(" , ".to_owned())] {
+            let message = config
+                .server
+                .load_client_tokens(|_| value.clone())
+                .expect_err("no token")
+                .to_string();
+            assert!(message.contains("TOKENS"), "{message}");
+        }
+        assert_eq!(
+            Config::default()
+                .server
+                .load_client_tokens(|_| None)
+                .expect("off"),
+            None
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! detail, no header, no key ever reaches a body.
 
 use bytes::Bytes;
-use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
+use http::header::{ALLOW, CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
@@ -18,6 +18,10 @@ pub enum GatewayError {
     NotFound,
     #[error("method not allowed: use GET or HEAD")]
     MethodNotAllowed,
+    #[error("missing or invalid client token: send Authorization: Bearer <token>")]
+    Unauthorized,
+    #[error("a Get-run request has no body: Content-Length and Transfer-Encoding are refused")]
+    BodyNotAllowed,
     #[error("invalid run id: 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")]
     InvalidRunId,
     #[error("request URI too long")]
@@ -46,8 +50,9 @@ impl GatewayError {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidRunId => StatusCode::BAD_REQUEST,
+            Self::InvalidRunId | Self::BodyNotAllowed => StatusCode::BAD_REQUEST,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamAuth
@@ -64,8 +69,10 @@ impl GatewayError {
     pub fn code(self) -> &'static str {
         match self {
             Self::NotFound => "NOT_FOUND",
+            Self::Unauthorized => "UNAUTHORIZED",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidRunId => "INVALID_RUN_ID",
+            Self::BodyNotAllowed => "INVALID_REQUEST",
             Self::UriTooLong => "URI_TOO_LONG",
             Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
             Self::UpstreamAuth => "UPSTREAM_AUTH",
@@ -101,6 +108,12 @@ impl GatewayError {
                 response
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Self::BodyNotAllowed => {
+                // Whatever follows on this connection may be a smuggled request: read none of it.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             Self::RateLimited { retry_after_secs } | Self::UpstreamCoolingDown { retry_after_secs } => {
                 response

@@ -13,7 +13,8 @@
 //! - [`app`]: the parts wired from a config; [`server`]: listeners, connections, graceful drain;
 //!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
-//!   log) → CORS → [`request_metrics`] → [`routes`] (validation into a [`routes::RunRequest`]) →
+//!   log) → CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
+//!   a [`routes::RunRequest`]) →
 //!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
 //!   [`budget`]; then the store decision);
 //! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod app;
 pub mod budget;
 pub mod cache;
+pub mod client_auth;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
@@ -50,5 +52,5 @@ pub mod upstream;
 
 pub use app::App;
 pub use config::Config;
-pub use secret::ApiKey;
+pub use secret::{ApiKey, Secrets};
 pub use server::{Gateway, StartError};

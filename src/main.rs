@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH};
+use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH, UpstreamConfig};
 use plextera_gateway::telemetry::{self, LogFormat};
-use plextera_gateway::{ApiKey, Gateway, demo, health_check};
+use plextera_gateway::upstream::KeyRotation;
+use plextera_gateway::{ApiKey, Gateway, Secrets, demo, health_check};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on
 /// every request; mimalloc serves them in fewer instructions than glibc's malloc (see the
@@ -77,23 +78,63 @@ fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runti
 }
 
 async fn run(cli: Cli, config: Config) -> ExitCode {
-    let (config, key) = if cli.demo {
+    let (config, secrets) = if cli.demo {
         match demo_setup(config).await {
             Ok(setup) => setup,
             Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
         }
     } else {
-        match config.upstream.load_api_key(|name| std::env::var(name).ok()) {
-            Ok(key) => (config, key),
+        match Secrets::load(&config, |name| std::env::var(name).ok()) {
+            Ok(secrets) => (config, secrets),
             Err(error) => return refuse(error.to_string()),
         }
     };
-    let gateway = match Gateway::bind(&config, &key).await {
+    let gateway = match Gateway::bind(&config, &secrets).await {
         Ok(gateway) => gateway,
         Err(error) => return refuse(error.to_string()),
     };
+    if !cli.demo {
+        // Registered before "ready" is announced, so an early SIGHUP cannot take its default
+        // action (terminating the process).
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => {
+                tokio::spawn(reload_key_on_sighup(
+                    hangups,
+                    config.upstream.clone(),
+                    gateway.key_rotation(),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP: the API key can only change with a restart")
+            }
+        }
+    }
     gateway.serve(shutdown_signal()).await;
     ExitCode::SUCCESS
+}
+
+/// On SIGHUP, reads the key again from `api_key_file` and sends it from then on. A key that
+/// cannot be read (missing file, empty, not a header value) leaves the current key in place.
+async fn reload_key_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    upstream: UpstreamConfig,
+    rotation: KeyRotation,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(path) = &upstream.api_key_file else {
+            tracing::warn!(
+                "SIGHUP: the API key comes from the environment, which cannot change: restart to rotate it"
+            );
+            continue;
+        };
+        match upstream.load_api_key(|name| std::env::var(name).ok()) {
+            Ok(key) => {
+                rotation.replace(&key);
+                tracing::info!(file = %path.display(), "SIGHUP: API key reloaded");
+            }
+            Err(error) => tracing::warn!(%error, "SIGHUP: keeping the current API key"),
+        }
+    }
 }
 
 /// The config file; in demo mode a missing default file means "all defaults".
@@ -105,12 +146,12 @@ fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigErro
 }
 
 /// Starts the simulated upstream and points the gateway at it with the demo key.
-async fn demo_setup(mut config: Config) -> std::io::Result<(Config, ApiKey)> {
+async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets)> {
     let addr = demo::spawn().await?;
     tracing::info!(%addr, "demo mode: simulated upstream started; the configured base_url and key are not used");
     config.upstream.base_url = format!("http://{addr}");
     let key = ApiKey::new(demo::DEMO_API_KEY).expect("the demo key is a valid key");
-    Ok((config, key))
+    Ok((config, Secrets::key_only(key)))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -4,13 +4,15 @@
 //! validated [`RunId`]; the query string is dropped here (Get-run takes none, and a client must
 //! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
 //! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
-//! oversized request still gets the JSON error shape.
+//! oversized request still gets the JSON error shape. A request that frames a body (any
+//! `Transfer-Encoding`, or a non-zero `Content-Length`) is refused and its connection closed: Get-run
+//! takes no body, and framing is how request smuggling starts.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
-use http::header::IF_NONE_MATCH;
+use http::header::{CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
@@ -95,6 +97,9 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
     if header_bytes(request.headers()) > MAX_HEADER_BYTES {
         return Err(GatewayError::HeadersTooLarge);
     }
+    if has_body_framing(request.headers()) {
+        return Err(GatewayError::BodyNotAllowed);
+    }
     let raw_id = request
         .uri()
         .path()
@@ -105,6 +110,16 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
         return Err(GatewayError::MethodNotAllowed);
     }
     RunId::parse(raw_id).map_err(|_| GatewayError::InvalidRunId)
+}
+
+/// GET and HEAD carry no body here, so any framing header is either a mistake or an attempt to
+/// make this server and one in front of it disagree on where the next request starts.
+fn has_body_framing(headers: &HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .any(|length| length.as_bytes() != b"0")
 }
 
 fn header_bytes(headers: &HeaderMap) -> usize {
@@ -188,6 +203,27 @@ mod tests {
                 "{target}"
             );
         }
+    }
+
+    #[test]
+    fn body_framing_is_refused() {
+        for (name, value) in [("transfer-encoding", "chunked"), ("content-length", "4")] {
+            let mut with_body = request(Method::GET, "/api/public/v1/workflow-runs/a");
+            with_body.headers_mut().insert(
+                http::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            assert_eq!(
+                route(&with_body).err(),
+                Some(GatewayError::BodyNotAllowed),
+                "{name}"
+            );
+        }
+        let mut empty = request(Method::GET, "/api/public/v1/workflow-runs/a");
+        empty
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        assert!(route(&empty).is_ok(), "Content-Length: 0 is no body");
     }
 
     #[test]

@@ -20,17 +20,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::app::{App, AppError};
 use crate::config::Config;
 use crate::response::Body;
-use crate::secret::ApiKey;
+use crate::secret::Secrets;
+use crate::upstream::KeyRotation;
 
-/// A client has this long to send its request head before the connection is closed (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the admin port serves at once (probes and scrapes need few).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// HTTP/2 streams a client may reset before the server has accepted them, before the connection
+/// is closed.
+const MAX_PENDING_RESET_STREAMS: usize = 20;
 /// hyper's own bound on an HTTP/1 request head; above the gateway's JSON-answered limits.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
@@ -56,6 +63,7 @@ pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
     app: App,
+    limits: ConnectionLimits,
     shutdown_delay: Duration,
     shutdown_grace: Duration,
 }
@@ -63,14 +71,19 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway's parts ([`App::new`]: everything that can fail on configuration), then
     /// binds both ports.
-    pub async fn bind(config: &Config, key: &ApiKey) -> Result<Self, StartError> {
-        let app = App::new(config, key)?;
+    pub async fn bind(config: &Config, secrets: &Secrets) -> Result<Self, StartError> {
+        let app = App::new(config, secrets)?;
         let public = bind("public", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
         Ok(Self {
             public,
             admin,
             app,
+            limits: ConnectionLimits {
+                max_connections: config.server.max_connections.get(),
+                header_read_timeout: config.server.header_read_timeout,
+                http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
+            },
             shutdown_delay: config.server.shutdown_delay,
             shutdown_grace: config.server.shutdown_grace,
         })
@@ -78,6 +91,11 @@ impl Gateway {
 
     pub fn public_addr(&self) -> SocketAddr {
         self.public.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Replaces the upstream key while serving (see `upstream::KeyRotation`).
+    pub fn key_rotation(&self) -> KeyRotation {
+        self.app.key_rotation.clone()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -94,7 +112,11 @@ impl Gateway {
             hyper::service::service_fn(move |request| admin::handle(request, admin_state.clone()));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
-            let mut admin = Acceptor::new(self.admin, admin_service);
+            let admin_limits = ConnectionLimits {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..self.limits
+            };
+            let mut admin = Acceptor::new(self.admin, admin_service, admin_limits);
             admin
                 .accept_until(async {
                     let _ = admin_stopped.await;
@@ -103,7 +125,7 @@ impl Gateway {
             admin.drain(ADMIN_GRACE).await;
         });
 
-        let mut public = Acceptor::new(self.public, public_service);
+        let mut public = Acceptor::new(self.public, public_service, self.limits);
         readiness.set(true);
         tracing::info!(%public_addr, %admin_addr, "gateway ready");
         public.accept_until(shutdown).await;
@@ -128,10 +150,37 @@ impl Gateway {
     }
 }
 
+/// Waits for a free connection slot, then for a connection. While every slot is taken, new
+/// connections wait in the kernel's accept queue (and time out there if it stays full).
+async fn accept_with_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (
+    OwnedSemaphorePermit,
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) {
+    let slot = Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    (slot, listener.accept().await)
+}
+
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { which, addr, source })
+}
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    max_connections: usize,
+    /// Time to send a request head; also how long a keep-alive connection may idle.
+    header_read_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    http2_max_concurrent_streams: u32,
 }
 
 /// Accepts connections on one listener and tracks them for draining.
@@ -141,6 +190,8 @@ struct Acceptor<S> {
     http: auto::Builder<TokioExecutor>,
     graceful: GracefulShutdown,
     connections: JoinSet<()>,
+    /// One permit per connection being served.
+    slots: Arc<Semaphore>,
 }
 
 impl<S> Acceptor<S>
@@ -151,19 +202,26 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    fn new(listener: TcpListener, service: S) -> Self {
+    fn new(listener: TcpListener, service: S, limits: ConnectionLimits) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES);
-        http.http2().timer(TokioTimer::new());
+        // HTTP/2: bounded streams per connection, and a connection that keeps opening and
+        // resetting streams (CVE-2023-44487, "rapid reset") is closed with ENHANCE_YOUR_CALM.
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(MAX_PENDING_RESET_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
         Self {
             listener,
             service,
             http,
             graceful: GracefulShutdown::new(),
             connections: JoinSet::new(),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
         }
     }
 
@@ -174,8 +232,8 @@ where
             tokio::select! {
                 () = &mut stop => return,
                 Some(_) = self.connections.join_next(), if !self.connections.is_empty() => {}
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _peer)) => self.spawn_connection(stream),
+                (slot, accepted) = accept_with_slot(&self.listener, &self.slots) => match accepted {
+                    Ok((stream, _peer)) => self.spawn_connection(stream, slot),
                     Err(error) => {
                         tracing::warn!(%error, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -185,7 +243,7 @@ where
         }
     }
 
-    fn spawn_connection(&mut self, stream: tokio::net::TcpStream) {
+    fn spawn_connection(&mut self, stream: tokio::net::TcpStream, slot: OwnedSemaphorePermit) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
@@ -198,6 +256,7 @@ where
             if let Err(error) = connection.await {
                 tracing::debug!(error = %error, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 

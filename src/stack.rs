@@ -3,11 +3,12 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::header::{ETAG, HeaderName, IF_NONE_MATCH, RETRY_AFTER};
+use http::header::{AUTHORIZATION, ETAG, HeaderName, IF_NONE_MATCH, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response};
 use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::client_auth::{ClientAuthLayer, ClientTokens};
 use crate::metrics::RequestMetrics;
 use crate::proxy::RunService;
 use crate::request_log::RequestLogLayer;
@@ -23,6 +24,7 @@ pub fn public_service<B>(
     runs: RunService,
     metrics: RequestMetrics,
     cors_allowed_origins: &[String],
+    client_tokens: Option<ClientTokens>,
 ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
 + Clone
 + Send
@@ -39,6 +41,8 @@ where
         .option_layer(cors_layer(cors_allowed_origins))
         // requests_total and request_duration_seconds, by cache outcome and status.
         .layer(RecordMetricsLayer::new(metrics))
+        // Client tokens, when configured: a request without one is answered 401 here.
+        .option_layer(client_tokens.map(ClientAuthLayer::new))
         // Method, path, sizes and run id: bad input is answered here and goes no further.
         .layer(RouteLayer)
         // Cache lookup, then upstream, then the store decision.
@@ -63,7 +67,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH])
+            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH, AUTHORIZATION])
             .expose_headers([
                 X_CACHE,
                 X_REQUEST_ID,

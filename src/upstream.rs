@@ -6,6 +6,10 @@
 //! header (`Host`, `X-Forwarded-*`, `Forwarded`, `X-Original-URL`, …) can ever travel upstream,
 //! and no client header can make two requests for one run differ upstream.
 //!
+//! Whatever comes back is checked for the key: a body that echoes it (current or, during a
+//! rotation, previous) is scrubbed before anyone sees it, and a header that holds it is dropped.
+//! The key can be rotated at run time ([`KeyRotation`], on SIGHUP).
+//!
 //! Connections are pooled and kept alive; `https` upstreams use rustls with the webpki roots (plus
 //! an optional extra CA file) and negotiate HTTP/2 or HTTP/1.1 by ALPN. One deadline,
 //! `request_timeout`, covers connect, head and body; bodies are read whole up to `max_body_size`.
@@ -14,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
@@ -22,6 +27,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use memchr::memmem::Finder;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -63,7 +69,7 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     runs_url_prefix: Arc<str>,
-    authorization: HeaderValue,
+    credentials: Arc<ArcSwap<Credentials>>,
     user_agent: HeaderValue,
     timeout: Duration,
     max_body_size: usize,
@@ -91,7 +97,7 @@ impl Upstream {
         Ok(Self {
             client,
             runs_url_prefix: config.runs_url_prefix()?.into(),
-            authorization: key.authorization(),
+            credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
             user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
             timeout: config.request_timeout,
             max_body_size: usize::try_from(config.max_body_size.as_u64()).unwrap_or(usize::MAX),
@@ -130,7 +136,10 @@ impl Upstream {
         let mut request = Request::new(Empty::new());
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, self.authorization.clone());
+        // Owned for the whole exchange: a rotation mid-request must not change how its answer is
+        // scrubbed.
+        let credentials = self.credentials.load_full();
+        headers.insert(AUTHORIZATION, credentials.authorization.clone());
         headers.insert(ACCEPT, APPLICATION_JSON);
         headers.insert(USER_AGENT, self.user_agent.clone());
         headers.insert(X_REQUEST_ID, request_id.clone());
@@ -156,12 +165,94 @@ impl Upstream {
             .to_bytes();
         Ok(UpstreamResponse {
             status: parts.status,
-            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-            retry_after: parts.headers.get(RETRY_AFTER).cloned(),
-            body,
+            content_type: parts
+                .headers
+                .get(CONTENT_TYPE)
+                .filter(|value| !credentials.appears_in(value.as_bytes()))
+                .cloned(),
+            retry_after: parts
+                .headers
+                .get(RETRY_AFTER)
+                .filter(|value| !credentials.appears_in(value.as_bytes()))
+                .cloned(),
+            body: credentials.scrub(body),
             elapsed: Duration::ZERO,
         })
     }
+}
+
+impl Upstream {
+    /// A handle that replaces the key this client sends.
+    pub fn key_rotation(&self) -> KeyRotation {
+        KeyRotation(Arc::clone(&self.credentials))
+    }
+}
+
+/// Replaces the upstream key at run time (SIGHUP re-reads `api_key_file`).
+#[derive(Clone)]
+pub struct KeyRotation(Arc<ArcSwap<Credentials>>);
+
+impl KeyRotation {
+    /// Starts sending `key` instead of the current one. Requests already sent finish with the
+    /// old key; bodies that echo either key are still scrubbed.
+    pub fn replace(&self, key: &ApiKey) {
+        let previous = self.0.load();
+        self.0
+            .store(Arc::new(Credentials::new(key, Some(&previous.current))));
+    }
+}
+
+/// The key as sent, and as searched for in what comes back. Deliberately not `Debug`.
+struct Credentials {
+    authorization: HeaderValue,
+    /// Finds the current key in upstream bytes.
+    current: Finder<'static>,
+    /// Finds the key it replaced (requests in flight during a rotation still carry it).
+    previous: Option<Finder<'static>>,
+}
+
+impl Credentials {
+    fn new(key: &ApiKey, previous: Option<&Finder<'static>>) -> Self {
+        Self {
+            authorization: key.authorization(),
+            current: Finder::new(key.expose().as_bytes()).into_owned(),
+            previous: previous.cloned(),
+        }
+    }
+
+    fn finders(&self) -> impl Iterator<Item = &Finder<'static>> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+
+    fn appears_in(&self, bytes: &[u8]) -> bool {
+        self.finders().any(|finder| finder.find(bytes).is_some())
+    }
+
+    /// `body` with every occurrence of the key replaced by `[redacted]`; untouched (and not copied)
+    /// when there is none, which is always, unless upstream echoes credentials back.
+    fn scrub(&self, body: Bytes) -> Bytes {
+        if !self.appears_in(&body) {
+            return body;
+        }
+        tracing::warn!("upstream echoed the API key in a response body: scrubbed before forwarding");
+        let mut scrubbed = body.to_vec();
+        for finder in self.finders() {
+            scrubbed = replace_all(&scrubbed, finder, b"[redacted]");
+        }
+        Bytes::from(scrubbed)
+    }
+}
+
+fn replace_all(haystack: &[u8], finder: &Finder<'_>, replacement: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    while let Some(at) = finder.find(rest) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(replacement);
+        rest = &rest[at + finder.needle().len()..];
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 /// rustls with the ring provider, the webpki roots and, if configured, the CAs in `ca_file`.
@@ -191,4 +282,32 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigErro
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_keys_are_scrubbed_and_clean_bodies_untouched() {
+        let old = ApiKey::new("old-key-123").expect("key");
+        let new = ApiKey::new("new-key-456").expect("key");
+        let first = Credentials::new(&old, None);
+        let rotated = Credentials::new(&new, Some(&first.current));
+
+        let clean = Bytes::from_static(b"{\"id\":\"r1\"}");
+        assert_eq!(
+            rotated.scrub(clean.clone()).as_ptr(),
+            clean.as_ptr(),
+            "not copied"
+        );
+
+        let echo = Bytes::from_static(b"bad key new-key-456 / old-key-123 / new-key-456!");
+        assert_eq!(
+            rotated.scrub(echo),
+            Bytes::from_static(b"bad key [redacted] / [redacted] / [redacted]!")
+        );
+        assert!(rotated.appears_in(b"api-key old-key-123"));
+        assert!(!first.appears_in(b"new-key-456"));
+    }
 }

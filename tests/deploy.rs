@@ -334,6 +334,22 @@ fn the_dockerfile_matches_the_container_config() {
     assert!(dockerfile.contains("--health-check"));
     assert!(dockerfile.lines().any(|line| line.starts_with("USER nonroot")));
     assert!(!dockerfile.contains("PLEXTERA_API_KEY="), "no key baked in");
+    // The dependency layer stubs every bench target Cargo.toml declares (cargo refuses a manifest
+    // whose targets are missing).
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml");
+    for bench in manifest["bench"].as_array().expect("[[bench]]") {
+        let name = bench["name"].as_str().expect("name");
+        let stubs = dockerfile
+            .lines()
+            .find(|line| line.contains("for bench in"))
+            .expect("bench stubs");
+        assert!(
+            stubs
+                .split_whitespace()
+                .any(|word| word.trim_end_matches(';') == name),
+            "no stub for {name}"
+        );
+    }
     let dockerignore = read(".dockerignore");
     assert!(
         dockerignore

@@ -20,6 +20,11 @@ type Seen = Arc<Mutex<Vec<(Version, String)>>>;
 /// A TLS server for `localhost` with a fresh self-signed certificate; returns its address, the
 /// certificate as PEM, and the requests it sees.
 async fn tls_upstream() -> (SocketAddr, String, Seen) {
+    tls_upstream_with(false).await
+}
+
+/// As [`tls_upstream`]; with `goaway`, every connection sends GOAWAY after its first answer.
+async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
     let mut tls =
@@ -46,7 +51,10 @@ async fn tls_upstream() -> (SocketAddr, String, Seen) {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
                 };
+                let answered = Arc::new(tokio::sync::Notify::new());
+                let on_answer = Arc::clone(&answered);
                 let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    on_answer.notify_one();
                     let authorization = request
                         .headers()
                         .get("authorization")
@@ -71,9 +79,16 @@ async fn tls_upstream() -> (SocketAddr, String, Seen) {
                         ))))
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                if goaway {
+                    tokio::select! {
+                        _ = connection.as_mut() => return,
+                        () = answered.notified() => connection.as_mut().graceful_shutdown(),
+                    }
+                }
+                let _ = connection.await;
             });
         }
     });
@@ -123,10 +138,36 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
     let mut config = test_config("https://localhost:1");
     config.upstream.ca_file = Some(ca_file);
     let key = plextera_gateway::ApiKey::new(TEST_KEY).expect("key");
-    let error = plextera_gateway::Gateway::bind(&config, &key)
+    let error = plextera_gateway::Gateway::bind(&config, &plextera_gateway::Secrets::key_only(key))
         .await
         .err()
         .expect("refused")
         .to_string();
     assert!(error.contains("ca_file"), "{error}");
+}
+
+#[tokio::test]
+async fn an_http2_goaway_is_followed_by_a_fresh_connection() {
+    let (addr, ca_pem, seen) = tls_upstream_with(true).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+    let mut config = test_config(&format!("https://localhost:{}", addr.port()));
+    config.upstream.ca_file = Some(ca_file);
+    let gateway = TestGateway::start_with(config).await;
+
+    // Each upstream connection answers once, then says GOAWAY: every call must still succeed.
+    for index in 0..5 {
+        let response = gateway.get_run(&format!("run_{index}")).await;
+        assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+        assert_eq!(response.x_cache(), Some("MISS"));
+    }
+    assert_eq!(
+        gateway.get_run("run_0").await.x_cache(),
+        Some("HIT"),
+        "hits still served"
+    );
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 5);
+    assert!(seen.iter().all(|(version, _)| *version == Version::HTTP_2));
 }

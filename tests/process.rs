@@ -125,6 +125,10 @@ async fn the_key_appears_in_no_log_line_even_at_trace_level() {
     );
     mock.set("boom", Reply::status(StatusCode::INTERNAL_SERVER_ERROR, "{}"));
     mock.set("abort", Reply::Abort);
+    mock.set(
+        "echo",
+        Reply::status(StatusCode::NOT_FOUND, format!("no such key: api-key {TEST_KEY}")),
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
     let mut gateway = GatewayProcess::start(
@@ -233,4 +237,59 @@ async fn health_check_reports_a_running_gateway_and_fails_without_one() {
     assert_eq!(status.code(), Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("unhealthy"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rotates_a_key_file_without_dropping_requests() {
+    let mock = MockUpstream::start().await;
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "first-key-aaaa\n").expect("write key");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        mock.base_url(),
+        key_file.display()
+    );
+    let mut gateway = GatewayProcess::start(&["--config", &write_config(dir.path(), &text)], &[]);
+    let url = format!("http://{}{}", gateway.public, runs_path("live"));
+    let client = TestClient::new();
+    let last_key = || {
+        mock.requests().last().map(|request| {
+            request.headers["authorization"]
+                .to_str()
+                .expect("ascii")
+                .to_owned()
+        })
+    };
+    assert_eq!(client.send(Method::GET, &url, &[]).await.status, StatusCode::OK);
+    assert_eq!(last_key().as_deref(), Some("api-key first-key-aaaa"));
+
+    std::fs::write(&key_file, "second-key-bbbb\n").expect("rotate key");
+    gateway.send_signal("HUP");
+    // Every poll succeeds while the new key takes over.
+    support::eventually("the rotated key is sent", || async {
+        assert_eq!(client.send(Method::GET, &url, &[]).await.status, StatusCode::OK);
+        last_key().as_deref() == Some("api-key second-key-bbbb")
+    })
+    .await;
+
+    // A key file that cannot be used keeps the current key.
+    std::fs::write(&key_file, "").expect("empty the key file");
+    gateway.send_signal("HUP");
+    support::eventually("the failed reload is logged", || async {
+        gateway.logs().contains("keeping the current API key")
+    })
+    .await;
+    assert_eq!(client.send(Method::GET, &url, &[]).await.status, StatusCode::OK);
+    assert_eq!(last_key().as_deref(), Some("api-key second-key-bbbb"));
+
+    assert_eq!(gateway.terminate().code(), Some(0));
+    let logs = gateway.logs();
+    assert!(logs.contains("API key reloaded"), "{logs}");
+    assert!(
+        !logs.contains("first-key-aaaa") && !logs.contains("second-key-bbbb"),
+        "keys never logged"
+    );
 }

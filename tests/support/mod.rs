@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod prom;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -18,7 +19,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use plextera_gateway::{ApiKey, Config, Gateway};
+use plextera_gateway::{ApiKey, Config, Gateway, Secrets};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -321,9 +322,13 @@ impl TestGateway {
     }
 
     pub async fn start_with(config: Config) -> Self {
-        config.validate().expect("test config is valid");
         let key = ApiKey::new(TEST_KEY).expect("test key");
-        let gateway = Gateway::bind(&config, &key).await.expect("gateway binds");
+        Self::start_with_secrets(config, Secrets::key_only(key)).await
+    }
+
+    pub async fn start_with_secrets(config: Config, secrets: Secrets) -> Self {
+        config.validate().expect("test config is valid");
+        let gateway = Gateway::bind(&config, &secrets).await.expect("gateway binds");
         let (public, admin) = (gateway.public_addr(), gateway.admin_addr());
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async {
@@ -585,13 +590,22 @@ impl GatewayProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and returns at once.
     pub fn send_sigterm(&self) {
+        self.send_signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, …) and returns at once.
+    pub fn send_signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Sends SIGTERM and waits for the exit status.
