@@ -19,8 +19,10 @@ use crate::proxy::{ProxySettings, RunService};
 use crate::response::Body;
 use crate::run_status::RunStatuses;
 use crate::secret::Secrets;
+use crate::shared_cache::SharedCache;
 use crate::stack;
 use crate::upstream::{KeyRotation, Upstream};
+use secrecy::ExposeSecret;
 
 /// The gateway's parts, ready to be served.
 pub struct App {
@@ -53,7 +55,27 @@ impl App {
             ttl: config.cache.ttl,
             not_found_ttl: config.cache.not_found_ttl,
         };
-        let runs = RunService::new(store.clone(), upstream, budget.clone(), metrics.clone(), settings);
+        let shared = match &config.cache.shared {
+            Some(shared) => Some(SharedCache::new(
+                shared,
+                secrets
+                    .redis_password
+                    .as_ref()
+                    .map(|password| password.expose_secret().to_owned()),
+                config.cache.ttl,
+                config.upstream.request_timeout,
+                metrics.shared.clone(),
+            )?),
+            None => None,
+        };
+        let runs = RunService::new(
+            store.clone(),
+            shared,
+            upstream,
+            budget.clone(),
+            metrics.clone(),
+            settings,
+        );
         Ok(Self {
             runs,
             admin: AdminState {

@@ -140,6 +140,44 @@ pub struct CacheConfig {
     /// How long an upstream 404 is remembered; `0s` (the default) never remembers one.
     #[serde(with = "humantime_serde")]
     pub not_found_ttl: Duration,
+    /// `[cache.shared]`: a Redis tier shared by replicas; absent means this process alone.
+    pub shared: Option<SharedCacheConfig>,
+}
+
+/// `[cache.shared]`: Redis (or Valkey, or a managed Redis) behind the in-memory cache.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// `redis://host:port/db` or `rediss://…` for TLS. No password here: see `password_env`.
+    pub url: String,
+    /// Name of the environment variable holding the Redis password, if it needs one.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// How long runs are kept in Redis; defaults to `cache.ttl`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub ttl: Option<Duration>,
+    /// Bound on every Redis call; past it the gateway carries on without Redis.
+    #[serde(default = "default_shared_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prefix of every key the gateway writes, so several deployments can share one Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How long a replica waits for another replica that is fetching the same run before it
+    /// fetches the run itself.
+    #[serde(default = "default_lock_wait", with = "humantime_serde")]
+    pub lock_wait: Duration,
+}
+
+fn default_shared_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_key_prefix() -> String {
+    "plextera-gateway:".to_owned()
+}
+
+fn default_lock_wait() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl Default for CacheConfig {
@@ -149,6 +187,7 @@ impl Default for CacheConfig {
             max_size: ByteSize::mib(256),
             terminal_statuses: DEFAULT_TERMINAL_STATUSES.map(str::to_owned).to_vec(),
             not_found_ttl: Duration::ZERO,
+            shared: None,
         }
     }
 }
@@ -172,6 +211,8 @@ pub enum ConfigError {
     KeyFileInvalid(PathBuf),
     #[error("server.client_tokens_env names {0}, which is unset or holds no token")]
     ClientTokensMissing(String),
+    #[error("cache.shared.password_env names {0}, which is unset or empty")]
+    RedisPasswordMissing(String),
 }
 
 impl Config {
@@ -233,6 +274,9 @@ impl Config {
                 "upstream.max_requests_per_second is {rate}: use a number from 0.001 to 1000000, or leave it out"
             ));
         }
+        if let Some(shared) = &self.cache.shared {
+            shared.validate()?;
+        }
         if self.cache.ttl.is_zero() {
             return invalid("cache.ttl must be more than 0s".to_owned());
         }
@@ -291,6 +335,44 @@ impl UpstreamConfig {
         let name = self.api_key_env.as_deref().unwrap_or(DEFAULT_API_KEY_ENV);
         let value = env(name).ok_or_else(|| ConfigError::KeyEnvMissing(name.to_owned()))?;
         ApiKey::new(value.trim()).ok_or_else(|| ConfigError::KeyEnvInvalid(name.to_owned()))
+    }
+}
+
+impl SharedCacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |why: &str| Err(ConfigError::Invalid(format!("cache.shared.{why}")));
+        let Ok(url) = self.url.parse::<Uri>() else {
+            return invalid("url is not a URL");
+        };
+        if !matches!(url.scheme_str(), Some("redis" | "rediss")) {
+            return invalid("url must start with redis:// or rediss://");
+        }
+        if url
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            return invalid(
+                "url must not hold credentials: put the password in the variable named by password_env",
+            );
+        }
+        if self.timeout.is_zero() {
+            return invalid("timeout must be more than 0s");
+        }
+        if self.ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return invalid("ttl must be more than 0s");
+        }
+        Ok(())
+    }
+
+    /// The password from the variable named by `password_env`, if one is named.
+    pub fn load_password(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+        let Some(name) = &self.password_env else {
+            return Ok(None);
+        };
+        env(name)
+            .filter(|password| !password.is_empty())
+            .map(Some)
+            .ok_or_else(|| ConfigError::RedisPasswordMissing(name.clone()))
     }
 }
 
@@ -519,6 +601,27 @@ mod tests {
             .to_string();
         assert!(message.contains("PLEXTERA_API_KEY"), "{message}");
         assert!(!message.contains("key-value"), "{message}");
+    }
+
+    #[test]
+    fn the_shared_tier_is_optional_and_checked() {
+        assert_eq!(Config::default().cache.shared, None);
+        let config = Config::parse("[cache.shared]\nurl = \"redis://redis:6379/0\"\n").expect("valid");
+        let shared = config.cache.shared.expect("configured");
+        assert_eq!(shared.timeout, Duration::from_millis(50));
+        assert_eq!(shared.key_prefix, "plextera-gateway:");
+        assert_eq!(shared.ttl, None);
+        for (text, expected) in [
+            ("url = \"http://redis:6379\"", "redis://"),
+            ("url = \"redis://user:secret@redis:6379\"", "credentials"),
+            ("url = \"redis://redis\"\ntimeout = \"0s\"", "timeout"),
+            ("url = \"redis://redis\"\nttl = \"0s\"", "ttl"),
+            ("url = \"redis://redis\"\nport = 1", "port"),
+        ] {
+            let message = parse_error(&format!("[cache.shared]\n{text}\n"));
+            assert!(message.contains(expected), "{text}: {message}");
+            assert!(!message.contains("secret"), "{message}");
+        }
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub mod run_id;
 pub mod run_status;
 pub mod secret;
 pub mod server;
+pub mod shared_cache;
 pub mod stack;
 pub mod telemetry;
 pub mod upstream;

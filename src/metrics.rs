@@ -63,6 +63,7 @@ pub struct Metrics {
     pub runs: RunStatusMetrics,
     pub cache: CacheMetrics,
     pub budget: BudgetMetrics,
+    pub shared: SharedCacheMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
     /// `plextera_gateway_coalesced_waiters`.
@@ -100,6 +101,7 @@ impl Metrics {
             runs: RunStatusMetrics::new(&registry, statuses)?,
             cache: CacheMetrics::new(&registry)?,
             budget: BudgetMetrics::new(&registry)?,
+            shared: SharedCacheMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
             registry,
@@ -439,5 +441,105 @@ impl BudgetMetrics {
 
     pub fn refused(&self, reason: RefusalReason) {
         self.refusals[reason as usize].inc();
+    }
+}
+
+/// A shared-tier operation, for the latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedOp {
+    Get,
+    Set,
+    Lock,
+}
+
+/// How a wait for another replica's fetch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedWait {
+    /// The other replica stored the run: served from Redis.
+    Filled,
+    /// It did not (run still going, failed, or took too long): this replica fetched it.
+    FellBack,
+}
+
+/// The Redis tier (`[cache.shared]`); all zero when it is not configured.
+#[derive(Clone)]
+pub struct SharedCacheMetrics {
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub writes: IntCounter,
+    pub errors: IntCounter,
+    /// Values that were not ours or were damaged: treated as misses and overwritten.
+    pub corrupt: IntCounter,
+    pub circuit_open: IntGauge,
+    duration: Arc<[Histogram; 3]>,
+    waits: Arc<[IntCounter; 2]>,
+}
+
+impl SharedCacheMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let counter = IntCounter::with_opts(opts(name, help))?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let circuit_open = IntGauge::with_opts(opts(
+            "shared_cache_circuit_open",
+            "1 while the gateway has stopped calling Redis after repeated failures.",
+        ))?;
+        registry.register(Box::new(circuit_open.clone()))?;
+        let duration = HistogramVec::new(
+            histogram_opts(
+                "shared_cache_duration_seconds",
+                "Redis call latency, by operation (get, set, lock).",
+                UPSTREAM_BUCKETS,
+            ),
+            &["op"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let waits = IntCounterVec::new(
+            opts(
+                "shared_cache_waits_total",
+                "Waits for another replica fetching the same run, by result (filled, fell_back).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(waits.clone()))?;
+        Ok(Self {
+            hits: counter(
+                "shared_cache_hits_total",
+                "Runs found in Redis (and copied into memory).",
+            )?,
+            misses: counter(
+                "shared_cache_misses_total",
+                "Runs looked up in Redis and not found.",
+            )?,
+            writes: counter("shared_cache_writes_total", "Ended runs written to Redis.")?,
+            errors: counter(
+                "shared_cache_errors_total",
+                "Redis calls that failed or timed out; the gateway carried on without Redis.",
+            )?,
+            corrupt: counter(
+                "shared_cache_corrupt_total",
+                "Values in Redis that were damaged or not the gateway's: treated as misses and overwritten.",
+            )?,
+            circuit_open,
+            duration: Arc::new([
+                duration.with_label_values(&["get"]),
+                duration.with_label_values(&["set"]),
+                duration.with_label_values(&["lock"]),
+            ]),
+            waits: Arc::new([
+                waits.with_label_values(&["filled"]),
+                waits.with_label_values(&["fell_back"]),
+            ]),
+        })
+    }
+
+    pub fn observe(&self, op: SharedOp, elapsed: Duration) {
+        self.duration[op as usize].observe(elapsed.as_secs_f64());
+    }
+
+    pub fn waited(&self, result: SharedWait) {
+        self.waits[result as usize].inc();
     }
 }

@@ -3,9 +3,11 @@
 //! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise join or lead
 //! the single upstream call for that run ([`Coalescer`]). The call, in a task of its own so no
 //! client's disconnect cancels it: checks the store once more (a call that just ended may have
-//! filled it), waits for the upstream budget, fetches, maps faults to gateway errors, asks the
-//! policy whether the answer is a terminal run, stores it if so, and only then lets go of the run
-//! id. Everyone who waited gets the same answer.
+//! filled it), then the shared Redis tier when there is one (and, if another replica is fetching
+//! the run, waits briefly for it), waits for the upstream budget, fetches, maps faults to gateway
+//! errors, asks the policy whether the answer is a terminal run, stores it if so (in memory now,
+//! in Redis in the background), and only then lets go of the run id. Everyone who waited gets the
+//! same answer.
 //!
 //! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
 //! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too. An upstream 429 is
@@ -34,6 +36,7 @@ use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_respon
 use crate::routes::RunRequest;
 use crate::run_id::RunId;
 use crate::run_status::{RunStatus, RunStatuses};
+use crate::shared_cache::{Election, Lookup, SharedCache};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// What one upstream call produced, shared by everyone who waited for it.
@@ -75,6 +78,8 @@ pub struct RunService {
 
 struct Shared {
     store: RunStore,
+    /// The Redis tier, when `[cache.shared]` is configured.
+    shared: Option<SharedCache>,
     upstream: Upstream,
     budget: Budget,
     coalescer: Coalescer<RunId, Fetched>,
@@ -87,6 +92,7 @@ struct Shared {
 impl RunService {
     pub fn new(
         store: RunStore,
+        shared: Option<SharedCache>,
         upstream: Upstream,
         budget: Budget,
         metrics: Metrics,
@@ -95,6 +101,7 @@ impl RunService {
         Self {
             shared: Arc::new(Shared {
                 store,
+                shared,
                 upstream,
                 budget,
                 coalescer: Coalescer::new(metrics.coalesced_waiters.clone()),
@@ -164,6 +171,49 @@ impl Shared {
         if let Some(entry) = self.store.get(id.as_str()).await {
             return Fetched::Stored { entry, fresh: false };
         }
+        let Some(shared) = &self.shared else {
+            return self.fetch_upstream(id, request_id).await;
+        };
+        if let Lookup::Hit(entry) = shared.get(&id, &self.settings.statuses).await {
+            self.store.insert(id, entry.clone()).await;
+            return Fetched::Stored { entry, fresh: false };
+        }
+        let lock = match shared.elect(&id).await {
+            Election::Leader(lock) => Some(lock),
+            Election::Follower => {
+                if let Some(entry) = shared.wait_for(&id, &self.settings.statuses).await {
+                    self.store.insert(id, entry.clone()).await;
+                    return Fetched::Stored { entry, fresh: false };
+                }
+                None
+            }
+            Election::Unavailable => None,
+        };
+        let fetched = self.fetch_upstream(id.clone(), request_id).await;
+        // In the background: the answer does not wait for Redis. The lock is released after the
+        // write, so replicas waiting for this run find it rather than fetching it themselves.
+        let written = match &fetched {
+            Fetched::Stored { entry, fresh: true } => entry
+                .run_status()
+                .map(|status| (entry.clone(), self.settings.statuses.label(status).to_owned())),
+            _ => None,
+        };
+        if written.is_some() || lock.is_some() {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Some((entry, status)) = written {
+                    shared.put(&id, &entry, &status).await;
+                }
+                if let Some(lock) = lock {
+                    shared.release(lock).await;
+                }
+            });
+        }
+        fetched
+    }
+
+    /// Within the budget, asks upstream and processes its answer.
+    async fn fetch_upstream(&self, id: RunId, request_id: HeaderValue) -> Fetched {
         let admission = match self.budget.admit().await {
             Ok(admission) => admission,
             Err(refusal) => return Fetched::Failed(self.refused(refusal)),

@@ -4,6 +4,7 @@
 
 pub mod prom;
 pub mod raw;
+pub mod redis_server;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
