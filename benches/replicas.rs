@@ -72,17 +72,7 @@ async fn measure(replicas: usize, runs: usize, redis: Option<&RedisServer>) -> V
     let client = TestClient::new();
 
     let before = mock.request_count();
-    for index in 0..runs {
-        for gateway in &gateways {
-            client
-                .send(
-                    Method::GET,
-                    &gateway.url(&runs_path(&format!("spread-{index}"))),
-                    &[],
-                )
-                .await;
-        }
-    }
+    spread(&client, &gateways, runs).await;
     phases.push((
         "load balancer: every run once on every replica",
         mock.request_count() - before,
@@ -110,20 +100,20 @@ async fn measure(replicas: usize, runs: usize, redis: Option<&RedisServer>) -> V
     drop(gateways);
     let restarted = start_replicas(&mock, replicas, redis).await;
     let before = mock.request_count();
-    for index in 0..runs {
-        for gateway in &restarted {
-            client
-                .send(
-                    Method::GET,
-                    &gateway.url(&runs_path(&format!("spread-{index}"))),
-                    &[],
-                )
-                .await;
-        }
-    }
+    spread(&client, &restarted, runs).await;
     phases.push((
         "rolling restart: every run again, new replicas",
         mock.request_count() - before,
     ));
     phases
+}
+
+/// One request for each `spread-N` run on every replica, in turn, as a load balancer would send.
+async fn spread(client: &TestClient, gateways: &[TestGateway], runs: usize) {
+    for index in 0..runs {
+        for gateway in gateways {
+            let url = gateway.url(&runs_path(&format!("spread-{index}")));
+            client.send(Method::GET, &url, &[]).await;
+        }
+    }
 }

@@ -95,15 +95,21 @@ async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
     (addr, certified.cert.pem(), seen)
 }
 
-#[tokio::test]
-async fn a_trusted_https_upstream_is_reached_over_http2() {
-    let (addr, ca_pem, seen) = tls_upstream().await;
+/// A gateway whose upstream is the TLS server at `addr`, trusting `ca_pem` through `ca_file`
+/// (the directory holding it lives as long as the second value).
+async fn gateway_trusting(addr: SocketAddr, ca_pem: &str) -> (TestGateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca_pem).expect("write CA");
     let mut config = test_config(&format!("https://localhost:{}", addr.port()));
     config.upstream.ca_file = Some(ca_file);
-    let gateway = TestGateway::start_with(config).await;
+    (TestGateway::start_with(config).await, dir)
+}
+
+#[tokio::test]
+async fn a_trusted_https_upstream_is_reached_over_http2() {
+    let (addr, ca_pem, seen) = tls_upstream().await;
+    let (gateway, _ca_dir) = gateway_trusting(addr, &ca_pem).await;
 
     let first = gateway.get_run("run_tls").await;
     assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
@@ -149,12 +155,7 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
 #[tokio::test]
 async fn an_http2_goaway_is_followed_by_a_fresh_connection() {
     let (addr, ca_pem, seen) = tls_upstream_with(true).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).expect("write CA");
-    let mut config = test_config(&format!("https://localhost:{}", addr.port()));
-    config.upstream.ca_file = Some(ca_file);
-    let gateway = TestGateway::start_with(config).await;
+    let (gateway, _ca_dir) = gateway_trusting(addr, &ca_pem).await;
 
     // Each upstream connection answers once, then says GOAWAY: every call must still succeed.
     for index in 0..5 {

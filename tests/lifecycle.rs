@@ -29,6 +29,18 @@ async fn health_and_readiness_live_on_the_admin_port_only() {
     assert_eq!(mock.request_count(), 0);
 }
 
+/// Waits for `/readyz` to turn 503 (the shutdown has begun).
+async fn wait_until_not_ready(gateway: &TestGateway) {
+    let admin = gateway.admin;
+    eventually("/readyz reports not ready", || async move {
+        TestClient::new()
+            .try_send(Method::GET, &format!("http://{admin}/readyz"), &[])
+            .await
+            .is_ok_and(|response| response.status == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
     let mock = MockUpstream::start().await;
@@ -43,14 +55,7 @@ async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
     mock.wait_for_requests(1).await;
 
     gateway.begin_shutdown();
-    let admin = gateway.admin;
-    eventually("/readyz reports not ready", || async move {
-        TestClient::new()
-            .try_send(Method::GET, &format!("http://{admin}/readyz"), &[])
-            .await
-            .is_ok_and(|response| response.status == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    wait_until_not_ready(&gateway).await;
     let refused = TcpStream::connect(gateway.public).await;
     assert!(refused.is_err(), "the public port no longer accepts connections");
 
@@ -109,14 +114,7 @@ async fn a_shutdown_delay_keeps_serving_while_reporting_not_ready() {
     .await;
     mock.set("run_1", Reply::run("run_1", "COMPLETED"));
     gateway.begin_shutdown();
-    let admin = gateway.admin;
-    eventually("/readyz reports not ready", || async move {
-        TestClient::new()
-            .try_send(Method::GET, &format!("http://{admin}/readyz"), &[])
-            .await
-            .is_ok_and(|response| response.status == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    wait_until_not_ready(&gateway).await;
     // Not ready, but still serving new connections during the delay.
     let url = gateway.url(&runs_path("run_1"));
     let response = TestClient::new().send(Method::GET, &url, &[]).await;
