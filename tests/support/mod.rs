@@ -602,11 +602,9 @@ impl GatewayProcess {
 
     /// Sends a signal by name (`TERM`, `HUP`, …) and returns at once.
     pub fn send_signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
+        let signal: nix::sys::signal::Signal = format!("SIG{name}").parse().expect("a signal name");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid fits i32"));
+        nix::sys::signal::kill(pid, signal).unwrap_or_else(|error| panic!("kill -{name}: {error}"));
     }
 
     /// Sends SIGTERM and waits for the exit status.
