@@ -82,7 +82,7 @@ fn cache_hit(c: &mut Criterion) {
     let fill = |store: RunStore| async move {
         for index in 0..1000 {
             let id = format!("done-{index}");
-            let run = CachedRun::terminal(run_body(&id, "COMPLETED", 1024), APPLICATION_JSON, completed);
+            let run = CachedRun::terminal(&run_body(&id, "COMPLETED", 1024), APPLICATION_JSON, completed);
             store.insert(RunId::parse(&id).expect("id"), run).await;
         }
     };
@@ -95,7 +95,7 @@ fn cache_hit(c: &mut Criterion) {
                 run.content_type(),
                 cache_control.clone(),
                 CacheOutcome::Hit,
-                run.body.clone(),
+                run.body(),
             )
         })
     });

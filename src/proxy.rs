@@ -261,11 +261,11 @@ impl Shared {
         let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
         let verdict = policy::decide(answer.status, &answer.body, &id, &self.settings.statuses);
         let entry = match verdict.decision {
-            Decision::Store(run_status) => CachedRun::terminal(answer.body, content_type, run_status),
+            Decision::Store(run_status) => CachedRun::terminal(&answer.body, content_type, run_status),
             Decision::Pass(_)
                 if answer.status == StatusCode::NOT_FOUND && !self.settings.not_found_ttl.is_zero() =>
             {
-                CachedRun::not_found(answer.body, content_type)
+                CachedRun::not_found(&answer.body, content_type)
             }
             Decision::Pass(reason) => {
                 tracing::debug!(reason = reason.as_str(), "not stored");
@@ -312,14 +312,15 @@ impl Shared {
         if let Some(run_status) = entry.run_status() {
             self.metrics.runs.served(run_status);
         }
-        let not_modified = match (&entry.etag, &request.if_none_match) {
+        let etag = entry.etag();
+        let not_modified = match (&etag, &request.if_none_match) {
             (Some(etag), Some(if_none_match)) => etag::none_match(if_none_match, etag),
             _ => false,
         };
         let (status, body) = if not_modified {
             (StatusCode::NOT_MODIFIED, Bytes::new())
         } else {
-            (entry.status(), entry.body.clone())
+            (entry.status(), entry.body())
         };
         let cache_control = if entry.is_terminal() {
             self.terminal_cache_control.clone()
@@ -327,8 +328,8 @@ impl Shared {
             NO_STORE
         };
         let mut response = run_response(status, entry.content_type(), cache_control, outcome, body);
-        if let Some(etag) = &entry.etag {
-            response.headers_mut().insert(ETAG, etag.clone());
+        if let Some(etag) = etag {
+            response.headers_mut().insert(ETAG, etag);
         }
         if not_modified {
             // A 304 carries validators and caching headers, not representation metadata.

@@ -93,6 +93,17 @@ async fn demo_mode_shows_miss_hit_and_pass_with_no_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_process_opts_out_of_transparent_huge_pages() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid())).expect("status");
+    let thp = status.lines().find_map(|line| line.strip_prefix("THP_enabled:"));
+    assert_eq!(thp.map(str::trim), Some("0"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let mock = MockUpstream::start().await;
     let gate = support::Gate::new();

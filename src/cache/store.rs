@@ -4,14 +4,17 @@
 //! that (short) time. Entries are weighed by the bytes they hold (body plus id), so `max_size`
 //! bounds memory rather than entry count. Everything a hit needs (body, validator, status label)
 //! is prepared once at store time, so a hit is a lookup and a few reference-count increments,
-//! nothing parsed or formatted.
+//! nothing parsed or formatted beyond re-checking the stored 34-byte ETag as a header value.
 //!
-//! Entries are kept small, since a cache of small runs is mostly per-entry overhead: the body is
-//! copied into an allocation of its own size (an upstream body arrives as a slice of the
-//! connection's read buffer, and keeping that slice would pin the whole buffer, 8 KiB or more, for
-//! the entry's lifetime), `application/json` is a static header value and any other content type
-//! is boxed, and the caching headers are derived from the entry's kind when it is served.
+//! Entries are kept small, since a cache of small runs is mostly per-entry overhead:
+//! - the ETag and the body are copied, end to end, into one allocation of exactly their size from
+//!   the system allocator (see [`exact_copy`]); an upstream body arrives as a slice of the
+//!   connection's read buffer, and keeping that slice would pin the whole buffer, 8 KiB or more;
+//! - the content type joins them in that allocation unless it is `application/json` (nearly
+//!   always), which is served from a static value;
+//! - the caching headers are derived from the entry's kind when it is served.
 
+use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,21 +23,20 @@ use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
-use crate::etag::strong_etag;
+use crate::etag::{STRONG_ETAG_LEN, strong_etag};
 use crate::metrics::{CacheMetrics, EvictionCause};
 use crate::response::APPLICATION_JSON;
 use crate::run_id::RunId;
 use crate::run_status::RunStatus;
 
-/// A stored answer, ready to be sent. Cheap to clone: shared bytes and small values.
+/// A stored answer, ready to be sent. Cheap to clone: one shared allocation and small values.
 #[derive(Debug, Clone)]
 pub struct CachedRun {
-    /// The upstream body, byte for byte.
-    pub body: Bytes,
-    /// Strong validator, for runs only.
-    pub etag: Option<HeaderValue>,
-    /// The upstream `content-type` when it is not `application/json`.
-    other_content_type: Option<Box<HeaderValue>>,
+    /// The strong ETag (runs only), the content type unless it is `application/json`, then the
+    /// upstream body byte for byte.
+    stored: Bytes,
+    /// Length of the content type in `stored`; 0 for `application/json`.
+    content_type_len: u32,
     kind: Kind,
 }
 
@@ -49,23 +51,67 @@ enum Kind {
 
 impl CachedRun {
     /// A terminal run; its ETag is computed here, once.
-    pub fn terminal(body: Bytes, content_type: HeaderValue, run_status: RunStatus) -> Self {
-        Self {
-            etag: Some(strong_etag(&body)),
-            body: Bytes::copy_from_slice(&body),
-            other_content_type: other_content_type(content_type),
-            kind: Kind::Terminal(run_status),
-        }
+    pub fn terminal(body: &[u8], content_type: HeaderValue, run_status: RunStatus) -> Self {
+        Self::new(Kind::Terminal(run_status), &strong_etag(body), content_type, body)
     }
 
     /// Upstream's 404 for a run.
-    pub fn not_found(body: Bytes, content_type: HeaderValue) -> Self {
+    pub fn not_found(body: &[u8], content_type: HeaderValue) -> Self {
+        Self::new(Kind::NotFound, &[], content_type, body)
+    }
+
+    fn new(kind: Kind, etag: &[u8], content_type: HeaderValue, body: &[u8]) -> Self {
+        let content_type = if content_type == APPLICATION_JSON {
+            &[][..]
+        } else {
+            content_type.as_bytes()
+        };
+        let content_type_len = u32::try_from(content_type.len()).expect("header values are far shorter");
         Self {
-            body: Bytes::copy_from_slice(&body),
-            etag: None,
-            other_content_type: other_content_type(content_type),
-            kind: Kind::NotFound,
+            stored: exact_copy(&[etag, content_type, body]),
+            content_type_len,
+            kind,
         }
+    }
+
+    fn etag_len(&self) -> usize {
+        match self.kind {
+            Kind::Terminal(_) => STRONG_ETAG_LEN,
+            Kind::NotFound => 0,
+        }
+    }
+
+    fn body_start(&self) -> usize {
+        self.etag_len() + self.content_type_len as usize
+    }
+
+    /// The upstream body, byte for byte (shared, not copied).
+    pub fn body(&self) -> Bytes {
+        self.stored.slice(self.body_start()..)
+    }
+
+    /// The body's length, without touching its reference count.
+    pub fn body_len(&self) -> usize {
+        self.stored.len() - self.body_start()
+    }
+
+    /// The strong validator, for runs only.
+    pub fn etag(&self) -> Option<HeaderValue> {
+        (self.etag_len() > 0).then(|| self.header_value(0..self.etag_len()))
+    }
+
+    /// The upstream `content-type`.
+    pub fn content_type(&self) -> HeaderValue {
+        if self.content_type_len == 0 {
+            APPLICATION_JSON
+        } else {
+            self.header_value(self.etag_len()..self.body_start())
+        }
+    }
+
+    /// A header value stored at `range`, shared rather than copied.
+    fn header_value(&self, range: std::ops::Range<usize>) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.stored.slice(range)).expect("stored from a valid header value")
     }
 
     /// The HTTP status to answer with.
@@ -84,31 +130,31 @@ impl CachedRun {
         }
     }
 
-    /// The upstream `content-type`.
-    pub fn content_type(&self) -> HeaderValue {
-        self.other_content_type
-            .as_deref()
-            .cloned()
-            .unwrap_or(APPLICATION_JSON)
-    }
-
     /// Whether clients may cache it too (terminal runs) or must not (404s).
     pub fn is_terminal(&self) -> bool {
         matches!(self.kind, Kind::Terminal(_))
     }
 }
 
-/// `None` for `application/json` (by far the most common; served from a static value), otherwise
-/// a copy in memory of its own.
-fn other_content_type(value: HeaderValue) -> Option<Box<HeaderValue>> {
-    (value != APPLICATION_JSON).then(|| {
-        Box::new(HeaderValue::from_bytes(value.as_bytes()).expect("a copy of a valid header value is valid"))
-    })
+/// `parts`, end to end, in one allocation of exactly their summed size from the system allocator.
+///
+/// The global allocator (mimalloc, chosen for the request path's short-lived buffers) rounds every
+/// request up to a size class, four per doubling: a 1,063-byte body would take 1,280 bytes, a fifth
+/// of it wasted for as long as the run stays cached. glibc's malloc carves blocks at 16-byte
+/// granularity, and since nothing but cached bodies lives there, its free lists stay dense as runs
+/// come and go (`benches/memory.sh` measures both).
+fn exact_copy(parts: &[&[u8]]) -> Bytes {
+    let len = parts.iter().map(|part| part.len()).sum();
+    let mut copy = allocator_api2::vec::Vec::with_capacity_in(len, System);
+    for part in parts {
+        copy.extend_from_slice(part);
+    }
+    Bytes::from_owner(copy.into_boxed_slice())
 }
 
 /// Bytes an entry is charged against `max_size`: its body and its id.
 fn weight(id: &RunId, run: &CachedRun) -> u32 {
-    u32::try_from(run.body.len() + id.as_str().len()).unwrap_or(u32::MAX)
+    u32::try_from(run.body_len() + id.as_str().len()).unwrap_or(u32::MAX)
 }
 
 /// Terminal runs live `ttl`, remembered 404s `not_found_ttl`, counted from when they were stored.
@@ -209,7 +255,7 @@ mod tests {
     }
 
     fn run_of(bytes: usize) -> CachedRun {
-        CachedRun::terminal(Bytes::from(vec![b'x'; bytes]), APPLICATION_JSON, completed())
+        CachedRun::terminal(&vec![b'x'; bytes], APPLICATION_JSON, completed())
     }
 
     #[tokio::test]
@@ -231,7 +277,7 @@ mod tests {
         store
             .insert(RunId::parse("abc").expect("valid id"), run_of(10))
             .await;
-        assert_eq!(store.get("abc").await.expect("stored").body.len(), 10);
+        assert_eq!(store.get("abc").await.expect("stored").body().len(), 10);
         assert!(store.get("abd").await.is_none());
     }
 
@@ -240,17 +286,26 @@ mod tests {
         let read_buffer = Bytes::from(vec![b'x'; 16 * 1024]);
         let body = read_buffer.slice(100..1124);
         let content_type = HeaderValue::from_maybe_shared(read_buffer.slice(0..16)).expect("header");
-        let run = CachedRun::terminal(body.clone(), content_type.clone(), completed());
-        assert_eq!(run.body, body);
-        assert_ne!(
-            run.body.as_ptr(),
-            body.as_ptr(),
-            "the entry holds a copy of its own size"
-        );
-        assert_eq!(run.etag, Some(strong_etag(&body)));
+        let run = CachedRun::terminal(&body, content_type.clone(), completed());
+        assert_eq!(run.body(), body);
+        assert_eq!(run.body_len(), body.len());
+        let outside = read_buffer.as_ptr_range();
+        assert!(!outside.contains(&run.body().as_ptr()), "the entry holds a copy");
         assert_eq!(run.content_type(), content_type);
-        assert_ne!(run.content_type().as_bytes().as_ptr(), read_buffer.as_ptr());
+        assert!(!outside.contains(&run.content_type().as_bytes().as_ptr()));
         assert_eq!(run_of(1).content_type(), APPLICATION_JSON);
+    }
+
+    #[test]
+    fn the_etag_and_the_body_share_one_allocation_of_their_size() {
+        let run = CachedRun::terminal(b"{\"status\":\"COMPLETED\"}", APPLICATION_JSON, completed());
+        let etag = run.etag().expect("runs have a validator");
+        assert_eq!(etag.as_bytes(), strong_etag(b"{\"status\":\"COMPLETED\"}"));
+        assert_eq!(run.body(), &b"{\"status\":\"COMPLETED\"}"[..]);
+        // The body starts right where the tag ends, and a clone shares both.
+        let tag_end = etag.as_bytes().as_ptr_range().end;
+        assert_eq!(run.body().as_ptr(), tag_end);
+        assert_eq!(run.clone().body().as_ptr(), tag_end);
     }
 
     #[test]
@@ -260,10 +315,15 @@ mod tests {
             (run.status(), run.run_status(), run.is_terminal()),
             (StatusCode::OK, Some(completed()), true)
         );
-        let missing = CachedRun::not_found(Bytes::from_static(b"{}"), APPLICATION_JSON);
+        let missing = CachedRun::not_found(b"{}", APPLICATION_JSON);
         assert_eq!(
-            (missing.status(), missing.run_status(), missing.etag),
-            (StatusCode::NOT_FOUND, None, None)
+            (
+                missing.status(),
+                missing.run_status(),
+                missing.etag(),
+                missing.body()
+            ),
+            (StatusCode::NOT_FOUND, None, None, Bytes::from_static(b"{}"))
         );
     }
 
@@ -271,7 +331,7 @@ mod tests {
     async fn remembered_404s_expire_on_their_own_clock() {
         let store = store(1 << 20, Duration::from_millis(1));
         store.insert(RunId::parse("long").expect("id"), run_of(2)).await;
-        let missing = CachedRun::not_found(Bytes::from_static(b"{}"), APPLICATION_JSON);
+        let missing = CachedRun::not_found(b"{}", APPLICATION_JSON);
         store.insert(RunId::parse("short").expect("id"), missing).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while store.get("short").await.is_some() {
