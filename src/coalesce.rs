@@ -30,9 +30,12 @@ pub struct Panicked;
 
 type InFlight<V> = Shared<BoxFuture<'static, Result<V, Panicked>>>;
 
+/// Keys in flight. foldhash, seeded per process: a key is only in the map while its work runs.
+type InFlightMap<K, V> = HashMap<K, InFlight<V>, foldhash::fast::RandomState>;
+
 /// An in-flight map from key to shared work.
 pub struct Coalescer<K, V> {
-    in_flight: Arc<Mutex<HashMap<K, InFlight<V>>>>,
+    in_flight: Arc<Mutex<InFlightMap<K, V>>>,
     /// Callers currently waiting on someone else's work.
     waiting: IntGauge,
 }
@@ -50,10 +53,13 @@ where
         }
     }
 
-    /// Runs `work` for `key` unless the same key is already in flight, in which case it waits for
-    /// that work's result instead. `work` is only polled when this caller leads.
-    pub async fn run<F>(&self, key: K, work: F) -> (Result<V, Panicked>, Role)
+    /// Runs the work `start` makes for `key` unless the same key is already in flight, in which
+    /// case it waits for that work's result instead. `start` is only called when this caller
+    /// leads, and its future is made inside the task: a waiter never holds it, and a large future
+    /// is not moved around to get there.
+    pub async fn run<S, F>(&self, key: K, start: S) -> (Result<V, Panicked>, Role)
     where
+        S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
     {
         let (shared, role) = {
@@ -61,7 +67,7 @@ where
             match in_flight.get(&key) {
                 Some(shared) => (shared.clone(), Role::Waiter),
                 None => {
-                    let shared = self.spawn(key.clone(), work);
+                    let shared = self.spawn(key.clone(), start);
                     in_flight.insert(key, shared.clone());
                     (shared, Role::Leader)
                 }
@@ -76,8 +82,9 @@ where
         self.lock().len()
     }
 
-    fn spawn<F>(&self, key: K, work: F) -> InFlight<V>
+    fn spawn<S, F>(&self, key: K, start: S) -> InFlight<V>
     where
+        S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
     {
         let release = Release {
@@ -85,14 +92,14 @@ where
             key: Some(key),
         };
         let task = tokio::spawn(async move {
-            let value = work.await;
+            let value = start().await;
             drop(release);
             value
         });
         async move { task.await.map_err(|_| Panicked) }.boxed().shared()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, InFlight<V>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlightMap<K, V>> {
         self.in_flight
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -101,7 +108,7 @@ where
 
 /// Removes the key from the in-flight map when the work ends, whether it returns or panics.
 struct Release<K: Hash + Eq, V> {
-    in_flight: Arc<Mutex<HashMap<K, InFlight<V>>>>,
+    in_flight: Arc<Mutex<InFlightMap<K, V>>>,
     key: Option<K>,
 }
 
@@ -152,7 +159,7 @@ mod tests {
             let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
             tokio::spawn(async move {
                 coalescer
-                    .run("k", async move {
+                    .run("k", move || async move {
                         let _ = released.await;
                         runs.fetch_add(1, Ordering::SeqCst) + 41
                     })
@@ -168,7 +175,7 @@ mod tests {
                 let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
                 tokio::spawn(async move {
                     coalescer
-                        .run("k", async move { runs.fetch_add(1, Ordering::SeqCst) })
+                        .run("k", move || async move { runs.fetch_add(1, Ordering::SeqCst) })
                         .await
                 })
             })
@@ -189,8 +196,8 @@ mod tests {
     #[tokio::test]
     async fn finished_work_is_not_reused() {
         let coalescer = coalescer();
-        assert_eq!(coalescer.run("k", async { 1 }).await, (Ok(1), Role::Leader));
-        assert_eq!(coalescer.run("k", async { 2 }).await, (Ok(2), Role::Leader));
+        assert_eq!(coalescer.run("k", || async { 1 }).await, (Ok(1), Role::Leader));
+        assert_eq!(coalescer.run("k", || async { 2 }).await, (Ok(2), Role::Leader));
     }
 
     #[tokio::test]
@@ -202,7 +209,7 @@ mod tests {
             let coalescer = Arc::clone(&coalescer);
             tokio::spawn(async move {
                 coalescer
-                    .run("k", async move {
+                    .run("k", move || async move {
                         let _ = released.await;
                         let _ = done_tx.send(());
                         7
@@ -222,9 +229,9 @@ mod tests {
     #[tokio::test]
     async fn a_panic_is_shared_and_the_key_released() {
         let coalescer = coalescer();
-        let (result, _) = coalescer.run("k", async { panic!("boom") }).await;
+        let (result, _) = coalescer.run("k", || async { panic!("boom") }).await;
         assert_eq!(result, Err(Panicked));
         assert_eq!(coalescer.in_flight(), 0);
-        assert_eq!(coalescer.run("k", async { 3 }).await.0, Ok(3));
+        assert_eq!(coalescer.run("k", || async { 3 }).await.0, Ok(3));
     }
 }

@@ -140,7 +140,8 @@ impl Shared {
         let call = {
             let shared = Arc::clone(&self);
             let (id, request_id) = (request.id.clone(), request.request_id.clone());
-            async move { shared.fetch(id, request_id).await }.in_current_span()
+            let span = tracing::Span::current();
+            move || async move { shared.fetch(id, request_id).await }.instrument(span)
         };
         let (fetched, role) = self.coalescer.run(request.id.clone(), call).await;
         let fetched = fetched.unwrap_or_else(|_| {
@@ -171,9 +172,21 @@ impl Shared {
         if let Some(entry) = self.store.get(id.as_str()).await {
             return Fetched::Stored { entry, fresh: false };
         }
-        let Some(shared) = &self.shared else {
-            return self.fetch_upstream(id, request_id).await;
-        };
+        match &self.shared {
+            None => self.fetch_upstream(id, request_id).await,
+            // Boxed: the Redis calls' state would otherwise make every call's task larger, and
+            // a task's future is copied whole when it is spawned.
+            Some(shared) => Box::pin(self.fetch_through_shared(shared, id, request_id)).await,
+        }
+    }
+
+    /// With the Redis tier: another replica's copy, or its fetch to wait for, or our own.
+    async fn fetch_through_shared(
+        &self,
+        shared: &SharedCache,
+        id: RunId,
+        request_id: HeaderValue,
+    ) -> Fetched {
         if let Lookup::Hit(entry) = shared.get(&id, &self.settings.statuses).await {
             self.store.insert(id, entry.clone()).await;
             return Fetched::Stored { entry, fresh: false };
@@ -280,7 +293,9 @@ impl Shared {
                 }));
             }
         };
-        self.store.insert(id, entry.clone()).await;
+        // Boxed: storing is the rare outcome, and moka's insert would otherwise make every
+        // upstream call's future larger.
+        Box::pin(self.store.insert(id, entry.clone())).await;
         Fetched::Stored { entry, fresh: true }
     }
 

@@ -192,7 +192,7 @@ impl Expiry<RunId, CachedRun> for Lifetimes {
 /// A size-bounded map from run id to stored answer.
 #[derive(Clone)]
 pub struct RunStore {
-    runs: Cache<RunId, CachedRun>,
+    runs: Cache<RunId, CachedRun, foldhash::fast::RandomState>,
 }
 
 impl RunStore {
@@ -214,7 +214,9 @@ impl RunStore {
                 };
                 metrics.evicted(cause);
             })
-            .build();
+            // Seeded per process, so ids cannot be picked to collide without the seed, and every
+            // id in here cost an upstream call. SipHash (the default) cost more than the lookup.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self { runs }
     }
 
