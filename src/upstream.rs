@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
@@ -69,6 +69,8 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     runs_url_prefix: Arc<str>,
+    /// `Host`, formatted once (the pooled client would otherwise format it on every request).
+    host: Option<HeaderValue>,
     credentials: Arc<ArcSwap<Credentials>>,
     user_agent: HeaderValue,
     timeout: Duration,
@@ -94,9 +96,11 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
+        let runs_url_prefix = config.runs_url_prefix()?;
         Ok(Self {
             client,
-            runs_url_prefix: config.runs_url_prefix()?.into(),
+            host: host_header(&runs_url_prefix),
+            runs_url_prefix: runs_url_prefix.into(),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
             user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
             timeout: config.request_timeout,
@@ -139,6 +143,9 @@ impl Upstream {
         // Owned for the whole exchange: a rotation mid-request must not change how its answer is
         // scrubbed.
         let credentials = self.credentials.load_full();
+        if let Some(host) = &self.host {
+            headers.insert(HOST, host.clone());
+        }
         headers.insert(AUTHORIZATION, credentials.authorization.clone());
         headers.insert(ACCEPT, APPLICATION_JSON);
         headers.insert(USER_AGENT, self.user_agent.clone());
@@ -179,6 +186,22 @@ impl Upstream {
             elapsed: Duration::ZERO,
         })
     }
+}
+
+/// `host[:port]` of `url`, the port only when it is not the scheme's default, as the pooled client
+/// would send it; `None` leaves it to the client.
+fn host_header(url: &str) -> Option<HeaderValue> {
+    let uri: Uri = url.parse().ok()?;
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 impl Upstream {
@@ -309,5 +332,35 @@ mod tests {
         );
         assert!(rotated.appears_in(b"api-key old-key-123"));
         assert!(!first.appears_in(b"new-key-456"));
+    }
+
+    #[test]
+    fn the_host_header_names_a_port_only_when_it_is_not_the_default() {
+        let host = |url: &str| host_header(url).map(|value| value.to_str().expect("ascii").to_owned());
+        let prefix = "/api/public/v1/workflow-runs/";
+        assert_eq!(
+            host(&format!("https://api.plextera.com{prefix}")).as_deref(),
+            Some("api.plextera.com")
+        );
+        assert_eq!(
+            host(&format!("https://api.plextera.com:443{prefix}")).as_deref(),
+            Some("api.plextera.com")
+        );
+        assert_eq!(
+            host(&format!("https://api.plextera.com:8443{prefix}")).as_deref(),
+            Some("api.plextera.com:8443")
+        );
+        assert_eq!(
+            host(&format!("http://127.0.0.1:80{prefix}")).as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            host(&format!("http://127.0.0.1:9000{prefix}")).as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        assert_eq!(
+            host(&format!("http://[::1]:9000{prefix}")).as_deref(),
+            Some("[::1]:9000")
+        );
     }
 }
