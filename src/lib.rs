@@ -20,7 +20,8 @@
 //! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
 //! - [`cache`]: policy, status sniffing, the moka store; [`etag`]: validators and 304s;
 //! - [`metrics`]: every Prometheus series;
-//! - [`upstream`]: the pooled client and what it sends; [`error`]/[`response`]: what clients get;
+//! - [`upstream`]: what is sent upstream and read back; [`upstream_pool`]: kept-alive connections
+//!   to the one upstream origin; [`error`]/[`response`]: what clients get;
 //! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`;
 //!   [`health_check`]: `--health-check`, for container images without a shell.
 #![forbid(unsafe_code)]
@@ -50,6 +51,7 @@ pub mod shared_cache;
 pub mod stack;
 pub mod telemetry;
 pub mod upstream;
+pub mod upstream_pool;
 
 pub use app::App;
 pub use config::Config;

@@ -1,4 +1,4 @@
-//! The upstream side: one pooled client, the request it sends, and what can go wrong with it.
+//! The upstream side: the request the gateway sends, what comes back, and what can go wrong.
 //!
 //! The upstream request is built from scratch, never copied from the client's: method GET, the
 //! run's URL, the server-side `Authorization: api-key …`, `Accept: application/json`, a
@@ -10,8 +10,8 @@
 //! rotation, previous) is scrubbed before anyone sees it, and a header that holds it is dropped.
 //! The key can be rotated at run time ([`KeyRotation`], on SIGHUP).
 //!
-//! Connections are pooled and kept alive; `https` upstreams use rustls with the webpki roots (plus
-//! an optional extra CA file) and negotiate HTTP/2 or HTTP/1.1 by ALPN. One deadline,
+//! Connections are kept alive in the [`Pool`]; `https` upstreams use rustls with the webpki roots
+//! (plus an optional extra CA file) and negotiate HTTP/2 or HTTP/1.1 by ALPN. One deadline,
 //! `request_timeout`, covers connect, head and body; bodies are read whole up to `max_body_size`.
 
 use std::path::Path;
@@ -23,10 +23,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use memchr::memmem::Finder;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -36,6 +33,7 @@ use crate::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run_id::RunId;
 use crate::secret::ApiKey;
+use crate::upstream_pool::{Pool, PoolError};
 
 /// How long an idle pooled connection is kept before it is closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -67,7 +65,7 @@ pub enum UpstreamError {
 /// The pooled client for Plextera's Get-run endpoint.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    pool: Arc<Pool>,
     runs_url_prefix: Arc<str>,
     /// `Host`, formatted once (the pooled client would otherwise format it on every request).
     host: Option<HeaderValue>,
@@ -91,14 +89,12 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let runs_url_prefix = config.runs_url_prefix()?;
+        let origin: Uri = runs_url_prefix.parse().map_err(|_| {
+            ConfigError::Invalid(format!("upstream.base_url {:?} is not a URL", config.base_url))
+        })?;
         Ok(Self {
-            client,
+            pool: Arc::new(Pool::new(connector, origin, POOL_IDLE_TIMEOUT)),
             host: host_header(&runs_url_prefix),
             runs_url_prefix: runs_url_prefix.into(),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
@@ -151,12 +147,9 @@ impl Upstream {
         headers.insert(USER_AGENT, self.user_agent.clone());
         headers.insert(X_REQUEST_ID, request_id.clone());
 
-        let response = self.client.request(request).await.map_err(|error| {
-            if error.is_connect() {
-                UpstreamError::Connect
-            } else {
-                UpstreamError::Broken
-            }
+        let (response, connection) = self.pool.send(request).await.map_err(|error| match error {
+            PoolError::Connect => UpstreamError::Connect,
+            PoolError::Request(_) => UpstreamError::Broken,
         })?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, self.max_body_size)
@@ -170,6 +163,7 @@ impl Upstream {
                 }
             })?
             .to_bytes();
+        self.pool.put(connection);
         Ok(UpstreamResponse {
             status: parts.status,
             content_type: parts

@@ -1,0 +1,227 @@
+//! Kept-alive connections to the one upstream origin.
+//!
+//! hyper-util's pooled client serves any number of origins: every call hashes the origin to check
+//! a connection out and again to put it back, races the checkout against a new connect, and
+//! spawns a task to return the connection. The gateway talks to one origin, so a stack of idle
+//! HTTP/1.1 connections (the most recently used on top) and, when the upstream negotiates HTTP/2
+//! by ALPN, one shared multiplexed connection, are all it needs. Connections come from the same
+//! connector as before (TCP, then TLS for `https`).
+//!
+//! A connection goes back on the stack only after its answer was read whole ([`Pool::put`]); one
+//! that failed is dropped, and dropping it closes it. A stacked connection the upstream closed
+//! while it sat idle fails before the request is written: hyper hands the request back and it is
+//! sent once more on a fresh connection. Connections idle longer than the idle timeout are closed
+//! when the pool next meets them.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::ServiceExt;
+
+type RequestBody = Empty<Bytes>;
+
+/// Idle HTTP/1.1 connections kept beyond this many are closed.
+const MAX_IDLE: usize = 128;
+
+/// Why a request got no response head.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection could be made.
+    Connect,
+    /// The connection failed before a response head arrived.
+    Request(hyper::Error),
+}
+
+/// A connection lent for one exchange; give it back with [`Pool::put`] once the body is read.
+pub struct Lease(Option<http1::SendRequest<RequestBody>>);
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+    idle: Mutex<Vec<IdleConnection>>,
+    multiplexed: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    idle_timeout: Duration,
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+enum Fresh {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+impl Pool {
+    /// `origin` is any URL of the upstream: its scheme and authority are what is connected to.
+    pub fn new(connector: HttpsConnector<HttpConnector>, origin: Uri, idle_timeout: Duration) -> Self {
+        Self {
+            connector,
+            origin,
+            idle: Mutex::default(),
+            multiplexed: Mutex::default(),
+            idle_timeout,
+        }
+    }
+
+    /// Sends `request` (whose URI is absolute) on a pooled or a fresh connection.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        if let Some(mut sender) = self.shared_http2() {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Lease(None))),
+                Err(error) => {
+                    request = returned(error)?;
+                    self.forget_http2(&sender);
+                }
+            }
+        }
+        while let Some(mut sender) = self.checkout().await {
+            match sender.try_send_request(origin_form(request)).await {
+                Ok(response) => return Ok((response, Lease(Some(sender)))),
+                // Not written: the upstream had closed it. Try the next one, or a fresh one.
+                Err(error) => request = returned(error)?,
+            }
+        }
+        // Boxed: a connect's state (TLS handshake included) is large and rarely needed.
+        match Box::pin(self.connect()).await? {
+            Fresh::Http1(mut sender) => {
+                let response = sender
+                    .send_request(origin_form(request))
+                    .await
+                    .map_err(PoolError::Request)?;
+                Ok((response, Lease(Some(sender))))
+            }
+            Fresh::Http2(mut sender) => {
+                *request.uri_mut() = self.absolute_form(request.uri());
+                let response = sender.send_request(request).await.map_err(PoolError::Request)?;
+                Ok((response, Lease(None)))
+            }
+        }
+    }
+
+    /// Takes back a connection whose answer was read whole.
+    pub fn put(&self, lease: Lease) {
+        let Some(sender) = lease.0 else { return };
+        let now = Instant::now();
+        let mut idle = self.lock_idle();
+        // The oldest are at the bottom: close those idle too long, and any beyond the cap.
+        let stale = idle
+            .iter()
+            .take_while(|connection| now.duration_since(connection.since) >= self.idle_timeout)
+            .count()
+            .max((idle.len() + 1).saturating_sub(MAX_IDLE));
+        idle.drain(..stale);
+        idle.push(IdleConnection { sender, since: now });
+    }
+
+    /// The most recently used idle connection that is still open, once it is ready for a request.
+    async fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+        loop {
+            let connection = self.lock_idle().pop()?;
+            if connection.since.elapsed() >= self.idle_timeout || connection.sender.is_closed() {
+                continue;
+            }
+            let mut sender = connection.sender;
+            // Ready at once unless hyper is still finishing the previous exchange's bookkeeping.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn shared_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let multiplexed = self.lock_multiplexed();
+        multiplexed.as_ref().filter(|sender| !sender.is_closed()).cloned()
+    }
+
+    fn forget_http2(&self, closed: &http2::SendRequest<RequestBody>) {
+        let mut multiplexed = self.lock_multiplexed();
+        if multiplexed
+            .as_ref()
+            .is_some_and(|current| current.is_closed() || closed.is_closed())
+        {
+            *multiplexed = None;
+        }
+    }
+
+    async fn connect(&self) -> Result<Fresh, PoolError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.origin.clone())
+            .await
+            .map_err(|_| PoolError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(PoolError::Request)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
+                }
+            });
+            *self.lock_multiplexed() = Some(sender.clone());
+            Ok(Fresh::Http2(sender))
+        } else {
+            let (sender, connection) = http1::handshake(io).await.map_err(PoolError::Request)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Fresh::Http1(sender))
+        }
+    }
+
+    /// The origin's scheme and authority with `uri`'s path.
+    fn absolute_form(&self, uri: &Uri) -> Uri {
+        let mut parts = self.origin.clone().into_parts();
+        parts.path_and_query = uri.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_multiplexed(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<RequestBody>>> {
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The request back from a connection that did not write it, or the error if it had been sent.
+fn returned(mut error: TrySendError<Request<RequestBody>>) -> Result<Request<RequestBody>, PoolError> {
+    error
+        .take_message()
+        .ok_or_else(|| PoolError::Request(error.into_error()))
+}
+
+/// HTTP/1.1 sends the path only (`GET /api/… HTTP/1.1`, with `Host` set by the caller).
+fn origin_form(mut request: Request<RequestBody>) -> Request<RequestBody> {
+    if request.uri().scheme().is_some() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+    }
+    request
+}
