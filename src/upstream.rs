@@ -94,8 +94,8 @@ impl Upstream {
             ConfigError::Invalid(format!("upstream.base_url {:?} is not a URL", config.base_url))
         })?;
         Ok(Self {
+            host: host_header(&origin),
             pool: Arc::new(Pool::new(connector, origin, POOL_IDLE_TIMEOUT)),
-            host: host_header(&runs_url_prefix),
             runs_url_prefix: runs_url_prefix.into(),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
             user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
@@ -182,10 +182,9 @@ impl Upstream {
     }
 }
 
-/// `host[:port]` of `url`, the port only when it is not the scheme's default, as the pooled client
+/// `host[:port]` of `uri`, the port only when it is not the scheme's default, as the pooled client
 /// would send it; `None` leaves it to the client.
-fn host_header(url: &str) -> Option<HeaderValue> {
-    let uri: Uri = url.parse().ok()?;
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
     let host = uri.host()?;
     let default_port = match uri.scheme_str() {
         Some("https") => 443,
@@ -330,7 +329,10 @@ mod tests {
 
     #[test]
     fn the_host_header_names_a_port_only_when_it_is_not_the_default() {
-        let host = |url: &str| host_header(url).map(|value| value.to_str().expect("ascii").to_owned());
+        let host = |url: &str| {
+            let uri: Uri = url.parse().expect("test URL");
+            host_header(&uri).map(|value| value.to_str().expect("ascii").to_owned())
+        };
         let prefix = "/api/public/v1/workflow-runs/";
         assert_eq!(
             host(&format!("https://api.plextera.com{prefix}")).as_deref(),

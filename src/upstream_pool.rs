@@ -84,7 +84,7 @@ impl Pool {
                 Ok(response) => return Ok((response, Lease(None))),
                 Err(error) => {
                     request = returned(error)?;
-                    self.forget_http2(&sender);
+                    self.forget_closed_http2();
                 }
             }
         }
@@ -147,12 +147,10 @@ impl Pool {
         multiplexed.as_ref().filter(|sender| !sender.is_closed()).cloned()
     }
 
-    fn forget_http2(&self, closed: &http2::SendRequest<RequestBody>) {
+    /// Drops the shared HTTP/2 connection once it is closed (a newer one made meanwhile stays).
+    fn forget_closed_http2(&self) {
         let mut multiplexed = self.lock_multiplexed();
-        if multiplexed
-            .as_ref()
-            .is_some_and(|current| current.is_closed() || closed.is_closed())
-        {
+        if multiplexed.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *multiplexed = None;
         }
     }
