@@ -15,14 +15,7 @@ use futures_util::future::join_all;
 use http::Method;
 use plextera_gateway::config::SharedCacheConfig;
 use support::redis_server::RedisServer;
-use support::{MockUpstream, Reply, TestClient, TestGateway, run_body, runs_path};
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
+use support::{MockUpstream, Reply, TestClient, TestGateway, env_number, run_body, runs_path};
 
 #[tokio::main]
 async fn main() {

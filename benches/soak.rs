@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use support::{
-    Gate, GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, run_body, runs_path, write_config,
+    Gate, GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, env_number, run_body, runs_path,
+    write_config,
 };
 
 const CLIENTS: usize = 32;
@@ -43,10 +44,7 @@ const KINDS: [(Kind, &str, usize, u32); 6] = [
 ];
 
 fn main() {
-    let seconds: u64 = std::env::var("SOAK_SECS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(600);
+    let seconds: u64 = env_number("SOAK_SECS", 600);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

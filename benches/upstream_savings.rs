@@ -9,6 +9,9 @@
 //! does. With REVISITS=n each frontend then loads every (ended) run n more times, as a user who
 //! comes back to the page.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use plextera_gateway::demo::{DEMO_API_KEY, DemoOptions, DemoUpstream};
 use plextera_gateway::{ApiKey, Config, Gateway};
+use support::env_number;
 
 struct Scenario {
     frontends: usize,
@@ -28,13 +32,6 @@ struct Scenario {
     /// Frontends open spread evenly over this time.
     spread: Duration,
     demo: DemoOptions,
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]

@@ -284,6 +284,15 @@ async fn answer_mock(
 }
 
 /// An address where nothing listens: connecting to it is refused.
+/// A bench knob: the environment variable `name` parsed as a number, or `default` when unset or
+/// not a number.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
