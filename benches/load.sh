@@ -29,14 +29,7 @@ fi
 rm -rf "$D"; mkdir -p "$D/pcache"
 python3 "$HERE/load/gen_runs.py" "$D" 1000
 for conf in nginx anchors; do sed "s#__DIR__#$D#g" "$HERE/load/$conf.conf" > "$D/$conf.conf"; done
-cat > "$D/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:18083"
-admin_listen = "127.0.0.1:18093"
-[upstream]
-base_url = "http://127.0.0.1:19000"
-api_key_env = "BENCH_API_KEY"
-TOML
+cp "$HERE/load/gateway.toml" "$D/gateway.toml"
 
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }

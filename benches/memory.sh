@@ -37,16 +37,7 @@ nginx -c "$D/nginx.conf" -p "$D" & PIDS+=($!)
 rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
 metric() { curl -s http://127.0.0.1:18093/metrics | awk -v m="$1" '$1 == m {print $2}'; }
 start_gateway() { # max_size
-  cat > "$D/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:18083"
-admin_listen = "127.0.0.1:18093"
-[upstream]
-base_url = "http://127.0.0.1:19000"
-api_key_env = "BENCH_API_KEY"
-[cache]
-max_size = "$1"
-TOML
+  { cat "$HERE/load/gateway.toml"; printf '\n[cache]\nmax_size = "%s"\n' "$1"; } > "$D/gateway.toml"
   BENCH_API_KEY=bench-secret RUST_LOG=warn "$GATEWAY_BIN" --config "$D/gateway.toml" & GATEWAY_PID=$!
   PIDS+=("$GATEWAY_PID")
   for _ in $(seq 1 500); do curl -sf -o /dev/null http://127.0.0.1:18093/readyz && return; sleep 0.01; done

@@ -118,6 +118,28 @@ fn deployed_configs_differ_from_the_documented_one_only_where_they_say() {
 }
 
 #[test]
+fn the_load_bench_config_points_at_the_bench_upstream() {
+    let bench = config("benches/load/gateway.toml");
+    let upstream = read("benches/load/nginx.conf");
+    let port = bench.upstream.base_url.rsplit(':').next().expect("a port");
+    assert!(
+        upstream.contains(&format!("listen 127.0.0.1:{port} ")),
+        "benches/load/nginx.conf does not listen on the port the bench gateway calls ({port})"
+    );
+    assert_eq!(bench.upstream.api_key_env.as_deref(), Some("BENCH_API_KEY"));
+    for script in ["benches/load.sh", "benches/memory.sh"] {
+        let text = read(script);
+        assert!(
+            text.contains("BENCH_API_KEY=bench-secret"),
+            "{script} sets the key variable"
+        );
+        for port in [bench.server.listen.port(), bench.server.admin_listen.port()] {
+            assert!(text.contains(&port.to_string()), "{script} talks to port {port}");
+        }
+    }
+}
+
+#[test]
 fn the_deployment_matches_the_config_it_mounts() {
     let gateway_config = config("deploy/kubernetes/gateway.toml");
     let deployment = yaml("deploy/kubernetes/deployment.yaml");
