@@ -208,7 +208,8 @@ impl RequestMetrics {
     }
 }
 
-/// `plextera_gateway_upstream_requests_total` and `plextera_gateway_upstream_request_duration_seconds`.
+/// `plextera_gateway_upstream_requests_total`, `plextera_gateway_upstream_request_duration_seconds`
+/// and `plextera_gateway_upstream_retries_total`.
 #[derive(Clone)]
 pub struct UpstreamMetrics {
     answered: CounterByCode,
@@ -216,6 +217,8 @@ pub struct UpstreamMetrics {
     failed: Arc<[IntCounter]>,
     /// Latency by outcome: 1xx..5xx, then failures in `failure_label` order.
     duration: Arc<[Histogram]>,
+    /// `plextera_gateway_upstream_retries_total`.
+    pub retries: IntCounter,
 }
 
 const UPSTREAM_FAILURES: [UpstreamError; 4] = [
@@ -263,6 +266,11 @@ impl UpstreamMetrics {
             &["outcome"],
         )?;
         registry.register(Box::new(duration.clone()))?;
+        let retries = IntCounter::with_opts(opts(
+            "upstream_retries_total",
+            "Requests sent upstream a second time, on a fresh connection, because the kept-alive connection they went out on closed without an answer.",
+        ))?;
+        registry.register(Box::new(retries.clone()))?;
         let outcome_labels = STATUS_CLASSES
             .iter()
             .copied()
@@ -276,6 +284,7 @@ impl UpstreamMetrics {
             duration: outcome_labels
                 .map(|label| duration.with_label_values(&[label]))
                 .collect(),
+            retries,
         })
     }
 

@@ -95,7 +95,12 @@ impl Upstream {
         })?;
         Ok(Self {
             host: host_header(&origin),
-            pool: Arc::new(Pool::new(connector, origin, POOL_IDLE_TIMEOUT)),
+            pool: Arc::new(Pool::new(
+                connector,
+                origin,
+                POOL_IDLE_TIMEOUT,
+                metrics.retries.clone(),
+            )),
             runs_url_prefix: runs_url_prefix.into(),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
             user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
@@ -129,23 +134,27 @@ impl Upstream {
         id: &RunId,
         request_id: &HeaderValue,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut url = String::with_capacity(self.runs_url_prefix.len() + id.as_str().len());
-        url.push_str(&self.runs_url_prefix);
-        url.push_str(id.as_str());
-        let uri = Uri::try_from(url).expect("a validated base URL plus a validated run id is a valid URI");
-        let mut request = Request::new(Empty::new());
-        *request.uri_mut() = uri;
-        let headers = request.headers_mut();
         // Owned for the whole exchange: a rotation mid-request must not change how its answer is
         // scrubbed.
         let credentials = self.credentials.load_full();
-        if let Some(host) = &self.host {
-            headers.insert(HOST, host.clone());
-        }
-        headers.insert(AUTHORIZATION, credentials.authorization.clone());
-        headers.insert(ACCEPT, APPLICATION_JSON);
-        headers.insert(USER_AGENT, self.user_agent.clone());
-        headers.insert(X_REQUEST_ID, request_id.clone());
+        let request = || {
+            let mut url = String::with_capacity(self.runs_url_prefix.len() + id.as_str().len());
+            url.push_str(&self.runs_url_prefix);
+            url.push_str(id.as_str());
+            let uri =
+                Uri::try_from(url).expect("a validated base URL plus a validated run id is a valid URI");
+            let mut request = Request::new(Empty::new());
+            *request.uri_mut() = uri;
+            let headers = request.headers_mut();
+            if let Some(host) = &self.host {
+                headers.insert(HOST, host.clone());
+            }
+            headers.insert(AUTHORIZATION, credentials.authorization.clone());
+            headers.insert(ACCEPT, APPLICATION_JSON);
+            headers.insert(USER_AGENT, self.user_agent.clone());
+            headers.insert(X_REQUEST_ID, request_id.clone());
+            request
+        };
 
         let (response, connection) = self.pool.send(request).await.map_err(|error| match error {
             PoolError::Connect => UpstreamError::Connect,

@@ -8,10 +8,16 @@
 //! connector as before (TCP, then TLS for `https`).
 //!
 //! A connection goes back on the stack only after its answer was read whole ([`Pool::put`]); one
-//! that failed is dropped, and dropping it closes it. A stacked connection the upstream closed
-//! while it sat idle fails before the request is written: hyper hands the request back and it is
-//! sent once more on a fresh connection. Connections idle longer than the idle timeout are closed
-//! when the pool next meets them.
+//! that failed is dropped, and dropping it closes it. Connections idle longer than the idle
+//! timeout are closed when the pool next meets them.
+//!
+//! An upstream closes idle connections on its own schedule, so a request can meet a stacked
+//! connection the upstream has just closed. If the gateway learns of the close before writing,
+//! hyper hands the request back and the next connection is tried. If the close crosses the request
+//! on the wire, the request was written and the connection ends without an answer: the gateway
+//! only sends GETs, which are safe to repeat, so it builds the request again and sends it once more
+//! on a fresh connection (as nginx and Go's HTTP client do for a kept-alive connection). A fresh
+//! connection that fails is not retried: that upstream is failing, not closing idle connections.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,6 +31,7 @@ use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::IntCounter;
 use tower::ServiceExt;
 
 type RequestBody = Empty<Bytes>;
@@ -50,6 +57,8 @@ pub struct Pool {
     idle: Mutex<Vec<IdleConnection>>,
     multiplexed: Mutex<Option<http2::SendRequest<RequestBody>>>,
     idle_timeout: Duration,
+    /// Counts requests sent a second time after a kept-alive connection closed under them.
+    retries: IntCounter,
 }
 
 struct IdleConnection {
@@ -64,21 +73,29 @@ enum Fresh {
 
 impl Pool {
     /// `origin` is any URL of the upstream: its scheme and authority are what is connected to.
-    pub fn new(connector: HttpsConnector<HttpConnector>, origin: Uri, idle_timeout: Duration) -> Self {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        idle_timeout: Duration,
+        retries: IntCounter,
+    ) -> Self {
         Self {
             connector,
             origin,
             idle: Mutex::default(),
             multiplexed: Mutex::default(),
             idle_timeout,
+            retries,
         }
     }
 
-    /// Sends `request` (whose URI is absolute) on a pooled or a fresh connection.
+    /// Sends the request `build` makes (a GET with an absolute URI) on a pooled or a fresh
+    /// connection. `build` runs once more only for the retry described in the module docs.
     pub async fn send(
         &self,
-        mut request: Request<RequestBody>,
+        build: impl Fn() -> Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        let mut request = build();
         if let Some(mut sender) = self.shared_http2() {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, Lease(None))),
@@ -91,8 +108,17 @@ impl Pool {
         while let Some(mut sender) = self.checkout().await {
             match sender.try_send_request(origin_form(request)).await {
                 Ok(response) => return Ok((response, Lease(Some(sender)))),
-                // Not written: the upstream had closed it. Try the next one, or a fresh one.
-                Err(error) => request = returned(error)?,
+                Err(mut error) => match error.take_message() {
+                    // Not written: the upstream had closed it. Try the next one, or a fresh one.
+                    Some(unsent) => request = unsent,
+                    // Written as the upstream closed it: once more, on a fresh connection.
+                    None if closed_without_answer(error.error()) => {
+                        self.retries.inc();
+                        request = build();
+                        break;
+                    }
+                    None => return Err(PoolError::Request(error.into_error())),
+                },
             }
         }
         // Boxed: a connect's state (TLS handshake included) is large and rarely needed.
@@ -209,6 +235,25 @@ fn returned(mut error: TrySendError<Request<RequestBody>>) -> Result<Request<Req
     error
         .take_message()
         .ok_or_else(|| PoolError::Request(error.into_error()))
+}
+
+/// The connection ended before any answer: closed (EOF) or reset, rather than a malformed or
+/// refused exchange.
+fn closed_without_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let io_error =
+        std::error::Error::source(error).and_then(|source| source.downcast_ref::<std::io::Error>());
+    io_error.is_some_and(|io_error| {
+        matches!(
+            io_error.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        )
+    })
 }
 
 /// HTTP/1.1 sends the path only (`GET /api/… HTTP/1.1`, with `Host` set by the caller).

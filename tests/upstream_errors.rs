@@ -122,6 +122,11 @@ async fn a_connection_closed_without_an_answer_is_a_502_and_the_next_request_ret
     let response = gateway.get_run("flaky").await;
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);
     assert_eq!(response.error_code(), "UPSTREAM_UNAVAILABLE");
+    assert_eq!(
+        mock.request_count(),
+        1,
+        "a fresh connection that closes without an answer is not retried"
+    );
 
     mock.set("flaky", Reply::run("flaky", "COMPLETED"));
     assert_eq!(gateway.get_run("flaky").await.x_cache(), Some("MISS"));
