@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -66,7 +67,10 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct Upstream {
     pool: Arc<Pool>,
-    runs_url_prefix: Arc<str>,
+    /// `/<base path>/api/public/v1/workflow-runs/`: requests go out in origin form (the path
+    /// only, `Host` alongside), which is what HTTP/1.1 sends; the pool adds scheme and authority
+    /// for HTTP/2.
+    runs_path_prefix: Arc<str>,
     /// `Host`, formatted once (the pooled client would otherwise format it on every request).
     host: Option<HeaderValue>,
     credentials: Arc<ArcSwap<Credentials>>,
@@ -95,13 +99,13 @@ impl Upstream {
         })?;
         Ok(Self {
             host: host_header(&origin),
+            runs_path_prefix: origin.path().into(),
             pool: Arc::new(Pool::new(
                 connector,
                 origin,
                 POOL_IDLE_TIMEOUT,
                 metrics.retries.clone(),
             )),
-            runs_url_prefix: runs_url_prefix.into(),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),
             user_agent: HeaderValue::from_static(concat!("plextera-gateway/", env!("CARGO_PKG_VERSION"))),
             timeout: config.request_timeout,
@@ -138,13 +142,13 @@ impl Upstream {
         // scrubbed.
         let credentials = self.credentials.load_full();
         let request = || {
-            let mut url = String::with_capacity(self.runs_url_prefix.len() + id.as_str().len());
-            url.push_str(&self.runs_url_prefix);
-            url.push_str(id.as_str());
-            let uri =
-                Uri::try_from(url).expect("a validated base URL plus a validated run id is a valid URI");
+            let mut path = String::with_capacity(self.runs_path_prefix.len() + id.as_str().len());
+            path.push_str(&self.runs_path_prefix);
+            path.push_str(id.as_str());
+            let path = PathAndQuery::try_from(path)
+                .expect("a validated base URL's path plus a validated run id is a valid path");
             let mut request = Request::new(Empty::new());
-            *request.uri_mut() = uri;
+            *request.uri_mut() = Uri::from(path);
             let headers = request.headers_mut();
             if let Some(host) = &self.host {
                 headers.insert(HOST, host.clone());

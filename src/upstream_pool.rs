@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::Uri;
 use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
@@ -89,15 +89,16 @@ impl Pool {
         }
     }
 
-    /// Sends the request `build` makes (a GET with an absolute URI) on a pooled or a fresh
-    /// connection. `build` runs once more only for the retry described in the module docs.
+    /// Sends the request `build` makes (a GET in origin form: the path, with `Host` set) on a
+    /// pooled or a fresh connection. `build` runs once more only for the retry described in the
+    /// module docs.
     pub async fn send(
         &self,
         build: impl Fn() -> Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
         let mut request = build();
         if let Some(mut sender) = self.shared_http2() {
-            match sender.try_send_request(request).await {
+            match sender.try_send_request(self.absolute_form(request)).await {
                 Ok(response) => return Ok((response, Lease(None))),
                 Err(error) => {
                     request = returned(error)?;
@@ -106,7 +107,7 @@ impl Pool {
             }
         }
         while let Some(mut sender) = self.checkout().await {
-            match sender.try_send_request(origin_form(request)).await {
+            match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, Lease(Some(sender)))),
                 Err(mut error) => match error.take_message() {
                     // Not written: the upstream had closed it. Try the next one, or a fresh one.
@@ -124,15 +125,14 @@ impl Pool {
         // Boxed: a connect's state (TLS handshake included) is large and rarely needed.
         match Box::pin(self.connect()).await? {
             Fresh::Http1(mut sender) => {
-                let response = sender
-                    .send_request(origin_form(request))
-                    .await
-                    .map_err(PoolError::Request)?;
+                let response = sender.send_request(request).await.map_err(PoolError::Request)?;
                 Ok((response, Lease(Some(sender))))
             }
             Fresh::Http2(mut sender) => {
-                *request.uri_mut() = self.absolute_form(request.uri());
-                let response = sender.send_request(request).await.map_err(PoolError::Request)?;
+                let response = sender
+                    .send_request(self.absolute_form(request))
+                    .await
+                    .map_err(PoolError::Request)?;
                 Ok((response, Lease(None)))
             }
         }
@@ -212,11 +212,14 @@ impl Pool {
         }
     }
 
-    /// The origin's scheme and authority with `uri`'s path.
-    fn absolute_form(&self, uri: &Uri) -> Uri {
+    /// HTTP/2 carries scheme and authority as pseudo-headers: the origin's, with the request's path.
+    fn absolute_form(&self, mut request: Request<RequestBody>) -> Request<RequestBody> {
         let mut parts = self.origin.clone().into_parts();
-        parts.path_and_query = uri.path_and_query().cloned();
-        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        request
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
@@ -254,17 +257,4 @@ fn closed_without_answer(error: &hyper::Error) -> bool {
                 | std::io::ErrorKind::UnexpectedEof
         )
     })
-}
-
-/// HTTP/1.1 sends the path only (`GET /api/… HTTP/1.1`, with `Host` set by the caller).
-fn origin_form(mut request: Request<RequestBody>) -> Request<RequestBody> {
-    if request.uri().scheme().is_some() {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(path);
-    }
-    request
 }

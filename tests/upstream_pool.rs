@@ -309,7 +309,7 @@ fn plain_pool(addr: std::net::SocketAddr, retries: &IntCounter) -> Pool {
 }
 
 fn get_run(addr: std::net::SocketAddr, id: &str) -> Request<Empty<Bytes>> {
-    Request::get(format!("http://{addr}/api/public/v1/workflow-runs/{id}"))
+    Request::get(format!("/api/public/v1/workflow-runs/{id}"))
         .header(HOST, addr.to_string())
         .body(Empty::new())
         .expect("request")
