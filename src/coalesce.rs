@@ -6,15 +6,17 @@
 //! stored. The key leaves the in-flight map when the work ends, inside the task and before anyone
 //! is woken, so a later caller never joins finished work: it starts anew, or finds what the work
 //! stored. A failed result is shared like any other and is never reused.
+//!
+//! The result is handed over in one shared cell (`tokio::sync::SetOnce`) that the task fills and
+//! everyone waits on: the work costs the task and the cell, nothing per waiter.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
 use prometheus::IntGauge;
+use tokio::sync::SetOnce;
 
 /// Whether this caller started the work or joined it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +30,8 @@ pub enum Role {
 #[error("the shared work panicked")]
 pub struct Panicked;
 
-type InFlight<V> = Shared<BoxFuture<'static, Result<V, Panicked>>>;
+/// Where the work's result lands, shared by the task and everyone waiting.
+type InFlight<V> = Arc<SetOnce<Result<V, Panicked>>>;
 
 /// Keys in flight. foldhash, seeded per process: a key is only in the map while its work runs.
 type InFlightMap<K, V> = HashMap<K, InFlight<V>, foldhash::fast::RandomState>;
@@ -62,19 +65,20 @@ where
         S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
     {
-        let (shared, role) = {
+        let (result, role) = {
             let mut in_flight = self.lock();
             match in_flight.get(&key) {
-                Some(shared) => (shared.clone(), Role::Waiter),
+                Some(result) => (Arc::clone(result), Role::Waiter),
                 None => {
-                    let shared = self.spawn(key.clone(), start);
-                    in_flight.insert(key, shared.clone());
-                    (shared, Role::Leader)
+                    let result = InFlight::default();
+                    self.spawn(key.clone(), start, Arc::clone(&result));
+                    in_flight.insert(key, Arc::clone(&result));
+                    (result, Role::Leader)
                 }
             }
         };
         let _parked = (role == Role::Waiter).then(|| Parked::new(&self.waiting));
-        (shared.await, role)
+        (result.wait().await.clone(), role)
     }
 
     /// Keys with work in flight.
@@ -82,21 +86,20 @@ where
         self.lock().len()
     }
 
-    fn spawn<S, F>(&self, key: K, start: S) -> InFlight<V>
+    fn spawn<S, F>(&self, key: K, start: S, result: InFlight<V>)
     where
         S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
     {
         let release = Release {
             in_flight: Arc::clone(&self.in_flight),
-            key: Some(key),
+            key,
+            result,
         };
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let value = start().await;
-            drop(release);
-            value
+            release.finish(Ok(value));
         });
-        async move { task.await.map_err(|_| Panicked) }.boxed().shared()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InFlightMap<K, V>> {
@@ -106,20 +109,36 @@ where
     }
 }
 
-/// Removes the key from the in-flight map when the work ends, whether it returns or panics.
+/// Ends the work: removes the key from the in-flight map, then hands out the result. Dropped
+/// without [`Release::finish`] (the work panicked, or the runtime is shutting down), it hands out
+/// [`Panicked`].
 struct Release<K: Hash + Eq, V> {
     in_flight: Arc<Mutex<InFlightMap<K, V>>>,
-    key: Option<K>,
+    key: K,
+    result: InFlight<V>,
+}
+
+impl<K: Hash + Eq, V> Release<K, V> {
+    fn finish(self, value: Result<V, Panicked>) {
+        self.remove_key();
+        // Only this task sets the result, so it is still empty.
+        let _ = self.result.set(value);
+    }
+
+    fn remove_key(&self) {
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        in_flight.remove(&self.key);
+    }
 }
 
 impl<K: Hash + Eq, V> Drop for Release<K, V> {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let mut in_flight = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            in_flight.remove(&key);
+        if !self.result.initialized() {
+            self.remove_key();
+            let _ = self.result.set(Err(Panicked));
         }
     }
 }
