@@ -98,7 +98,7 @@ where
         };
         tokio::spawn(async move {
             let value = start().await;
-            release.finish(Ok(value));
+            release.finish(value);
         });
     }
 
@@ -119,10 +119,10 @@ struct Release<K: Hash + Eq, V> {
 }
 
 impl<K: Hash + Eq, V> Release<K, V> {
-    fn finish(self, value: Result<V, Panicked>) {
+    fn finish(self, value: V) {
         self.remove_key();
         // Only this task sets the result, so it is still empty.
-        let _ = self.result.set(value);
+        let _ = self.result.set(Ok(value));
     }
 
     fn remove_key(&self) {

@@ -71,8 +71,8 @@ pub struct Upstream {
     /// only, `Host` alongside), which is what HTTP/1.1 sends; the pool adds scheme and authority
     /// for HTTP/2.
     runs_path_prefix: Arc<str>,
-    /// `Host`, formatted once (the pooled client would otherwise format it on every request).
-    host: Option<HeaderValue>,
+    /// `Host`, formatted once: with origin-form requests it is what names the upstream.
+    host: HeaderValue,
     credentials: Arc<ArcSwap<Credentials>>,
     user_agent: HeaderValue,
     timeout: Duration,
@@ -98,7 +98,9 @@ impl Upstream {
             ConfigError::Invalid(format!("upstream.base_url {:?} is not a URL", config.base_url))
         })?;
         Ok(Self {
-            host: host_header(&origin),
+            host: host_header(&origin).ok_or_else(|| {
+                ConfigError::Invalid(format!("upstream.base_url {:?} has no host", config.base_url))
+            })?,
             runs_path_prefix: origin.path().into(),
             pool: Arc::new(Pool::new(
                 connector,
@@ -150,9 +152,7 @@ impl Upstream {
             let mut request = Request::new(Empty::new());
             *request.uri_mut() = Uri::from(path);
             let headers = request.headers_mut();
-            if let Some(host) = &self.host {
-                headers.insert(HOST, host.clone());
-            }
+            headers.insert(HOST, self.host.clone());
             headers.insert(AUTHORIZATION, credentials.authorization.clone());
             headers.insert(ACCEPT, APPLICATION_JSON);
             headers.insert(USER_AGENT, self.user_agent.clone());
@@ -195,8 +195,8 @@ impl Upstream {
     }
 }
 
-/// `host[:port]` of `uri`, the port only when it is not the scheme's default, as the pooled client
-/// would send it; `None` leaves it to the client.
+/// `host[:port]` of `uri`, the port only when it is not the scheme's default; `None` when `uri`
+/// has no host (the config check refuses such a `base_url` first).
 fn host_header(uri: &Uri) -> Option<HeaderValue> {
     let host = uri.host()?;
     let default_port = match uri.scheme_str() {
