@@ -1,13 +1,12 @@
 //! Upstream connections: kept alive and reused, replaced when the upstream closes them, never
 //! shared by two exchanges at once; a request that meets a connection the upstream has just closed
-//! still gets its answer. Checked against keep-alive upstreams on real sockets that count their
-//! connections, one of which closes idle connections when the test says.
+//! still gets its answer. Checked against a keep-alive upstream on a real socket that counts its
+//! connections and closes them as each test says.
 
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,33 +20,64 @@ use prometheus::IntCounter;
 use support::{TestGateway, run_body, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
 
-/// An HTTP/1.1 upstream that answers every run as still PROCESSING (so every request goes
-/// upstream) and counts the connections it accepts. With `close_after_answer` it closes each
-/// connection right after its answer, without announcing it (no `Connection: close`).
-struct CountingUpstream {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    answered: Arc<AtomicUsize>,
+/// When the test upstream closes a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Never: connections stay open.
+    Never,
+    /// Right after each answer, without announcing it (no `Connection: close`).
+    AfterEachAnswer,
+    /// When the test says so, every idle connection at once, as an upstream's idle timeout would.
+    IdleWhenTold,
+    /// When the test says so, each idle connection as its next request arrives, unanswered: the
+    /// close crosses the request on the wire.
+    IdleOnNextRequestWhenTold,
+    /// The same, with a reset (RST) instead of an orderly close (FIN).
+    IdleResetOnNextRequestWhenTold,
 }
 
-impl CountingUpstream {
-    async fn start(close_after_answer: bool) -> Self {
+/// An HTTP/1.1 upstream that answers every run as still PROCESSING (so every request goes
+/// upstream), counts the connections it accepts and the answers it gives, and closes connections
+/// as `Closing` says.
+struct TestUpstream {
+    addr: std::net::SocketAddr,
+    closing: Closing,
+    accepted: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
+    told_to_close: Arc<Notify>,
+    closed_idle: mpsc::UnboundedReceiver<()>,
+}
+
+impl TestUpstream {
+    async fn start(closing: Closing) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let answered = Arc::new(AtomicUsize::new(0));
-        let (accepts, answers) = (Arc::clone(&accepted), Arc::clone(&answered));
+        let told_to_close = Arc::new(Notify::new());
+        let (closed_tx, closed_idle) = mpsc::unbounded_channel();
+        let connection = Connection {
+            closing,
+            answered: Arc::clone(&answered),
+            told_to_close: Arc::clone(&told_to_close),
+            closed_idle: closed_tx,
+        };
+        let accepts = Arc::clone(&accepted);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepts.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, close_after_answer, Arc::clone(&answers)));
+                tokio::spawn(connection.clone().serve(stream));
             }
         });
         Self {
             addr,
+            closing,
             accepted,
             answered,
+            told_to_close,
+            closed_idle,
         }
     }
 
@@ -62,187 +92,39 @@ impl CountingUpstream {
     fn answered(&self) -> usize {
         self.answered.load(Ordering::SeqCst)
     }
-}
 
-async fn serve(mut stream: TcpStream, close_after_answer: bool, answered: Arc<AtomicUsize>) {
-    let mut buffer = Vec::new();
-    loop {
-        let Some(head_end) = find_head_end(&buffer) else {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-        buffer.drain(..head_end);
-        let id = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|path| path.rsplit('/').next())
-            .unwrap_or("unknown")
-            .to_owned();
-        let body = run_body(&id, "PROCESSING", 200);
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        if stream.write_all(answer.as_bytes()).await.is_err() || stream.write_all(&body).await.is_err() {
-            return;
-        }
-        answered.fetch_add(1, Ordering::SeqCst);
-        if close_after_answer {
-            return;
-        }
-    }
-}
-
-fn find_head_end(buffer: &[u8]) -> Option<usize> {
-    buffer
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .map(|start| start + 4)
-}
-
-#[tokio::test]
-async fn sequential_calls_share_one_kept_alive_connection() {
-    let upstream = CountingUpstream::start(false).await;
-    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
-    for index in 0..20 {
-        let response = gateway.get_run(&format!("run_{index}")).await;
-        assert_eq!(response.status, StatusCode::OK);
-        assert_eq!(response.x_cache(), Some("PASS"));
-    }
-    assert_eq!(upstream.answered(), 20);
-    assert_eq!(
-        upstream.accepted(),
-        1,
-        "every call after the first reused the connection"
-    );
-}
-
-#[tokio::test]
-async fn a_connection_the_upstream_closed_is_replaced_without_failing_a_request() {
-    let upstream = CountingUpstream::start(true).await;
-    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
-    for index in 0..10 {
-        let response = gateway.get_run(&format!("run_{index}")).await;
-        assert_eq!(response.status, StatusCode::OK, "request {index}");
-        assert_eq!(response.json()["id"], format!("run_{index}").as_str());
-    }
-    assert_eq!((upstream.answered(), upstream.accepted()), (10, 10));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_calls_use_a_connection_each_and_keep_them_for_later() {
-    let upstream = CountingUpstream::start(false).await;
-    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
-    for round in 0..3 {
-        let ids: Vec<String> = (0..10).map(|index| format!("run_{round}_{index}")).collect();
-        let responses = join_all(ids.iter().map(|id| gateway.get_run(id))).await;
-        for (index, response) in responses.iter().enumerate() {
-            assert_eq!(response.status, StatusCode::OK);
-            // Each answer is its own run's: no two exchanges ever shared a connection.
-            assert_eq!(response.json()["id"], format!("run_{round}_{index}").as_str());
-        }
-    }
-    assert_eq!(upstream.answered(), 30);
-    let accepted = upstream.accepted();
-    assert!(
-        (1..=10).contains(&accepted),
-        "{accepted} connections for 3 rounds of 10"
-    );
-}
-
-/// How a [`ClosingUpstream`] treats the connections that are idle when the test tells it to act.
-#[derive(Clone, Copy)]
-enum IdleClose {
-    /// Close them at once, as an upstream's idle timeout would.
-    Now,
-    /// Close them the moment their next request arrives, unanswered: the close crossed the request.
-    OnNextRequest,
-    /// The same, with a reset (RST) instead of an orderly close (FIN).
-    ResetOnNextRequest,
-}
-
-/// An HTTP/1.1 upstream that keeps each connection open after its answer until the test tells it
-/// to close the idle ones, and reports each connection it closed that way.
-struct ClosingUpstream {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    answered: Arc<AtomicUsize>,
-    close_idle: Arc<tokio::sync::Notify>,
-    closed: tokio::sync::mpsc::UnboundedReceiver<()>,
-}
-
-impl ClosingUpstream {
-    async fn start(how: IdleClose) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let answered = Arc::new(AtomicUsize::new(0));
-        let close_idle = Arc::new(tokio::sync::Notify::new());
-        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
-        let (accepts, answers, close) = (
-            Arc::clone(&accepted),
-            Arc::clone(&answered),
-            Arc::clone(&close_idle),
-        );
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                accepts.fetch_add(1, Ordering::SeqCst);
-                let connection = IdleConnection {
-                    how,
-                    close_idle: Arc::clone(&close),
-                    closed: closed_tx.clone(),
-                    answered: Arc::clone(&answers),
-                };
-                tokio::spawn(connection.serve(stream));
-            }
-        });
-        Self {
-            addr,
-            accepted,
-            answered,
-            close_idle,
-            closed,
-        }
-    }
-
-    /// Tells every idle connection to close as `IdleClose` says. With `Now`, returns once one has.
-    async fn close_idle_connections(&mut self, how: IdleClose) {
-        self.close_idle.notify_waiters();
-        if let IdleClose::Now = how {
-            self.closed
+    /// Tells the idle connections to close. With `IdleWhenTold`, returns once one has.
+    async fn close_idle_connections(&mut self) {
+        self.told_to_close.notify_waiters();
+        if self.closing == Closing::IdleWhenTold {
+            self.closed_idle
                 .recv()
                 .await
                 .expect("the upstream closed a connection");
         }
     }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    fn answered(&self) -> usize {
-        self.answered.load(Ordering::SeqCst)
-    }
 }
 
-struct IdleConnection {
-    how: IdleClose,
-    close_idle: Arc<tokio::sync::Notify>,
-    closed: tokio::sync::mpsc::UnboundedSender<()>,
+#[derive(Clone)]
+struct Connection {
+    closing: Closing,
     answered: Arc<AtomicUsize>,
+    told_to_close: Arc<Notify>,
+    closed_idle: mpsc::UnboundedSender<()>,
 }
 
-impl IdleConnection {
+impl Connection {
     async fn serve(self, mut stream: TcpStream) {
+        let when_told = matches!(
+            self.closing,
+            Closing::IdleWhenTold
+                | Closing::IdleOnNextRequestWhenTold
+                | Closing::IdleResetOnNextRequestWhenTold
+        );
         let mut buffer = Vec::new();
-        let mut told_to_close = false;
+        let mut close_on_next_request = false;
         loop {
-            let told = self.close_idle.notified();
+            let told = self.told_to_close.notified();
             tokio::pin!(told);
             told.as_mut().enable();
             let head_end = loop {
@@ -255,14 +137,16 @@ impl IdleConnection {
                         Ok(0) | Err(_) => return,
                         Ok(read) => buffer.extend_from_slice(&chunk[..read]),
                     },
-                    () = &mut told, if buffer.is_empty() && !told_to_close => match self.how {
-                        IdleClose::Now => return self.close(stream),
-                        IdleClose::OnNextRequest | IdleClose::ResetOnNextRequest => told_to_close = true,
-                    },
+                    () = &mut told, if when_told && buffer.is_empty() && !close_on_next_request => {
+                        if self.closing == Closing::IdleWhenTold {
+                            return self.close_idle(stream);
+                        }
+                        close_on_next_request = true;
+                    }
                 }
             };
-            if told_to_close {
-                return self.close(stream);
+            if close_on_next_request {
+                return self.close_idle(stream);
             }
             let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
             buffer.drain(..head_end);
@@ -279,16 +163,76 @@ impl IdleConnection {
                 return;
             }
             self.answered.fetch_add(1, Ordering::SeqCst);
+            if self.closing == Closing::AfterEachAnswer {
+                return;
+            }
         }
     }
 
-    fn close(&self, stream: TcpStream) {
-        if let IdleClose::ResetOnNextRequest = self.how {
+    fn close_idle(&self, stream: TcpStream) {
+        if self.closing == Closing::IdleResetOnNextRequestWhenTold {
             stream.set_zero_linger().expect("SO_LINGER 0");
         }
         drop(stream);
-        let _ = self.closed.send(());
+        let _ = self.closed_idle.send(());
     }
+}
+
+fn find_head_end(buffer: &[u8]) -> Option<usize> {
+    buffer
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map(|start| start + 4)
+}
+
+#[tokio::test]
+async fn sequential_calls_share_one_kept_alive_connection() {
+    let upstream = TestUpstream::start(Closing::Never).await;
+    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
+    for index in 0..20 {
+        let response = gateway.get_run(&format!("run_{index}")).await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(response.x_cache(), Some("PASS"));
+    }
+    assert_eq!(upstream.answered(), 20);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "every call after the first reused the connection"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_replaced_without_failing_a_request() {
+    let upstream = TestUpstream::start(Closing::AfterEachAnswer).await;
+    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
+    for index in 0..10 {
+        let response = gateway.get_run(&format!("run_{index}")).await;
+        assert_eq!(response.status, StatusCode::OK, "request {index}");
+        assert_eq!(response.json()["id"], format!("run_{index}").as_str());
+    }
+    assert_eq!((upstream.answered(), upstream.accepted()), (10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_use_a_connection_each_and_keep_them_for_later() {
+    let upstream = TestUpstream::start(Closing::Never).await;
+    let gateway = TestGateway::start_with(test_config(&upstream.base_url())).await;
+    for round in 0..3 {
+        let ids: Vec<String> = (0..10).map(|index| format!("run_{round}_{index}")).collect();
+        let responses = join_all(ids.iter().map(|id| gateway.get_run(id))).await;
+        for (index, response) in responses.iter().enumerate() {
+            assert_eq!(response.status, StatusCode::OK);
+            // Each answer is its own run's: no two exchanges ever shared a connection.
+            assert_eq!(response.json()["id"], format!("run_{round}_{index}").as_str());
+        }
+    }
+    assert_eq!(upstream.answered(), 30);
+    let accepted = upstream.accepted();
+    assert!(
+        (1..=10).contains(&accepted),
+        "{accepted} connections for 3 rounds of 10"
+    );
 }
 
 fn plain_pool(addr: std::net::SocketAddr, retries: &IntCounter) -> Pool {
@@ -316,9 +260,9 @@ fn get_run(addr: std::net::SocketAddr, id: &str) -> Request<Empty<Bytes>> {
 }
 
 /// Five rounds: a GET through the pool, its answer read whole, the connection given back, then
-/// the upstream closes its idle connections as `how` says.
-async fn get_through_closing_connections(how: IdleClose) -> (ClosingUpstream, IntCounter) {
-    let mut upstream = ClosingUpstream::start(how).await;
+/// the upstream told to close its idle connections as `closing` says.
+async fn get_through_closing_connections(closing: Closing) -> (TestUpstream, IntCounter) {
+    let mut upstream = TestUpstream::start(closing).await;
     let retries = IntCounter::new("retries", "retries").expect("counter");
     let pool = plain_pool(upstream.addr, &retries);
     for round in 0..5 {
@@ -334,7 +278,7 @@ async fn get_through_closing_connections(how: IdleClose) -> (ClosingUpstream, In
             "round {round}: its own run"
         );
         pool.put(lease);
-        upstream.close_idle_connections(how).await;
+        upstream.close_idle_connections().await;
     }
     (upstream, retries)
 }
@@ -343,7 +287,7 @@ async fn get_through_closing_connections(how: IdleClose) -> (ClosingUpstream, In
 /// the close: hyper hands the unwritten request back and the pool sends it on a new connection.
 #[tokio::test]
 async fn a_request_not_yet_written_to_a_closed_connection_goes_out_on_a_new_one() {
-    let (upstream, retries) = get_through_closing_connections(IdleClose::Now).await;
+    let (upstream, retries) = get_through_closing_connections(Closing::IdleWhenTold).await;
     assert_eq!((upstream.answered(), upstream.accepted()), (5, 5));
     assert_eq!(retries.get(), 0, "nothing was sent twice");
 }
@@ -352,7 +296,7 @@ async fn a_request_not_yet_written_to_a_closed_connection_goes_out_on_a_new_one(
 /// without an answer. A GET is safe to repeat: it is sent once more, on a fresh connection.
 #[tokio::test]
 async fn a_request_written_as_the_upstream_closed_the_connection_is_sent_once_more() {
-    let (upstream, retries) = get_through_closing_connections(IdleClose::OnNextRequest).await;
+    let (upstream, retries) = get_through_closing_connections(Closing::IdleOnNextRequestWhenTold).await;
     assert_eq!(upstream.answered(), 5);
     assert_eq!(
         upstream.accepted(),
@@ -368,7 +312,7 @@ async fn a_request_written_as_the_upstream_closed_the_connection_is_sent_once_mo
 
 #[tokio::test]
 async fn a_request_written_as_the_upstream_reset_the_connection_is_sent_once_more() {
-    let (upstream, retries) = get_through_closing_connections(IdleClose::ResetOnNextRequest).await;
+    let (upstream, retries) = get_through_closing_connections(Closing::IdleResetOnNextRequestWhenTold).await;
     assert_eq!((upstream.answered(), upstream.accepted()), (5, 5));
     assert_eq!(retries.get(), 4);
 }
