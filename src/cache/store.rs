@@ -8,7 +8,7 @@
 //!
 //! Entries are kept small, since a cache of small runs is mostly per-entry overhead:
 //! - the ETag and the body are copied, end to end, into one allocation of exactly their size from
-//!   the system allocator (see [`exact_copy`]); an upstream body arrives as a slice of the
+//!   the system allocator (see `exact_copy`); an upstream body arrives as a slice of the
 //!   connection's read buffer, and keeping that slice would pin the whole buffer, 8 KiB or more;
 //! - the content type joins them in that allocation unless it is `application/json` (nearly
 //!   always), which is served from a static value;
