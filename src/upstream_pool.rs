@@ -90,22 +90,24 @@ impl Pool {
     }
 
     /// Sends the request `build` makes (a GET in origin form: the path, with `Host` set) on a
-    /// pooled or a fresh connection. `build` runs once more only for the retry described in the
-    /// module docs.
+    /// pooled or a fresh connection. `build` runs again only when a connection failed under the
+    /// request (see the module docs).
     pub async fn send(
         &self,
         build: impl Fn() -> Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
-        let mut request = build();
         if let Some(mut sender) = self.shared_http2() {
-            match sender.try_send_request(self.absolute_form(request)).await {
+            match sender.try_send_request(self.absolute_form(build())).await {
                 Ok(response) => return Ok((response, Lease(None))),
+                // Not written: the connection had closed. The request is built anew below, in
+                // origin form, for whichever connection comes next.
                 Err(error) => {
-                    request = returned(error)?;
+                    let _unsent = returned(error)?;
                     self.forget_closed_http2();
                 }
             }
         }
+        let mut request = build();
         while let Some(mut sender) = self.checkout().await {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, Lease(Some(sender)))),
