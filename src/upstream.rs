@@ -342,34 +342,21 @@ mod tests {
 
     #[test]
     fn the_host_header_names_a_port_only_when_it_is_not_the_default() {
-        let host = |url: &str| {
-            let uri: Uri = url.parse().expect("test URL");
-            host_header(&uri).map(|value| value.to_str().expect("ascii").to_owned())
-        };
-        let prefix = "/api/public/v1/workflow-runs/";
-        assert_eq!(
-            host(&format!("https://api.plextera.com{prefix}")).as_deref(),
-            Some("api.plextera.com")
-        );
-        assert_eq!(
-            host(&format!("https://api.plextera.com:443{prefix}")).as_deref(),
-            Some("api.plextera.com")
-        );
-        assert_eq!(
-            host(&format!("https://api.plextera.com:8443{prefix}")).as_deref(),
-            Some("api.plextera.com:8443")
-        );
-        assert_eq!(
-            host(&format!("http://127.0.0.1:80{prefix}")).as_deref(),
-            Some("127.0.0.1")
-        );
-        assert_eq!(
-            host(&format!("http://127.0.0.1:9000{prefix}")).as_deref(),
-            Some("127.0.0.1:9000")
-        );
-        assert_eq!(
-            host(&format!("http://[::1]:9000{prefix}")).as_deref(),
-            Some("[::1]:9000")
-        );
+        for (origin, expected) in [
+            ("https://api.plextera.com", "api.plextera.com"),
+            ("https://api.plextera.com:443", "api.plextera.com"),
+            ("https://api.plextera.com:8443", "api.plextera.com:8443"),
+            ("http://127.0.0.1:80", "127.0.0.1"),
+            ("http://127.0.0.1:9000", "127.0.0.1:9000"),
+            ("http://[::1]:9000", "[::1]:9000"),
+        ] {
+            let uri: Uri = format!("{origin}/api/public/v1/workflow-runs/")
+                .parse()
+                .expect("test URL");
+            let host = host_header(&uri).expect("a host");
+            assert_eq!(host.to_str().expect("ascii"), expected, "{origin}");
+        }
+        let path_only: Uri = "/api/public/v1/workflow-runs/".parse().expect("a path");
+        assert!(host_header(&path_only).is_none());
     }
 }
