@@ -27,7 +27,7 @@ use http::uri::Uri;
 use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -99,12 +99,12 @@ impl Pool {
         if let Some(mut sender) = self.shared_http2() {
             match sender.try_send_request(self.absolute_form(build())).await {
                 Ok(response) => return Ok((response, Lease(None))),
+                Err(error) if error.message().is_none() => {
+                    return Err(PoolError::Request(error.into_error()));
+                }
                 // Not written: the connection had closed. The request is built anew below, in
                 // origin form, for whichever connection comes next.
-                Err(error) => {
-                    let _unsent = returned(error)?;
-                    self.forget_closed_http2();
-                }
+                Err(_) => self.forget_closed_http2(),
             }
         }
         let mut request = build();
@@ -233,13 +233,6 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// The request back from a connection that did not write it, or the error if it had been sent.
-fn returned(mut error: TrySendError<Request<RequestBody>>) -> Result<Request<RequestBody>, PoolError> {
-    error
-        .take_message()
-        .ok_or_else(|| PoolError::Request(error.into_error()))
 }
 
 /// The connection ended before any answer: closed (EOF) or reset, rather than a malformed or
