@@ -283,7 +283,6 @@ async fn answer_mock(
     }
 }
 
-/// An address where nothing listens: connecting to it is refused.
 /// A bench knob: the environment variable `name` parsed as a number, or `default` when unset or
 /// not a number.
 pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -293,6 +292,7 @@ pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// An address where nothing listens: connecting to it is refused.
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
