@@ -106,7 +106,7 @@ fn cache_hit(c: &mut Criterion) {
         fill(app.admin.store.clone()).await;
         app
     });
-    let service = app.public_service::<Empty<Bytes>>();
+    let service = app.public_service::<Empty<Bytes>>(None);
     c.bench_function("hit/service_stack", |b| {
         b.to_async(&runtime).iter(|| async {
             let request = Request::get("/api/public/v1/workflow-runs/done-42")

@@ -14,6 +14,7 @@ use crate::budget::Budget;
 use crate::cache::RunStore;
 use crate::client_auth::ClientTokens;
 use crate::config::{Config, ConfigError};
+use crate::connection::WorkSlots;
 use crate::metrics::Metrics;
 use crate::proxy::{ProxySettings, RunService};
 use crate::response::Body;
@@ -23,13 +24,15 @@ use crate::shared_cache::SharedCache;
 use crate::stack;
 use crate::upstream::{KeyRotation, Upstream};
 use secrecy::ExposeSecret;
+use tower_http::cors::CorsLayer;
 
 /// The gateway's parts, ready to be served.
 pub struct App {
     pub runs: RunService,
     /// What the admin port reads: readiness, metrics, the store, the budget.
     pub admin: AdminState,
-    pub cors_allowed_origins: Vec<String>,
+    /// CORS for the configured origins, built once; `None` when none are configured.
+    pub cors: Option<CorsLayer>,
     /// Accepted client tokens, when client authentication is on.
     pub client_tokens: Option<ClientTokens>,
     /// Replaces the upstream key without a restart.
@@ -84,25 +87,29 @@ impl App {
                 store,
                 budget,
             },
-            cors_allowed_origins: config.server.cors_allowed_origins.clone(),
+            cors: stack::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),
             key_rotation,
         })
     }
 
-    /// The public port's service stack (see [`stack`]).
+    /// The public port's service stack (see [`stack`]) for one client connection, whose upstream
+    /// work slots are `work`; `None` to drive it without a server.
     pub fn public_service<B: Send + 'static>(
         &self,
+        work: Option<WorkSlots>,
     ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
     + Sync
-    + 'static {
+    + 'static
+    + use<B> {
         stack::public_service(
             self.runs.clone(),
             self.admin.metrics.requests.clone(),
-            &self.cors_allowed_origins,
+            self.cors.clone(),
             self.client_tokens.clone(),
+            work,
         )
     }
 }

@@ -56,12 +56,24 @@ pub struct ServerConfig {
     /// Most client connections open at once on the public port; further ones wait in the kernel's
     /// accept queue until one closes.
     pub max_connections: NonZeroUsize,
-    /// A client must send a complete request head within this long, and an idle keep-alive
-    /// connection is closed after it (slowloris protection).
+    /// A connection must complete a request head within this long of opening, and of its last
+    /// answer, whatever its protocol; otherwise it is closed (slowloris, silent and idle
+    /// connections, HTTP/1 and HTTP/2 alike).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Most concurrent HTTP/2 streams per client connection.
+    /// A response that makes no progress for this long (the client stopped reading, or stopped
+    /// granting HTTP/2 flow-control window) closes its connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per client connection; also the most upstream calls one
+    /// connection's requests may have in flight, reset streams included.
     pub http2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection with requests in progress is probed with PING; `0s` never.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
     /// Name of an environment variable holding comma-separated client tokens; when set, every
     /// request needs `Authorization: Bearer <one of them>`.
     pub client_tokens_env: Option<String>,
@@ -78,7 +90,10 @@ impl Default for ServerConfig {
             worker_threads: None,
             max_connections: NonZeroUsize::new(10_000).expect("non-zero"),
             header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             http2_max_concurrent_streams: 100,
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(20),
             client_tokens_env: None,
         }
     }
@@ -254,8 +269,14 @@ impl Config {
         if self.server.header_read_timeout.is_zero() {
             return invalid("server.header_read_timeout must be more than 0s".to_owned());
         }
+        if self.server.write_timeout.is_zero() {
+            return invalid("server.write_timeout must be more than 0s".to_owned());
+        }
         if self.server.http2_max_concurrent_streams == 0 {
             return invalid("server.http2_max_concurrent_streams must be at least 1".to_owned());
+        }
+        if !self.server.http2_keepalive_interval.is_zero() && self.server.http2_keepalive_timeout.is_zero() {
+            return invalid("server.http2_keepalive_timeout must be more than 0s".to_owned());
         }
         self.upstream.runs_url_prefix()?;
         if self.upstream.request_timeout.is_zero() {

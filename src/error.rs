@@ -5,7 +5,7 @@
 //! detail, no header, no key ever reaches a body.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, HeaderValue, RETRY_AFTER};
+use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
@@ -108,12 +108,6 @@ impl GatewayError {
                 response
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-            }
-            Self::BodyNotAllowed => {
-                // Whatever follows on this connection may be a smuggled request: read none of it.
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             Self::RateLimited { retry_after_secs } | Self::UpstreamCoolingDown { retry_after_secs } => {
                 response

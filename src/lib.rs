@@ -11,6 +11,7 @@
 //! - [`config`]: the TOML file, defaults, validation, key lookup;
 //! - [`secret`]: the key wrapper that never prints;
 //! - [`app`]: the parts wired from a config; [`server`]: listeners, connections, graceful drain;
+//!   [`connection`]: each client connection's bounds (idle, stalled writes, resets, upstream work);
 //!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
 //!   log) → CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod client_auth;
 pub mod coalesce;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod etag;

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    raise_descriptor_limit(config.server.max_connections.get());
     let runtime = match runtime(config.server.worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => return refuse(format!("cannot start the async runtime: {error}")),
@@ -73,6 +74,32 @@ fn without_transparent_huge_pages() {
     if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
         // Not fatal: memory use is higher, nothing else changes. Logging is not set up yet.
         eprintln!("plextera-gateway: cannot opt out of transparent huge pages: {error}");
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one, as Go's runtime does at start-up.
+///
+/// Every client connection holds a descriptor, and so does every upstream call it leads; a soft
+/// limit of 1,024 (a common default) is far below `server.max_connections`, and running out of
+/// descriptors would refuse new connections on both ports. A limit still too low is logged.
+fn raise_descriptor_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // A client connection and the upstream call it may lead, plus listeners, Redis and logs.
+    let wanted = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    if limit < wanted {
+        tracing::warn!(
+            max_connections,
+            descriptor_limit = limit,
+            "the open-descriptor limit is low for server.max_connections: raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
     }
 }
 

@@ -16,6 +16,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::connection::CloseReason;
 use crate::response::CacheOutcome;
 use crate::run_status::{RunStatus, RunStatuses};
 use crate::upstream::UpstreamError;
@@ -64,6 +65,7 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     pub budget: BudgetMetrics,
     pub shared: SharedCacheMetrics,
+    pub connections: ConnectionMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
     /// `plextera_gateway_coalesced_waiters`.
@@ -102,6 +104,7 @@ impl Metrics {
             cache: CacheMetrics::new(&registry)?,
             budget: BudgetMetrics::new(&registry)?,
             shared: SharedCacheMetrics::new(&registry)?,
+            connections: ConnectionMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
             registry,
@@ -411,6 +414,52 @@ pub enum RefusalReason {
     Exhausted,
     /// Upstream's 429 cooldown still running.
     Cooldown,
+}
+
+/// Client connections on the public port: how many are open, and why the gateway closed some.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    open: IntGauge,
+    /// In `CloseReason::ALL` order.
+    closed: Arc<[IntCounter; CloseReason::ALL.len()]>,
+}
+
+impl ConnectionMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let open = IntGauge::with_opts(opts(
+            "client_connections",
+            "Client connections open on the public port.",
+        ))?;
+        registry.register(Box::new(open.clone()))?;
+        let closed = IntCounterVec::new(
+            opts(
+                "client_connections_closed_total",
+                "Client connections the gateway closed on its own account: idle (no request head within header_read_timeout), write_timeout (an answer stalled), resets (too many cancelled requests), shed (idle, closed to make room).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(closed.clone()))?;
+        Ok(Self {
+            open,
+            closed: Arc::new(CloseReason::ALL.map(|reason| closed.with_label_values(&[reason.as_str()]))),
+        })
+    }
+
+    pub fn opened(&self) {
+        self.open.inc();
+    }
+
+    pub fn ended(&self) {
+        self.open.dec();
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        let index = CloseReason::ALL
+            .iter()
+            .position(|known| *known == reason)
+            .expect("ALL lists every reason");
+        self.closed[index].inc();
+    }
 }
 
 /// The upstream budget: refusals and the shared cooldown.

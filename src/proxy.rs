@@ -1,7 +1,8 @@
 //! The caching proxy: answers a [`RunRequest`] from memory, or from upstream and maybe stores it.
 //!
-//! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise join or lead
-//! the single upstream call for that run ([`Coalescer`]). The call, in a task of its own so no
+//! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise take one of
+//! the client connection's work slots (see [`crate::connection`]) and join or lead the single
+//! upstream call for that run ([`Coalescer`]); a call led keeps the slot until it ends. The call, in a task of its own so no
 //! client's disconnect cancels it: checks the store once more (a call that just ended may have
 //! filled it), then the shared Redis tier when there is one (and, if another replica is fetching
 //! the run, waits briefly for it), waits for the upstream budget, fetches, maps faults to gateway
@@ -137,11 +138,24 @@ impl Service<RunRequest> for RunService {
 impl Shared {
     /// Joins or leads the one upstream call for the run, then answers from what it produced.
     async fn miss(self: Arc<Self>, request: RunRequest) -> Response<Body> {
+        // One of the client connection's work slots: a call this request leads keeps it until the
+        // call ends, even if the client resets the stream or goes away; joining another's call
+        // gives it back at once.
+        let work_slot = match &request.work {
+            Some(work) => Some(work.acquire().await),
+            None => None,
+        };
         let call = {
             let shared = Arc::clone(&self);
             let (id, request_id) = (request.id.clone(), request.request_id.clone());
             let span = tracing::Span::current();
-            move || async move { shared.fetch(id, request_id).await }.instrument(span)
+            move || {
+                async move {
+                    let _work_slot = work_slot;
+                    shared.fetch(id, request_id).await
+                }
+                .instrument(span)
+            }
         };
         let (fetched, role) = self.coalescer.run(request.id.clone(), call).await;
         let fetched = fetched.unwrap_or_else(|_| {

@@ -4,18 +4,21 @@
 //! validated [`RunId`]; the query string is dropped here (Get-run takes none, and a client must
 //! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
 //! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
-//! oversized request still gets the JSON error shape. A request that frames a body (any
-//! `Transfer-Encoding`, or a non-zero `Content-Length`) is refused and its connection closed: Get-run
-//! takes no body, and framing is how request smuggling starts.
+//! oversized request still gets the JSON error shape. Checks run from the most general to the
+//! most specific: size, path (404), method (405), body (400), run id (400). A request that frames a
+//! body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served, and whatever it
+//! is refused for, its connection is closed: the body is not read, Get-run takes none, and framing
+//! is how request smuggling starts.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
-use http::header::{CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
+use crate::connection::WorkSlots;
 use crate::error::GatewayError;
 use crate::response::{Body, X_REQUEST_ID};
 use crate::run_id::RunId;
@@ -35,17 +38,31 @@ pub struct RunRequest {
     pub request_id: HeaderValue,
     /// The client's `If-None-Match`, answered with 304 when it names the stored run's ETag.
     pub if_none_match: Option<HeaderValue>,
+    /// The client connection's upstream work slots; `None` outside a server (benches).
+    pub work: Option<WorkSlots>,
 }
 
 /// Adds [`Route`] in front of a `Service<RunRequest>`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RouteLayer;
+#[derive(Debug, Clone, Default)]
+pub struct RouteLayer {
+    work: Option<WorkSlots>,
+}
+
+impl RouteLayer {
+    /// `work`: the slots of the connection this stack serves, handed to every request.
+    pub fn new(work: Option<WorkSlots>) -> Self {
+        Self { work }
+    }
+}
 
 impl<S> Layer<S> for RouteLayer {
     type Service = Route<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Route { inner }
+        Route {
+            inner,
+            work: self.work.clone(),
+        }
     }
 }
 
@@ -53,6 +70,7 @@ impl<S> Layer<S> for RouteLayer {
 #[derive(Debug, Clone)]
 pub struct Route<S> {
     inner: S,
+    work: Option<WorkSlots>,
 }
 
 impl<S, B> Service<Request<B>> for Route<S>
@@ -78,14 +96,25 @@ where
                     id,
                     request_id,
                     if_none_match,
+                    work: self.work.clone(),
                 }))
             }
-            Err(error) => Either::Left(ready(Ok(error.into_response(request_id.as_ref())))),
+            Err(error) => {
+                let mut response = error.into_response(request_id.as_ref());
+                if has_body_framing(request.headers()) {
+                    // The body is not read, and whatever follows it on this connection may be a
+                    // smuggled request: read none of it.
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Either::Left(ready(Ok(response)))
+            }
         }
     }
 }
 
-/// Validates size, path, method and run id, in that order.
+/// Validates size, path, method, body framing and run id, in that order.
 pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
     let target_len = request
         .uri()
@@ -97,9 +126,6 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
     if header_bytes(request.headers()) > MAX_HEADER_BYTES {
         return Err(GatewayError::HeadersTooLarge);
     }
-    if has_body_framing(request.headers()) {
-        return Err(GatewayError::BodyNotAllowed);
-    }
     let raw_id = request
         .uri()
         .path()
@@ -108,6 +134,9 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
         .ok_or(GatewayError::NotFound)?;
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(GatewayError::MethodNotAllowed);
+    }
+    if has_body_framing(request.headers()) {
+        return Err(GatewayError::BodyNotAllowed);
     }
     RunId::parse(raw_id).map_err(|_| GatewayError::InvalidRunId)
 }
@@ -219,6 +248,14 @@ mod tests {
                 "{name}"
             );
         }
+        let mut post = request(Method::POST, "/api/public/v1/workflow-runs/a");
+        post.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("4"));
+        assert_eq!(
+            route(&post).err(),
+            Some(GatewayError::MethodNotAllowed),
+            "a method that is not allowed is 405 whatever its body"
+        );
         let mut empty = request(Method::GET, "/api/public/v1/workflow-runs/a");
         empty
             .headers_mut()

@@ -8,27 +8,39 @@
 //! listener closes (new connections are refused), in-flight requests get `shutdown_grace`
 //! to finish (HTTP/1 keep-alive connections are closed once idle, HTTP/2 gets GOAWAY), and whatever
 //! is left after the grace period is cut, with a warning.
+//!
+//! Each port serves at most a fixed number of connections at once. Every connection runs in a
+//! task of its own beside its [`Connection`] watchdog, which closes it when it goes idle, stalls
+//! or keeps resetting streams (see [`crate::connection`]). When every slot is taken and another
+//! connection arrives, the longest-idle connection is closed to make room; with none idle, the
+//! newcomer waits (and the kernel queues those after it). So connections that send nothing can
+//! neither hold the public port nor keep the admin port from answering its probes.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use std::sync::Arc;
-
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tower::Service;
 
 use crate::admin;
 use crate::app::{App, AppError};
 use crate::config::Config;
+use crate::connection::io::WatchedIo;
+use crate::connection::track::Track;
+use crate::connection::{CLOSE_GRACE, CloseReason, Connection, Limits, idlest};
+use crate::metrics::ConnectionMetrics;
 use crate::response::Body;
 use crate::secret::Secrets;
 use crate::upstream::KeyRotation;
@@ -63,9 +75,20 @@ pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
     app: App,
-    limits: ConnectionLimits,
+    listener: ListenerSettings,
     shutdown_delay: Duration,
     shutdown_grace: Duration,
+}
+
+/// How one port serves its connections.
+#[derive(Debug, Clone, Copy)]
+struct ListenerSettings {
+    /// Connections served at once.
+    max_connections: usize,
+    /// What each connection is allowed.
+    limits: Limits,
+    /// HTTP/2 PING interval while requests are in progress (`None`: no PING), and its deadline.
+    http2_keepalive: Option<(Duration, Duration)>,
 }
 
 impl Gateway {
@@ -75,17 +98,23 @@ impl Gateway {
         let app = App::new(config, secrets)?;
         let public = bind("public", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
+        let server = &config.server;
         Ok(Self {
             public,
             admin,
             app,
-            limits: ConnectionLimits {
-                max_connections: config.server.max_connections.get(),
-                header_read_timeout: config.server.header_read_timeout,
-                http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
+            listener: ListenerSettings {
+                max_connections: server.max_connections.get(),
+                limits: Limits {
+                    header_read_timeout: server.header_read_timeout,
+                    write_timeout: server.write_timeout,
+                    max_streams: server.http2_max_concurrent_streams,
+                },
+                http2_keepalive: (!server.http2_keepalive_interval.is_zero())
+                    .then_some((server.http2_keepalive_interval, server.http2_keepalive_timeout)),
             },
-            shutdown_delay: config.server.shutdown_delay,
-            shutdown_grace: config.server.shutdown_grace,
+            shutdown_delay: server.shutdown_delay,
+            shutdown_grace: server.shutdown_grace,
         })
     }
 
@@ -105,18 +134,20 @@ impl Gateway {
     /// Serves until `shutdown` resolves, then drains as described in the module documentation.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (public_addr, admin_addr) = (self.public_addr(), self.admin_addr());
-        let public_service = TowerToHyperService::new(self.app.public_service());
-        let readiness = self.app.admin.readiness.clone();
-        let admin_state = self.app.admin;
-        let admin_service =
-            hyper::service::service_fn(move |request| admin::handle(request, admin_state.clone()));
+        let admin_state = self.app.admin.clone();
+        let readiness = admin_state.readiness.clone();
+        let connection_metrics = admin_state.metrics.connections.clone();
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_settings = ListenerSettings {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..self.listener
+        };
         let admin_task = tokio::spawn(async move {
-            let admin_limits = ConnectionLimits {
-                max_connections: ADMIN_MAX_CONNECTIONS,
-                ..self.limits
+            let admin_service = move |_: &Arc<Connection>| {
+                let state = admin_state.clone();
+                tower::service_fn(move |request| admin::handle(request, state.clone()))
             };
-            let mut admin = Acceptor::new(self.admin, admin_service, admin_limits);
+            let mut admin = Acceptor::new(self.admin, admin_service, admin_settings, None);
             admin
                 .accept_until(async {
                     let _ = admin_stopped.await;
@@ -125,7 +156,15 @@ impl Gateway {
             admin.drain(ADMIN_GRACE).await;
         });
 
-        let mut public = Acceptor::new(self.public, public_service, self.limits);
+        let app = self.app;
+        let public_service =
+            move |connection: &Arc<Connection>| app.public_service::<Incoming>(Some(connection.work_slots()));
+        let mut public = Acceptor::new(
+            self.public,
+            public_service,
+            self.listener,
+            Some(connection_metrics),
+        );
         readiness.set(true);
         tracing::info!(%public_addr, %admin_addr, "gateway ready");
         public.accept_until(shutdown).await;
@@ -150,78 +189,74 @@ impl Gateway {
     }
 }
 
-/// Waits for a free connection slot, then for a connection. While every slot is taken, new
-/// connections wait in the kernel's accept queue (and time out there if it stays full).
-async fn accept_with_slot(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-) -> (
-    OwnedSemaphorePermit,
-    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) {
-    let slot = Arc::clone(slots)
-        .acquire_owned()
-        .await
-        .expect("the connection semaphore is never closed");
-    (slot, listener.accept().await)
-}
-
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { which, addr, source })
 }
 
-/// What one listener allows its clients.
-#[derive(Debug, Clone, Copy)]
-struct ConnectionLimits {
-    /// Connections served at once; more wait in the kernel's accept queue.
-    max_connections: usize,
-    /// Time to send a request head; also how long a keep-alive connection may idle.
-    header_read_timeout: Duration,
-    /// Concurrent HTTP/2 streams per connection.
-    http2_max_concurrent_streams: u32,
-}
-
-/// Accepts connections on one listener and tracks them for draining.
-struct Acceptor<S> {
+/// Accepts connections on one listener, serves each in a task, and tracks them for shedding and
+/// draining.
+struct Acceptor<M> {
     listener: TcpListener,
-    service: S,
+    /// Makes the service for one connection (the public port's carries the connection's work
+    /// slots into the proxy).
+    make_service: M,
     http: auto::Builder<TokioExecutor>,
-    graceful: GracefulShutdown,
-    connections: JoinSet<()>,
-    /// One permit per connection being served.
+    limits: Limits,
+    /// One permit per connection being served (or whose upstream work is still running).
     slots: Arc<Semaphore>,
+    /// Accepted while every slot was taken: served as soon as one frees.
+    waiting: Option<TcpStream>,
+    connections: JoinSet<()>,
+    /// The connections being served, by their task, for shedding.
+    open: HashMap<tokio::task::Id, Arc<Connection>>,
+    /// Tells every connection to finish, when the listener drains.
+    draining: watch::Sender<bool>,
+    metrics: Option<ConnectionMetrics>,
 }
 
-impl<S> Acceptor<S>
+impl<M, S> Acceptor<M>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    M: Fn(&Arc<Connection>) -> S,
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    fn new(listener: TcpListener, service: S, limits: ConnectionLimits) -> Self {
+    fn new(
+        listener: TcpListener,
+        make_service: M,
+        settings: ListenerSettings,
+        metrics: Option<ConnectionMetrics>,
+    ) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(settings.limits.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES);
-        // HTTP/2: bounded streams per connection, and a connection that keeps opening and
-        // resetting streams (CVE-2023-44487, "rapid reset") is closed with ENHANCE_YOUR_CALM.
-        http.http2()
+        // HTTP/2: bounded streams per connection, a connection that opens and resets streams
+        // faster than they are accepted (CVE-2023-44487, "rapid reset") is closed with
+        // ENHANCE_YOUR_CALM, and peers that stop answering PINGs mid-request are dropped. Paced
+        // resets are the connection watchdog's business.
+        let mut http2 = http.http2();
+        http2
             .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_concurrent_streams(settings.limits.max_streams)
             .max_pending_accept_reset_streams(MAX_PENDING_RESET_STREAMS)
             .max_header_list_size(MAX_HEAD_BYTES as u32);
+        if let Some((interval, timeout)) = settings.http2_keepalive {
+            http2.keep_alive_interval(interval).keep_alive_timeout(timeout);
+        }
         Self {
             listener,
-            service,
+            make_service,
             http,
-            graceful: GracefulShutdown::new(),
+            limits: settings.limits,
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            waiting: None,
             connections: JoinSet::new(),
-            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            open: HashMap::new(),
+            draining: watch::channel(false).0,
+            metrics,
         }
     }
 
@@ -231,9 +266,27 @@ where
         loop {
             tokio::select! {
                 () = &mut stop => return,
-                Some(_) = self.connections.join_next(), if !self.connections.is_empty() => {}
-                (slot, accepted) = accept_with_slot(&self.listener, &self.slots) => match accepted {
-                    Ok((stream, _peer)) => self.spawn_connection(stream, slot),
+                Some(ended) = self.connections.join_next_with_id(), if !self.connections.is_empty() => {
+                    let id = match ended {
+                        Ok((id, ())) => id,
+                        Err(error) => error.id(),
+                    };
+                    self.open.remove(&id);
+                }
+                slot = Arc::clone(&self.slots).acquire_owned(), if self.waiting.is_some() => {
+                    let slot = slot.expect("the connection semaphore is never closed");
+                    if let Some(stream) = self.waiting.take() {
+                        self.spawn_connection(stream, slot);
+                    }
+                }
+                accepted = self.listener.accept(), if self.waiting.is_none() => match accepted {
+                    Ok((stream, _peer)) => match Arc::clone(&self.slots).try_acquire_owned() {
+                        Ok(slot) => self.spawn_connection(stream, slot),
+                        Err(_) => {
+                            self.shed_idlest();
+                            self.waiting = Some(stream);
+                        }
+                    },
                     Err(error) => {
                         tracing::warn!(%error, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -243,35 +296,105 @@ where
         }
     }
 
-    fn spawn_connection(&mut self, stream: tokio::net::TcpStream, slot: OwnedSemaphorePermit) {
+    /// Asks the connection that has been idle longest, if any is, to close.
+    fn shed_idlest(&self) {
+        if let Some(connection) = idlest(self.open.values()) {
+            connection.request_close(CloseReason::Shed);
+        }
+    }
+
+    fn spawn_connection(&mut self, stream: TcpStream, slot: OwnedSemaphorePermit) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let connection = self
+        let connection = Connection::new(self.limits, slot);
+        let service = Track::new((self.make_service)(&connection), Arc::clone(&connection));
+        let io = TokioIo::new(WatchedIo::new(stream, Arc::clone(&connection)));
+        let served = self
             .http
-            .serve_connection(TokioIo::new(stream), self.service.clone())
+            .serve_connection(io, TowerToHyperService::new(service))
             .into_owned();
-        let connection = self.graceful.watch(connection);
-        self.connections.spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "connection ended with an error");
+        let draining = self.draining.subscribe();
+        let open = self.metrics.clone().map(OpenConnection::new);
+        let watched = Arc::clone(&connection);
+        let task = self.connections.spawn(async move {
+            let reason = serve_connection(served, &watched, draining).await;
+            if let (Some(open), Some(reason)) = (open, reason) {
+                open.closed(reason);
             }
-            drop(slot);
         });
+        self.open.insert(task.id(), connection);
     }
 
     /// Stops accepting, asks every connection to finish, waits up to `grace`, then cuts the rest.
     /// Returns whether everything finished in time.
-    async fn drain(self, grace: Duration) -> bool {
-        let Self {
-            listener,
-            graceful,
-            mut connections,
-            ..
-        } = self;
-        drop(listener);
-        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
-        connections.shutdown().await;
+    async fn drain(mut self, grace: Duration) -> bool {
+        drop(self.listener);
+        drop(self.waiting.take());
+        self.draining.send_replace(true);
+        let connections = &mut self.connections;
+        let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} })
+            .await
+            .is_ok();
+        self.connections.shutdown().await;
         drained
+    }
+}
+
+/// Serves one connection until it ends, its watchdog closes it, or the listener drains. Returns
+/// the watchdog's reason when it was the watchdog.
+async fn serve_connection<C>(
+    served: C,
+    connection: &Connection,
+    mut draining: watch::Receiver<bool>,
+) -> Option<CloseReason>
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut served = std::pin::pin!(served);
+    let reason = tokio::select! {
+        result = served.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            return None;
+        }
+        _ = draining.wait_for(|draining| *draining) => None,
+        reason = connection.watch() => Some(reason),
+    };
+    match reason {
+        // Nothing more can be written: drop it, which closes the socket.
+        Some(reason) if !reason.is_graceful() => {}
+        Some(_) => {
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+        }
+        // Draining: the listener cuts whatever is left after its grace period.
+        None => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+    reason
+}
+
+/// Counts a public connection as open until its task ends, however it ends.
+struct OpenConnection(ConnectionMetrics);
+
+impl OpenConnection {
+    fn new(metrics: ConnectionMetrics) -> Self {
+        metrics.opened();
+        Self(metrics)
+    }
+
+    fn closed(&self, reason: CloseReason) {
+        self.0.closed(reason);
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.ended();
     }
 }

@@ -9,6 +9,7 @@ use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::client_auth::{ClientAuthLayer, ClientTokens};
+use crate::connection::WorkSlots;
 use crate::metrics::RequestMetrics;
 use crate::proxy::RunService;
 use crate::request_log::RequestLogLayer;
@@ -19,12 +20,14 @@ use crate::routes::RouteLayer;
 /// How long browsers may reuse a preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// Builds the request path for the public port.
+/// Builds the request path for the public port, for one client connection (`work`: its upstream
+/// work slots) or, with `None`, for driving the stack without a server.
 pub fn public_service<B>(
     runs: RunService,
     metrics: RequestMetrics,
-    cors_allowed_origins: &[String],
+    cors: Option<CorsLayer>,
     client_tokens: Option<ClientTokens>,
+    work: Option<WorkSlots>,
 ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
 + Clone
 + Send
@@ -38,19 +41,19 @@ where
         // preflights and errors included, is logged and carries x-request-id.
         .layer(RequestLogLayer)
         // CORS headers and preflight answers, only when origins are configured.
-        .option_layer(cors_layer(cors_allowed_origins))
+        .option_layer(cors)
         // requests_total and request_duration_seconds, by cache outcome and status.
         .layer(RecordMetricsLayer::new(metrics))
         // Client tokens, when configured: a request without one is answered 401 here.
         .option_layer(client_tokens.map(ClientAuthLayer::new))
         // Method, path, sizes and run id: bad input is answered here and goes no further.
-        .layer(RouteLayer)
+        .layer(RouteLayer::new(work))
         // Cache lookup, then upstream, then the store decision.
         .service(runs)
 }
 
 /// CORS for browser frontends, or `None` when no origin is configured (no CORS headers at all).
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }

@@ -130,39 +130,104 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
 }
 
 #[tokio::test]
-async fn connections_beyond_max_connections_wait_their_turn() {
+async fn with_every_connection_busy_a_newcomer_waits_until_one_and_its_upstream_work_end() {
     let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    for id in ["slow_a", "slow_b"] {
+        mock.set(id, Reply::run(id, "PROCESSING").gated(&gate));
+    }
     mock.set("run_1", Reply::run("run_1", "COMPLETED"));
     let gateway = TestGateway::start(&mock, |config| {
         config.server.max_connections = NonZeroUsize::new(2).expect("non-zero");
     })
     .await;
-    let request = format!("GET {} HTTP/1.1\r\nHost: g\r\n\r\n", runs_path("run_1"));
-    // Two clients hold both slots with keep-alive connections.
+    // Two clients take both slots, each with a request whose upstream call is held.
     let mut holders = Vec::new();
-    for _ in 0..2 {
+    for id in ["slow_a", "slow_b"] {
         let mut holder = TcpStream::connect(gateway.public).await.expect("connect");
-        holder.write_all(request.as_bytes()).await.expect("write");
-        let mut buffer = [0u8; 12];
-        holder.read_exact(&mut buffer).await.expect("answered");
-        assert_eq!(&buffer, b"HTTP/1.1 200");
+        holder
+            .write_all(format!("GET {} HTTP/1.1\r\nHost: g\r\n\r\n", runs_path(id)).as_bytes())
+            .await
+            .expect("write");
         holders.push(holder);
     }
-    // A third is accepted by the kernel but not served while both slots are taken.
+    mock.wait_for_requests(2).await;
+    // A third is accepted by the kernel but not served while both are busy: nothing is shed.
+    let request = format!("GET {} HTTP/1.1\r\nHost: g\r\n\r\n", runs_path("run_1"));
     let mut waiting = TcpStream::connect(gateway.public)
         .await
         .expect("the kernel queues it");
     waiting.write_all(request.as_bytes()).await.expect("write");
     let mut buffer = [0u8; 12];
     let early = tokio::time::timeout(Duration::from_millis(300), waiting.read_exact(&mut buffer)).await;
-    assert!(early.is_err(), "served while both slots were held");
-    // A slot frees up: the third is served.
+    assert!(early.is_err(), "served while both slots were busy");
+    // A holder goes away, but the upstream call it started still holds its connection's slot.
     drop(holders.pop());
+    let early = tokio::time::timeout(Duration::from_millis(300), waiting.read_exact(&mut buffer)).await;
+    assert!(
+        early.is_err(),
+        "served while a gone client's upstream call still ran"
+    );
+    // The call ends: the slot is free and the third is served.
+    gate.open();
     tokio::time::timeout(PATIENCE, waiting.read_exact(&mut buffer))
         .await
         .expect("served once a slot freed")
         .expect("read");
     assert_eq!(&buffer, b"HTTP/1.1 200");
+}
+
+#[tokio::test]
+async fn with_every_connection_taken_an_idle_one_makes_room() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |config| {
+        config.server.max_connections = NonZeroUsize::new(2).expect("non-zero");
+        // Far beyond the test's patience: only shedding can free a slot in time.
+        config.server.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let request = format!("GET {} HTTP/1.1\r\nHost: g\r\n\r\n", runs_path("run_1"));
+    // Both slots are taken by idle connections: one answered and kept alive, one silent.
+    let mut answered = TcpStream::connect(gateway.public).await.expect("connect");
+    answered.write_all(request.as_bytes()).await.expect("write");
+    let mut buffer = [0u8; 12];
+    answered.read_exact(&mut buffer).await.expect("answered");
+    let mut silent = TcpStream::connect(gateway.public).await.expect("connect");
+    support::eventually("both connections are open", || async {
+        gateway
+            .scrape()
+            .await
+            .expect("plextera_gateway_client_connections", &[])
+            == 2.0
+    })
+    .await;
+    // A newcomer is served at once: one of the idle connections (the one idle longest, which
+    // `connection::idlest` picks) is closed to make room.
+    let mut newcomer = TcpStream::connect(gateway.public).await.expect("connect");
+    newcomer.write_all(request.as_bytes()).await.expect("write");
+    tokio::time::timeout(PATIENCE, newcomer.read_exact(&mut buffer))
+        .await
+        .expect("served without waiting for an idle timeout")
+        .expect("read");
+    assert_eq!(&buffer, b"HTTP/1.1 200");
+    let (mut from_answered, mut from_silent) = (Vec::new(), Vec::new());
+    tokio::time::timeout(PATIENCE, async {
+        tokio::select! {
+            _ = answered.read_to_end(&mut from_answered) => {}
+            _ = silent.read_to_end(&mut from_silent) => {}
+        }
+    })
+    .await
+    .expect("an idle connection was closed");
+    let scrape = gateway.scrape().await;
+    assert_eq!(
+        scrape.expect(
+            "plextera_gateway_client_connections_closed_total",
+            &[("reason", "shed")]
+        ),
+        1.0
+    );
 }
 
 async fn h2_client(
@@ -235,4 +300,100 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
 
     let response = gateway.send(Method::GET, &runs_path("run_1"), &[]).await;
     assert_eq!(response.status, StatusCode::OK, "other clients are still served");
+}
+
+/// Open descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the gateway's /proc entry")
+        .count()
+}
+
+#[tokio::test]
+async fn paced_http2_resets_hold_no_more_upstream_calls_than_streams_and_end_in_goaway() {
+    const STREAMS: usize = 10;
+    const ATTEMPTS: usize = 3_000;
+    let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    for index in 0..ATTEMPTS {
+        let id = format!("r{index}");
+        mock.set(&id, Reply::run(&id, "PROCESSING").gated(&gate));
+    }
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = support::write_config(
+        dir.path(),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             http2_max_concurrent_streams = {STREAMS}\n\
+             [upstream]\nbase_url = \"{}\"\napi_key_env = \"GW_TEST_KEY\"\n",
+            mock.base_url()
+        ),
+    );
+    let gateway =
+        support::GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", support::TEST_KEY)]);
+    let baseline = descriptors(gateway.pid());
+
+    // One connection opens a stream for a new run about once a millisecond and resets it: every
+    // stream would be an upstream call, were the calls not bounded by the connection's streams.
+    let (mut client, connection) = h2_client(gateway.public).await;
+    let (mut sent, mut most_descriptors, mut cut_off) = (0, baseline, false);
+    while sent < ATTEMPTS {
+        let Ok(ready) = client.ready().await else {
+            cut_off = true;
+            break;
+        };
+        client = ready;
+        let request = Request::get(format!("http://g{}", runs_path(&format!("r{sent}"))))
+            .body(())
+            .expect("request");
+        let Ok((_, mut stream)) = client.send_request(request, true) else {
+            cut_off = true;
+            break;
+        };
+        // The pace is the attack itself (a burst is hyper's own business), not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+        if sent % 10 == 0 {
+            most_descriptors = most_descriptors.max(descriptors(gateway.pid()));
+        }
+    }
+    assert!(cut_off, "{sent} streams opened and reset without a GOAWAY");
+    let ended = tokio::time::timeout(PATIENCE, connection)
+        .await
+        .expect("the resetting connection is gone")
+        .expect("connection task");
+    assert!(ended.is_ok(), "closed with GOAWAY, not an error: {ended:?}");
+    assert!(
+        mock.request_count() <= STREAMS,
+        "{} upstream calls for one connection of {STREAMS} streams",
+        mock.request_count()
+    );
+    assert!(
+        most_descriptors <= baseline + 2 * STREAMS + 5,
+        "descriptors went from {baseline} to {most_descriptors}"
+    );
+
+    gate.open();
+    let client = support::TestClient::new();
+    let response = client
+        .send(
+            Method::GET,
+            &format!("http://{}{}", gateway.public, runs_path("run_1")),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK, "other clients are served");
+    let metrics = client
+        .send(Method::GET, &format!("http://{}/metrics", gateway.admin), &[])
+        .await;
+    let scrape = support::prom::Scrape::parse(std::str::from_utf8(&metrics.body).expect("utf-8"));
+    assert_eq!(
+        scrape.expect(
+            "plextera_gateway_client_connections_closed_total",
+            &[("reason", "resets")]
+        ),
+        1.0
+    );
 }

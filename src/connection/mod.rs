@@ -1,0 +1,494 @@
+//! One client connection's bounds: how long it may go without a request, how long an answer may
+//! stall, how much upstream work its requests may leave running, and when it has reset too much.
+//!
+//! hyper bounds one thing by itself, a partial HTTP/1 request head. A connection that sends
+//! nothing, or part of the HTTP/2 preface, or the preface and then nothing, or that stops reading
+//! its answers, would be held forever, and an HTTP/2 client that resets each stream as it opens
+//! it would leave an upstream call running per reset. So every connection gets a [`Connection`]:
+//! counters the request path updates with a few atomic operations ([`track`], [`io`]), read by one
+//! watchdog ([`Connection::watch`], in the connection's own task) that decides when it must close:
+//!
+//! - **idle**: no request being handled, no answer being sent and no write waiting on the socket
+//!   for `header_read_timeout`, counted from the connection's start or its last answer. Before
+//!   protocol detection, mid-head, or after an answer, HTTP/1 and HTTP/2 alike. Closed gracefully
+//!   (HTTP/2 clients get GOAWAY), cut if that has not finished within [`CLOSE_GRACE`];
+//! - **write timeout**: a write waiting on the socket, or an HTTP/2 answer waiting for flow-control
+//!   window, for `write_timeout`: cut at once, since nothing more can be sent on it anyway;
+//! - **resets**: more requests cancelled by the client before their answer than
+//!   `max(100, http2_max_concurrent_streams)`, and more than half of all its requests (Envoy's
+//!   rule for premature resets): closed with GOAWAY;
+//! - **shed**: asked by the acceptor when every slot is taken and a new connection arrives; the
+//!   longest-idle connection makes room, as nginx closes idle keep-alive connections when it runs
+//!   out of them.
+//!
+//! Upstream work a request started holds one of its connection's [`WorkSlot`]s until the work
+//! ends, even after the client reset the stream or closed the connection, so a connection never
+//! has more upstream calls in flight than it may have streams, and the connection's own slot
+//! (`max_connections`) is given back only when the last of its work has ended.
+
+pub mod io;
+pub mod track;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// How long a graceful close may take (an HTTP/2 client acknowledging GOAWAY, an HTTP/1 answer
+/// finishing) before the connection is cut.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Requests a connection may cancel before its share of cancelled requests is looked at.
+const MIN_RESETS_BEFORE_CLOSE: u64 = 100;
+/// `write_blocked_since` when no write is waiting.
+const NOT_BLOCKED: u64 = u64::MAX;
+
+/// What one listener allows each of its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to complete a request head, from the start and from the last answer.
+    pub header_read_timeout: Duration,
+    /// Time an answer may make no progress.
+    pub write_timeout: Duration,
+    /// Concurrent HTTP/2 streams, and upstream calls in flight, per connection.
+    pub max_streams: u32,
+}
+
+/// Why the gateway closed a connection on its own account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// No request head within `header_read_timeout`.
+    Idle = 1,
+    /// An answer made no progress for `write_timeout`.
+    WriteTimeout,
+    /// The client kept cancelling its requests.
+    Resets,
+    /// Closed while idle to make room for a new connection.
+    Shed,
+}
+
+impl CloseReason {
+    /// Every reason, for metric tables.
+    pub const ALL: [CloseReason; 4] = [Self::Idle, Self::WriteTimeout, Self::Resets, Self::Shed];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::WriteTimeout => "write_timeout",
+            Self::Resets => "resets",
+            Self::Shed => "shed",
+        }
+    }
+
+    /// Whether the connection is asked to finish (GOAWAY, `Connection: close`) rather than cut.
+    pub fn is_graceful(self) -> bool {
+        self != Self::WriteTimeout
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| *reason as u8 == value)
+    }
+}
+
+/// The shared state of one client connection. See the module documentation.
+pub struct Connection {
+    limits: Limits,
+    /// The clock every field below counts milliseconds from.
+    born: Instant,
+    /// Requests being handled plus answers being sent: zero means idle.
+    busy: AtomicUsize,
+    /// Answers whose body has not been handed over whole.
+    sending: AtomicUsize,
+    /// When `busy` last fell to zero.
+    idle_since: AtomicU64,
+    /// When an answer last began or handed over a piece of its body.
+    progressed: AtomicU64,
+    /// Since when a write has been waiting on the socket; [`NOT_BLOCKED`] when none is.
+    write_blocked_since: AtomicU64,
+    /// Set by the first HTTP/2 request: flow-control stalls are HTTP/2's alone.
+    http2: AtomicBool,
+    requests: AtomicU64,
+    cancelled: AtomicU64,
+    /// A [`CloseReason`] asked for from outside the watchdog (0: none), and its wake-up.
+    close_requested: AtomicU8,
+    close: Notify,
+    /// Upstream work in flight for this connection's requests.
+    work: Arc<Semaphore>,
+    /// The listener's connection slot, given back when the last reference goes.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// A connection that just opened, holding `slot` until it and its work are gone.
+    pub fn new(limits: Limits, slot: OwnedSemaphorePermit) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            born: Instant::now(),
+            busy: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            progressed: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(NOT_BLOCKED),
+            http2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            close_requested: AtomicU8::new(0),
+            close: Notify::new(),
+            work: Arc::new(Semaphore::new(limits.max_streams as usize)),
+            _slot: slot,
+        })
+    }
+
+    /// A handle the request path uses to take work slots on this connection.
+    pub fn work_slots(self: &Arc<Self>) -> WorkSlots {
+        WorkSlots(Arc::clone(self))
+    }
+
+    /// Asks the connection to close for `reason`; the first reason asked for is the one kept.
+    pub fn request_close(&self, reason: CloseReason) {
+        if self
+            .close_requested
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.close.notify_one();
+        }
+    }
+
+    /// Whether nothing is being handled, sent or written, and for how long (ms); `None` when busy
+    /// or already closing.
+    pub fn idle_for_ms(&self) -> Option<u64> {
+        let idle = self.busy.load(Ordering::SeqCst) == 0
+            && self.write_blocked_since.load(Ordering::Acquire) == NOT_BLOCKED
+            && self.close_requested.load(Ordering::Acquire) == 0;
+        idle.then(|| {
+            self.now_ms()
+                .saturating_sub(self.idle_since.load(Ordering::Acquire))
+        })
+    }
+
+    /// Resolves when the connection must close, and says why.
+    pub async fn watch(&self) -> CloseReason {
+        let recheck = self.limits.header_read_timeout.min(self.limits.write_timeout);
+        loop {
+            let requested = self.close.notified();
+            let mut requested = std::pin::pin!(requested);
+            requested.as_mut().enable();
+            if let Some(reason) = CloseReason::from_u8(self.close_requested.load(Ordering::Acquire)) {
+                return reason;
+            }
+            let now = self.now_ms();
+            let next = match self.deadline(now) {
+                Deadline::Passed(reason) => return reason,
+                Deadline::At(at) => at.min(now.saturating_add(millis(recheck))),
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(self.born + Duration::from_millis(next)) => {}
+                () = requested => {}
+            }
+        }
+    }
+
+    /// The rule that applies now and when it runs out.
+    fn deadline(&self, now: u64) -> Deadline {
+        let until = |since: u64, limit: Duration, reason| {
+            let at = since.saturating_add(millis(limit));
+            if now >= at {
+                Deadline::Passed(reason)
+            } else {
+                Deadline::At(at)
+            }
+        };
+        let blocked_since = self.write_blocked_since.load(Ordering::Acquire);
+        if blocked_since != NOT_BLOCKED {
+            return until(
+                blocked_since,
+                self.limits.write_timeout,
+                CloseReason::WriteTimeout,
+            );
+        }
+        if self.sending.load(Ordering::SeqCst) > 0 && self.http2.load(Ordering::Relaxed) {
+            let progressed = self.progressed.load(Ordering::Acquire);
+            return until(progressed, self.limits.write_timeout, CloseReason::WriteTimeout);
+        }
+        if self.busy.load(Ordering::SeqCst) == 0 {
+            let idle_since = self.idle_since.load(Ordering::Acquire);
+            return until(idle_since, self.limits.header_read_timeout, CloseReason::Idle);
+        }
+        // Handling requests: bounded by the upstream deadlines, not here. Look again later.
+        Deadline::At(u64::MAX)
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.born.elapsed())
+    }
+
+    fn request_started(&self, http2: bool) {
+        if http2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.busy.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn answer_started(&self) {
+        self.progressed.store(self.now_ms(), Ordering::Release);
+        self.sending.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn answer_progressed(&self) {
+        self.progressed.store(self.now_ms(), Ordering::Release);
+    }
+
+    fn answer_finished(&self) {
+        self.sending.fetch_sub(1, Ordering::SeqCst);
+        self.finished();
+    }
+
+    fn request_cancelled(&self) {
+        let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        let requests = self.requests.load(Ordering::Relaxed);
+        let floor = MIN_RESETS_BEFORE_CLOSE.max(u64::from(self.limits.max_streams));
+        if cancelled > floor && cancelled.saturating_mul(2) > requests {
+            self.request_close(CloseReason::Resets);
+        }
+        self.finished();
+    }
+
+    fn finished(&self) {
+        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle_since.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    fn write_blocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == NOT_BLOCKED {
+            self.write_blocked_since.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    fn write_unblocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != NOT_BLOCKED {
+            self.write_blocked_since.store(NOT_BLOCKED, Ordering::Release);
+        }
+    }
+}
+
+/// The connection among `connections` that has been idle longest, if any is idle.
+pub fn idlest<'a>(connections: impl IntoIterator<Item = &'a Arc<Connection>>) -> Option<&'a Arc<Connection>> {
+    connections
+        .into_iter()
+        .filter_map(|connection| Some((connection.idle_for_ms()?, connection)))
+        .max_by_key(|(idle_ms, _)| *idle_ms)
+        .map(|(_, connection)| connection)
+}
+
+enum Deadline {
+    Passed(CloseReason),
+    /// Milliseconds since the connection was born.
+    At(u64),
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Takes work slots on one connection; carried by each request into the proxy.
+#[derive(Clone)]
+pub struct WorkSlots(Arc<Connection>);
+
+impl WorkSlots {
+    /// Waits until the connection has fewer than `max_streams` upstream calls in flight.
+    pub async fn acquire(&self) -> WorkSlot {
+        let permit = Arc::clone(&self.0.work)
+            .acquire_owned()
+            .await
+            .expect("a connection's work semaphore is never closed");
+        WorkSlot {
+            _permit: permit,
+            _connection: Arc::clone(&self.0),
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkSlots {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("WorkSlots")
+    }
+}
+
+/// One upstream call's claim on its connection: held by the call until it ends.
+pub struct WorkSlot {
+    _permit: OwnedSemaphorePermit,
+    _connection: Arc<Connection>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(limits: Limits) -> Arc<Connection> {
+        let slots = Arc::new(Semaphore::new(1));
+        Connection::new(limits, slots.try_acquire_owned().expect("a free slot"))
+    }
+
+    const LIMITS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(10),
+        write_timeout: Duration::from_secs(30),
+        max_streams: 4,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sends_a_request_is_idle_after_the_header_timeout() {
+        let connection = connection(LIMITS);
+        let started = Instant::now();
+        assert_eq!(connection.watch().await, CloseReason::Idle);
+        assert_eq!(started.elapsed(), LIMITS.header_read_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_clock_starts_again_after_each_answer() {
+        let connection = connection(LIMITS);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        connection.request_started(false);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        connection.answer_started();
+        connection.answer_finished();
+        let answered = Instant::now();
+        assert_eq!(connection.watch().await, CloseReason::Idle);
+        assert_eq!(answered.elapsed(), LIMITS.header_read_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_write_times_out_even_while_a_request_is_handled() {
+        let connection = connection(LIMITS);
+        connection.request_started(false);
+        connection.write_blocked();
+        let blocked = Instant::now();
+        assert_eq!(connection.watch().await, CloseReason::WriteTimeout);
+        assert_eq!(blocked.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_answer_without_progress_times_out_and_progress_defers_it() {
+        let connection = connection(LIMITS);
+        connection.request_started(true);
+        connection.answer_started();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        connection.answer_progressed();
+        let progressed = Instant::now();
+        assert_eq!(connection.watch().await, CloseReason::WriteTimeout);
+        assert_eq!(progressed.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_answer_is_timed_by_its_socket_writes_not_by_its_pieces() {
+        let connection = connection(LIMITS);
+        connection.request_started(false);
+        connection.answer_started();
+        let watch = connection.watch();
+        let outcome = tokio::time::timeout(Duration::from_secs(300), watch).await;
+        assert!(
+            outcome.is_err(),
+            "closed while an answer was being sent: {outcome:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_most_requests_past_the_floor_asks_for_a_close() {
+        let connection = connection(LIMITS);
+        for _ in 0..MIN_RESETS_BEFORE_CLOSE {
+            connection.request_started(true);
+            connection.request_cancelled();
+        }
+        assert_eq!(connection.close_requested.load(Ordering::Acquire), 0, "not yet");
+        connection.request_started(true);
+        connection.request_cancelled();
+        assert_eq!(connection.watch().await, CloseReason::Resets);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancellations_among_many_answers_are_tolerated() {
+        let connection = connection(LIMITS);
+        for _ in 0..300 {
+            connection.request_started(true);
+            connection.answer_started();
+            connection.answer_finished();
+            connection.request_started(true);
+            connection.request_cancelled();
+        }
+        assert_eq!(connection.close_requested.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_close_wakes_the_watchdog_and_the_first_reason_wins() {
+        let connection = connection(LIMITS);
+        connection.request_started(false);
+        let watcher = {
+            let connection = Arc::clone(&connection);
+            tokio::spawn(async move { connection.watch().await })
+        };
+        tokio::task::yield_now().await;
+        connection.request_close(CloseReason::Shed);
+        connection.request_close(CloseReason::Resets);
+        assert_eq!(watcher.await.expect("watcher"), CloseReason::Shed);
+        assert_eq!(
+            connection.idle_for_ms(),
+            None,
+            "a closing connection is not offered again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idlest_is_the_one_idle_longest_and_busy_or_closing_ones_are_never_picked() {
+        let answered_long_ago = connection(LIMITS);
+        answered_long_ago.request_started(false);
+        answered_long_ago.answer_started();
+        answered_long_ago.answer_finished();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let silent = connection(LIMITS);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let busy = connection(LIMITS);
+        busy.request_started(false);
+        let all = [
+            Arc::clone(&silent),
+            Arc::clone(&answered_long_ago),
+            Arc::clone(&busy),
+        ];
+        let picked = idlest(&all).expect("two are idle");
+        assert!(Arc::ptr_eq(picked, &answered_long_ago));
+        answered_long_ago.request_close(CloseReason::Shed);
+        let picked = idlest(&all).expect("one is idle");
+        assert!(Arc::ptr_eq(picked, &silent));
+        silent.request_close(CloseReason::Shed);
+        assert!(idlest(&all).is_none(), "the busy one is never shed");
+    }
+
+    #[tokio::test]
+    async fn work_slots_are_bounded_by_the_stream_limit_and_keep_the_connection_slot() {
+        let slots = Arc::new(Semaphore::new(1));
+        let connection = Connection::new(
+            LIMITS,
+            Arc::clone(&slots).try_acquire_owned().expect("a free slot"),
+        );
+        let work = connection.work_slots();
+        let mut held = Vec::new();
+        for _ in 0..LIMITS.max_streams {
+            held.push(work.acquire().await);
+        }
+        let more = tokio::time::timeout(Duration::from_millis(50), work.acquire()).await;
+        assert!(more.is_err(), "a fifth slot was handed out");
+        drop(connection);
+        drop(work);
+        assert_eq!(
+            slots.available_permits(),
+            0,
+            "work in flight keeps the connection's slot"
+        );
+        held.clear();
+        assert_eq!(slots.available_permits(), 1);
+    }
+}
