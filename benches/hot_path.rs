@@ -1,5 +1,6 @@
-//! In-process hot paths, without sockets: the cache hit, status sniffing, and the whole public
-//! service stack answering a hit. `cargo bench --bench hot_path`.
+//! In-process hot paths, without sockets: the cache hit, status sniffing, the search for an echoed
+//! key in every upstream body, and the whole public service stack answering a hit.
+//! `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use http_body_util::Empty;
 use plextera_gateway::cache::scan::scan_status;
 use plextera_gateway::cache::sniff::sniff_run;
 use plextera_gateway::cache::{CachedRun, RunStore, policy};
+use plextera_gateway::key_echo::EchoFinder;
 use plextera_gateway::metrics::Metrics;
 use plextera_gateway::response::{APPLICATION_JSON, CacheOutcome, run_response, terminal_cache_control};
 use plextera_gateway::run_id::RunId;
@@ -58,6 +60,29 @@ fn sniffing(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("quick_scan", name), &body, |b, body| {
             b.iter(|| scan_status(black_box(body)))
         });
+    }
+    group.finish();
+}
+
+/// Every upstream body is searched for the key before anyone sees it: a body with neither `\` nor
+/// `%` by substring search, any other by trying each byte that could start a spelling of it.
+fn key_echo(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_echo");
+    let finder = EchoFinder::new(b"pk_live_5uPerSecretKey0123456789");
+    let plain = run_body("run_1", "PROCESSING", 16 * 1024);
+    let escaped = Bytes::from(
+        String::from_utf8_lossy(&plain).replace(r#""message":"ok""#, r#""message":"said \"ok\" at 100%""#),
+    );
+    // Worst case: every byte starts a plausible spelling of a key made of escape characters.
+    let hostile_finder = EchoFinder::new("\\\\%%%%".repeat(8).as_bytes());
+    let hostile = Bytes::from("\\\\%25".repeat(16 * 1024 / 6));
+    for (name, finder, body) in [
+        ("plain_16KB", &finder, &plain),
+        ("with_escapes_16KB", &finder, &escaped),
+        ("hostile_16KB", &hostile_finder, &hostile),
+    ] {
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| b.iter(|| finder.find(black_box(body))));
     }
     group.finish();
 }
@@ -119,5 +144,5 @@ fn cache_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sniffing, cache_hit);
+criterion_group!(benches, sniffing, key_echo, cache_hit);
 criterion_main!(benches);

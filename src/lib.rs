@@ -21,7 +21,8 @@
 //! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
 //! - [`cache`]: policy, status sniffing, the moka store; [`etag`]: validators and 304s;
 //! - [`metrics`]: every Prometheus series;
-//! - [`upstream`]: what is sent upstream and read back; [`upstream_pool`]: kept-alive connections
+//! - [`upstream`]: what is sent upstream and read back, the key scrubbed from it in any spelling
+//!   ([`key_echo`]); [`upstream_pool`]: kept-alive connections
 //!   to the one upstream origin; [`error`]/[`response`]: what clients get;
 //! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`;
 //!   [`health_check`]: `--health-check`, for container images without a shell.
@@ -39,6 +40,7 @@ pub mod demo;
 pub mod error;
 pub mod etag;
 pub mod health_check;
+pub mod key_echo;
 pub mod metrics;
 pub mod proxy;
 pub mod request_log;

@@ -6,8 +6,10 @@
 //! header (`Host`, `X-Forwarded-*`, `Forwarded`, `X-Original-URL`, …) can ever travel upstream,
 //! and no client header can make two requests for one run differ upstream.
 //!
-//! Whatever comes back is checked for the key: a body that echoes it (current or, during a
-//! rotation, previous) is scrubbed before anyone sees it, and a header that holds it is dropped.
+//! Whatever comes back is checked for the key, in any spelling an encoder could give it (raw,
+//! JSON-escaped, percent-encoded; see [`crate::key_echo`]): a body that echoes it (current or,
+//! during a rotation, previous) is scrubbed before anyone sees it or it is stored, and a header
+//! that holds it is dropped.
 //! The key can be rotated at run time ([`KeyRotation`], on SIGHUP).
 //!
 //! Connections are kept alive in the [`Pool`]; `https` upstreams use rustls with the webpki roots
@@ -25,11 +27,11 @@ use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
-use memchr::memmem::Finder;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::key_echo::EchoFinder;
 use crate::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run_id::RunId;
@@ -234,22 +236,22 @@ impl KeyRotation {
 /// The key as sent, and as searched for in what comes back. Deliberately not `Debug`.
 struct Credentials {
     authorization: HeaderValue,
-    /// Finds the current key in upstream bytes.
-    current: Finder<'static>,
+    /// Finds the current key in upstream bytes, in any spelling ([`EchoFinder`]).
+    current: EchoFinder,
     /// Finds the key it replaced (requests in flight during a rotation still carry it).
-    previous: Option<Finder<'static>>,
+    previous: Option<EchoFinder>,
 }
 
 impl Credentials {
-    fn new(key: &ApiKey, previous: Option<&Finder<'static>>) -> Self {
+    fn new(key: &ApiKey, previous: Option<&EchoFinder>) -> Self {
         Self {
             authorization: key.authorization(),
-            current: Finder::new(key.expose().as_bytes()).into_owned(),
+            current: EchoFinder::new(key.expose().as_bytes()),
             previous: previous.cloned(),
         }
     }
 
-    fn finders(&self) -> impl Iterator<Item = &Finder<'static>> {
+    fn finders(&self) -> impl Iterator<Item = &EchoFinder> {
         std::iter::once(&self.current).chain(self.previous.as_ref())
     }
 
@@ -257,8 +259,8 @@ impl Credentials {
         self.finders().any(|finder| finder.find(bytes).is_some())
     }
 
-    /// `body` with every occurrence of the key replaced by `[redacted]`; untouched (and not copied)
-    /// when there is none, which is always, unless upstream echoes credentials back.
+    /// `body` with every echo of the key, in any spelling, replaced by `[redacted]`; untouched (and
+    /// not copied) when there is none, which is always, unless upstream echoes credentials back.
     fn scrub(&self, body: Bytes) -> Bytes {
         if !self.appears_in(&body) {
             return body;
@@ -272,13 +274,13 @@ impl Credentials {
     }
 }
 
-fn replace_all(haystack: &[u8], finder: &Finder<'_>, replacement: &[u8]) -> Vec<u8> {
+fn replace_all(haystack: &[u8], finder: &EchoFinder, replacement: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(haystack.len());
     let mut rest = haystack;
-    while let Some(at) = finder.find(rest) {
-        out.extend_from_slice(&rest[..at]);
+    while let Some(echo) = finder.find(rest) {
+        out.extend_from_slice(&rest[..echo.start]);
         out.extend_from_slice(replacement);
-        rest = &rest[at + finder.needle().len()..];
+        rest = &rest[echo.end..];
     }
     out.extend_from_slice(rest);
     out

@@ -4,9 +4,140 @@
 mod support;
 
 use http::{Method, StatusCode};
+use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use plextera_gateway::client_auth::ClientTokens;
 use plextera_gateway::{ApiKey, Secrets};
 use support::{MockUpstream, Reply, TEST_KEY, TestGateway, runs_path, test_config};
+
+/// Keys with the characters encoders like to escape: `/` and `+` (base64), `"` and `\` (JSON
+/// must escape them), `<`, `>` and `&` (Go and .NET escape them).
+const AWKWARD_KEYS: [&str; 4] = [
+    "sk_live_ab/cd+ef==",
+    "k\"quo\\te\"",
+    "k<ab>&cd&amp;",
+    "a/+\"\\<>&%z",
+];
+
+/// How a JSON or URL encoder upstream might write `key`, each written independently of the
+/// gateway's code.
+fn echoes_of(key: &str) -> Vec<(&'static str, String)> {
+    let json = serde_json::to_string(key).expect("a string serialises");
+    let json = json[1..json.len() - 1].to_owned();
+    let go = json
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
+    let dotnet = go.replace('+', "\\u002B");
+    let php = json.replace('/', "\\/");
+    let every_char: String = key.bytes().map(|byte| format!("\\u{byte:04x}")).collect();
+    let percent = utf8_percent_encode(key, NON_ALPHANUMERIC).to_string();
+    let percent_lower = lower_hex_escapes(&percent);
+    let percent_in_json = percent.replace('%', "\\u0025");
+    vec![
+        ("raw", key.to_owned()),
+        ("json", json),
+        ("go", go),
+        ("dotnet", dotnet),
+        ("php", php),
+        ("every char", every_char),
+        ("percent", percent),
+        ("percent lower", percent_lower),
+        ("percent in json", percent_in_json),
+    ]
+}
+
+/// `%2F` → `%2f`: percent-encoding with lower-case hex digits.
+fn lower_hex_escapes(percent: &str) -> String {
+    let mut out = String::new();
+    let mut chars = percent.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '%' {
+            out.extend(chars.by_ref().take(2).map(|digit| digit.to_ascii_lowercase()));
+        }
+    }
+    out
+}
+
+/// Every string in a JSON document, decoded, and its percent-decoding.
+fn decoded_strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(text) => {
+            out.push(text.clone());
+            out.push(percent_decode_str(text).decode_utf8_lossy().into_owned());
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|item| decoded_strings(item, out)),
+        serde_json::Value::Object(fields) => fields.values().for_each(|item| decoded_strings(item, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn keys_that_encoders_escape_are_scrubbed_in_every_spelling_stored_or_passed() {
+    for key in AWKWARD_KEYS {
+        let mock = MockUpstream::start().await;
+        let secrets = Secrets::key_only(ApiKey::new(key).expect("a visible-ASCII key"));
+        let gateway = TestGateway::start_with_secrets(test_config(&mock.base_url()), secrets).await;
+        let echoes = echoes_of(key);
+        let note = echoes
+            .iter()
+            .map(|(name, echo)| format!("\"{name}\":\"{echo}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        mock.set(
+            "live",
+            Reply::ok(format!(r#"{{"id":"live","status":"PROCESSING",{note}}}"#)),
+        );
+        mock.set(
+            "done",
+            Reply::ok(format!(r#"{{"id":"done","status":"COMPLETED",{note}}}"#)),
+        );
+        mock.set(
+            "gone",
+            Reply::status(StatusCode::NOT_FOUND, format!(r#"{{"error":{{{note}}}}}"#)),
+        );
+        for (name, echo) in &echoes {
+            let id = format!("limited-{}", name.replace(' ', "-"));
+            let header_safe = echo.bytes().all(|byte| byte.is_ascii_graphic() || byte == b' ');
+            if header_safe {
+                mock.set(
+                    &id,
+                    Reply::status(StatusCode::TOO_MANY_REQUESTS, "{}").with_header("retry-after", echo),
+                );
+            }
+        }
+        let mut ids = vec!["live", "done", "done", "gone"];
+        let limited: Vec<String> = echoes
+            .iter()
+            .map(|(name, _)| format!("limited-{}", name.replace(' ', "-")))
+            .collect();
+        ids.extend(limited.iter().map(String::as_str));
+        for id in ids {
+            let response = gateway.get_run(id).await;
+            let everything = response.everything();
+            for (name, echo) in &echoes {
+                assert!(
+                    !everything.contains(echo.as_str()),
+                    "key {key:?}: {id} ({:?}) shows its {name} spelling {echo:?}: {everything}",
+                    response.x_cache()
+                );
+            }
+            if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&response.body) {
+                let mut strings = Vec::new();
+                decoded_strings(&json, &mut strings);
+                assert!(
+                    strings.iter().all(|text| !text.contains(key)),
+                    "key {key:?}: {id} decodes to the key: {strings:?}"
+                );
+            }
+        }
+        // The terminal run was stored scrubbed, still JSON, and is served from memory.
+        let hit = gateway.get_run("done").await;
+        assert_eq!(hit.x_cache(), Some("HIT"));
+        assert_eq!(hit.json()["json"], "[redacted]", "key {key:?}");
+        assert_eq!(mock.count_for("done"), 1);
+    }
+}
 
 #[tokio::test]
 async fn an_upstream_body_that_echoes_the_key_is_scrubbed() {
