@@ -29,7 +29,7 @@ struct Cli {
     /// Serve a built-in simulated upstream on loopback and use it: no key, no network needed.
     #[arg(long)]
     demo: bool,
-    /// Log output format.
+    /// Log output format. Text is coloured only when stdout is a terminal and NO_COLOR is unset.
     #[arg(long, value_enum, default_value_t)]
     log_format: LogFormat,
     /// Check the running gateway's /healthz on the configured admin port, then exit 0 (healthy) or 1.
@@ -92,8 +92,8 @@ fn raise_descriptor_limit(max_connections: usize) {
     } else {
         soft
     };
-    // A client connection and the upstream call it may lead, plus listeners, Redis and logs.
-    let wanted = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    // Every client connection, plus room for upstream connections, listeners, Redis and logs.
+    let wanted = (max_connections as u64).saturating_add(1024);
     if limit < wanted {
         tracing::warn!(
             max_connections,
@@ -131,6 +131,11 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             Err(error) => return refuse(error.to_string()),
         }
     };
+    tracing::info!(
+        config = %config_source(&cli),
+        upstream = %config.upstream.base_url,
+        "configuration loaded"
+    );
     let gateway = match Gateway::bind(&config, &secrets).await {
         Ok(gateway) => gateway,
         Err(error) => return refuse(error.to_string()),
@@ -176,6 +181,16 @@ async fn reload_key_on_sighup(
             }
             Err(error) => tracing::warn!(%error, "SIGHUP: keeping the current API key"),
         }
+    }
+}
+
+/// Where the config came from, for the start-up log.
+fn config_source(cli: &Cli) -> String {
+    if cli.config.exists() {
+        let path = std::fs::canonicalize(&cli.config).unwrap_or_else(|_| cli.config.clone());
+        path.display().to_string()
+    } else {
+        "built-in defaults".to_owned()
     }
 }
 

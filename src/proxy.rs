@@ -253,10 +253,8 @@ impl Shared {
                 tracing::Span::current().record("upstream_ms", upstream_ms);
                 self.process(id, answer).await
             }
-            Err(error) => {
-                tracing::warn!(%error, "upstream request failed");
-                Fetched::Failed(upstream_failure(error))
-            }
+            // Logged by the upstream client, with the upstream's origin and the cause.
+            Err(error) => Fetched::Failed(upstream_failure(error)),
         }
     }
 

@@ -36,7 +36,7 @@ use crate::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run_id::RunId;
 use crate::secret::ApiKey;
-use crate::upstream_pool::{Pool, PoolError};
+use crate::upstream_pool::{Pool, PoolError, describe_chain, error_chain};
 
 /// How long an idle pooled connection is kept before it is closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -75,6 +75,8 @@ pub struct Upstream {
     runs_path_prefix: Arc<str>,
     /// `Host`, formatted once: with origin-form requests it is what names the upstream.
     host: HeaderValue,
+    /// `scheme://host[:port]`, for logs.
+    origin: Arc<str>,
     credentials: Arc<ArcSwap<Credentials>>,
     user_agent: HeaderValue,
     timeout: Duration,
@@ -104,6 +106,12 @@ impl Upstream {
                 ConfigError::Invalid(format!("upstream.base_url {:?} has no host", config.base_url))
             })?,
             runs_path_prefix: origin.path().into(),
+            origin: format!(
+                "{}://{}",
+                origin.scheme_str().unwrap_or("https"),
+                origin.authority().map_or("", |authority| authority.as_str())
+            )
+            .into(),
             pool: Arc::new(Pool::new(
                 connector,
                 origin,
@@ -118,7 +126,8 @@ impl Upstream {
         })
     }
 
-    /// Fetches one run, bounded by `request_timeout` as a whole, and records the call's metrics.
+    /// Fetches one run, bounded by `request_timeout` as a whole, records the call's metrics, and
+    /// logs a failure with the upstream's origin and its cause.
     pub async fn fetch(
         &self,
         id: &RunId,
@@ -127,21 +136,35 @@ impl Upstream {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.exchange(id, request_id))
             .await
-            .unwrap_or(Err(UpstreamError::Timeout));
+            .unwrap_or_else(|_| {
+                Err(Failure {
+                    error: UpstreamError::Timeout,
+                    cause: "timeout",
+                    detail: format!("no complete answer within {:?}", self.timeout),
+                })
+            });
         let elapsed = started.elapsed();
         let outcome = match &result {
             Ok(response) => UpstreamOutcome::Answered(response.status),
-            Err(error) => UpstreamOutcome::Failed(*error),
+            Err(failure) => UpstreamOutcome::Failed(failure.error),
         };
         self.metrics.observe(outcome, elapsed);
-        result.map(|response| UpstreamResponse { elapsed, ..response })
+        match result {
+            Ok(response) => Ok(UpstreamResponse { elapsed, ..response }),
+            Err(failure) => {
+                tracing::warn!(
+                    upstream = %self.origin,
+                    cause = failure.cause,
+                    error = %failure.detail,
+                    "upstream request failed: {}",
+                    failure.error
+                );
+                Err(failure.error)
+            }
+        }
     }
 
-    async fn exchange(
-        &self,
-        id: &RunId,
-        request_id: &HeaderValue,
-    ) -> Result<UpstreamResponse, UpstreamError> {
+    async fn exchange(&self, id: &RunId, request_id: &HeaderValue) -> Result<UpstreamResponse, Failure> {
         // Owned for the whole exchange: a rotation mid-request must not change how its answer is
         // scrubbed.
         let credentials = self.credentials.load_full();
@@ -163,8 +186,12 @@ impl Upstream {
         };
 
         let (response, connection) = self.pool.send(request).await.map_err(|error| match error {
-            PoolError::Connect => UpstreamError::Connect,
-            PoolError::Request(_) => UpstreamError::Broken,
+            PoolError::Connect(failure) => Failure {
+                error: UpstreamError::Connect,
+                cause: failure.cause,
+                detail: failure.detail,
+            },
+            PoolError::Request(error) => Failure::broken(&error),
         })?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, self.max_body_size)
@@ -172,9 +199,13 @@ impl Upstream {
             .await
             .map_err(|error| {
                 if error.is::<LengthLimitError>() {
-                    UpstreamError::BodyTooLarge
+                    Failure {
+                        error: UpstreamError::BodyTooLarge,
+                        cause: "too_large",
+                        detail: format!("the body is larger than {} bytes", self.max_body_size),
+                    }
                 } else {
-                    UpstreamError::Broken
+                    Failure::broken(error.as_ref())
                 }
             })?
             .to_bytes();
@@ -194,6 +225,26 @@ impl Upstream {
             body: credentials.scrub(body),
             elapsed: Duration::ZERO,
         })
+    }
+}
+
+/// A failed exchange, with what its log line says about it.
+struct Failure {
+    error: UpstreamError,
+    /// A short cause: `dns`, `refused`, `timeout`, `tls`, `reset`, `too_large`, `other`.
+    cause: &'static str,
+    /// The error chain, or what was exceeded.
+    detail: String,
+}
+
+impl Failure {
+    /// The connection failed mid-exchange.
+    fn broken(error: &(dyn std::error::Error + 'static)) -> Self {
+        Self {
+            error: UpstreamError::Broken,
+            cause: "reset",
+            detail: describe_chain(&error_chain(error)),
+        }
     }
 }
 

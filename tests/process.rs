@@ -15,13 +15,41 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> support::TestResponse {
 }
 
 #[test]
-fn a_missing_key_stops_start_up_naming_the_variable() {
+fn a_missing_key_stops_start_up_naming_where_it_was_looked_for() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(dir.path(), &process_config("http://127.0.0.1:9", ""));
     let (status, _, stderr) = run_to_exit(&["--config", &config], &[]);
     assert_eq!(status.code(), Some(78));
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("GW_TEST_KEY"), "{stderr}");
+    assert!(stderr.contains("upstream.api_key_env"), "{stderr}");
+    // The configured name is not repeated: a key pasted there would be printed.
+    assert!(!stderr.contains("GW_TEST_KEY"), "{stderr}");
+    // With nothing configured, the default variable is named.
+    let config = write_config(dir.path(), "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n");
+    let (status, _, stderr) = run_to_exit(&["--config", &config], &[]);
+    assert_eq!(status.code(), Some(78));
+    assert!(stderr.contains("PLEXTERA_API_KEY"), "{stderr}");
+}
+
+#[test]
+fn a_key_pasted_into_the_config_is_never_printed_at_start_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pasted = "sk-live-Q2h/0c+Kz9==";
+    for line in [
+        format!("api_key_env = \"{pasted}\""),
+        format!("api_key = \"{pasted}\""),
+        format!("api_key_file = \"{pasted}\""),
+        format!("base_url = \"https://user:{pasted}@api.plextera.com\""),
+    ] {
+        let config = write_config(dir.path(), &format!("[upstream]\n{line}\n"));
+        let (status, stdout, stderr) = run_to_exit(&["--config", &config], &[]);
+        assert_eq!(status.code(), Some(78), "{line}");
+        assert_eq!(stderr.lines().count(), 1, "{line}: {stderr}");
+        assert!(
+            !stderr.contains(pasted) && !stdout.contains(pasted),
+            "{line}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -29,8 +57,15 @@ fn config_problems_stop_start_up_with_one_line_each() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cases = [
         ("[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"typo\"\n", "lisen"),
-        ("[cache]\nttl = \"forever\"\n", "line 2"),
-        ("[cache]\nmax_size = \"huge\"\n", "line 2"),
+        (
+            "[cache]\nttl = \"forever\"\n",
+            "line 2: cache.ttl: \"forever\" is not a duration",
+        ),
+        ("[cache]\nmax_size = \"huge\"\n", "e.g. max_size = \"256MiB\""),
+        (
+            "[server]\nlisten = \"localhost:8080\"\n",
+            "e.g. listen = \"0.0.0.0:8080\"",
+        ),
         ("[upstream]\nbase_url = \"api.plextera.com\"\n", "base_url"),
         ("not toml at all", "line 1"),
     ];
@@ -54,7 +89,8 @@ fn an_unreadable_key_file_stops_start_up() {
     let config = write_config(dir.path(), text);
     let (status, _, stderr) = run_to_exit(&["--config", &config], &[]);
     assert_eq!(status.code(), Some(78));
-    assert!(stderr.contains("/nonexistent/key"), "{stderr}");
+    assert!(stderr.contains("upstream.api_key_file"), "{stderr}");
+    assert!(stderr.contains("No such file"), "{stderr}");
 }
 
 #[test]

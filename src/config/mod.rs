@@ -2,9 +2,14 @@
 //!
 //! Every field has a default except the API key, which is never in the file: the file names an
 //! environment variable (`api_key_env`) or a file (`api_key_file`) that holds it. Loading reports
-//! the first problem as one line that names the file, the line and the key at fault; the key's value
-//! never appears in any message. The environment is read through a closure so tests never call
-//! `set_var`.
+//! the first problem as one line that names the file, the line, the key at fault, the bad value and
+//! an example of a good one ([`report`]); values are read with clear errors ([`fields`]). Nothing
+//! from a place that could hold a secret (the key, the names of the variables and the file that
+//! hold secrets, a line of the file) ever appears in a message. The environment is read through a
+//! closure so tests never call `set_var`.
+
+mod fields;
+pub mod report;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -39,15 +44,17 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Public listener: serves the runs path only.
+    #[serde(deserialize_with = "fields::socket_addr")]
     pub listen: SocketAddr,
     /// Admin listener: `/healthz`, `/readyz` and `/metrics`; keep it off the public network.
+    #[serde(deserialize_with = "fields::socket_addr")]
     pub admin_listen: SocketAddr,
     /// After SIGTERM/SIGINT, how long to keep accepting requests while reporting not ready, so load
     /// balancers stop routing here first (Kubernetes: a few seconds).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub shutdown_delay: Duration,
     /// How long in-flight requests may take to finish after that.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub shutdown_grace: Duration,
     /// Browser origins allowed by CORS (`"*"` for any); empty sends no CORS headers at all.
     pub cors_allowed_origins: Vec<String>,
@@ -59,23 +66,24 @@ pub struct ServerConfig {
     /// A connection must complete a request head within this long of opening, and of its last
     /// answer, whatever its protocol; otherwise it is closed (slowloris, silent and idle
     /// connections, HTTP/1 and HTTP/2 alike).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub header_read_timeout: Duration,
     /// A response that makes no progress for this long (the client stopped reading, or stopped
     /// granting HTTP/2 flow-control window) closes its connection.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub write_timeout: Duration,
     /// Most concurrent HTTP/2 streams per client connection; also the most upstream calls one
     /// connection's requests may have in flight, reset streams included.
     pub http2_max_concurrent_streams: u32,
     /// How often an HTTP/2 connection with requests in progress is probed with PING; `0s` never.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub http2_keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub http2_keepalive_timeout: Duration,
     /// Name of an environment variable holding comma-separated client tokens; when set, every
     /// request needs `Authorization: Bearer <one of them>`.
+    #[serde(deserialize_with = "fields::env_var_name")]
     pub client_tokens_env: Option<String>,
 }
 
@@ -106,13 +114,16 @@ pub struct UpstreamConfig {
     /// Scheme and host of the Plextera API (a path prefix is kept); `http` or `https`.
     pub base_url: String,
     /// Name of the environment variable holding the key (default `PLEXTERA_API_KEY`).
+    #[serde(deserialize_with = "fields::env_var_name")]
     pub api_key_env: Option<String>,
     /// A file holding the key, instead of an environment variable (surrounding whitespace is trimmed).
+    #[serde(deserialize_with = "fields::secret_path")]
     pub api_key_file: Option<PathBuf>,
     /// Bound on one whole upstream exchange: connect, head and body. Past it the client gets 504.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub request_timeout: Duration,
     /// Largest upstream body the gateway reads; a larger one is abandoned with a 502.
+    #[serde(deserialize_with = "fields::size")]
     pub max_body_size: ByteSize,
     /// Extra CA certificates (PEM) trusted for an `https` upstream, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
@@ -121,7 +132,7 @@ pub struct UpstreamConfig {
     /// Upper bound on upstream calls in flight at once; unset means no bound.
     pub max_concurrent_requests: Option<NonZeroUsize>,
     /// How long a call may wait for the budget above before the client gets a 429.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub queue_timeout: Duration,
 }
 
@@ -146,14 +157,15 @@ impl Default for UpstreamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// How long a terminal run is served from memory (also the clients' `max-age`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub ttl: Duration,
     /// Bound on the cached body bytes; least valuable runs are evicted past it.
+    #[serde(deserialize_with = "fields::size")]
     pub max_size: ByteSize,
     /// Run statuses that mean the run has ended; only runs in one of them are cached.
     pub terminal_statuses: Vec<String>,
     /// How long an upstream 404 is remembered; `0s` (the default) never remembers one.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "fields::duration")]
     pub not_found_ttl: Duration,
     /// `[cache.shared]`: a Redis tier shared by replicas; absent means this process alone.
     pub shared: Option<SharedCacheConfig>,
@@ -166,20 +178,20 @@ pub struct SharedCacheConfig {
     /// `redis://host:port/db` or `rediss://…` for TLS. No password here: see `password_env`.
     pub url: String,
     /// Name of the environment variable holding the Redis password, if it needs one.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "fields::env_var_name")]
     pub password_env: Option<String>,
     /// How long runs are kept in Redis; defaults to `cache.ttl`.
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, with = "fields::optional_duration")]
     pub ttl: Option<Duration>,
     /// Bound on every Redis call; past it the gateway carries on without Redis.
-    #[serde(default = "default_shared_timeout", with = "humantime_serde")]
+    #[serde(default = "default_shared_timeout", with = "fields::duration")]
     pub timeout: Duration,
     /// Prefix of every key the gateway writes, so several deployments can share one Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// How long a replica waits for another replica that is fetching the same run before it
     /// fetches the run itself.
-    #[serde(default = "default_lock_wait", with = "humantime_serde")]
+    #[serde(default = "default_lock_wait", with = "fields::duration")]
     pub lock_wait: Duration,
 }
 
@@ -207,7 +219,8 @@ impl Default for CacheConfig {
     }
 }
 
-/// Why the gateway refuses to start. Each message is one line and never contains the key.
+/// Why the gateway refuses to start. Each message is one line and never contains a secret, nor
+/// the configured name of a place that holds one (a key pasted there would be printed).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -216,18 +229,52 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid config: {0}")]
     Invalid(String),
-    #[error("the API key is missing: set the environment variable {0}")]
-    KeyEnvMissing(String),
-    #[error("the API key in the environment variable {0} is empty or not a valid header value")]
-    KeyEnvInvalid(String),
-    #[error("cannot read the API key file {path}: {source}")]
-    KeyFileRead { path: PathBuf, source: std::io::Error },
-    #[error("the API key file {0} is empty or does not hold a valid header value")]
-    KeyFileInvalid(PathBuf),
-    #[error("server.client_tokens_env names {0}, which is unset or holds no token")]
-    ClientTokensMissing(String),
-    #[error("cache.shared.password_env names {0}, which is unset or empty")]
-    RedisPasswordMissing(String),
+    #[error(
+        "the API key is missing: {0} is unset (name another variable with upstream.api_key_env, or a file with upstream.api_key_file)"
+    )]
+    KeyMissing(KeyPlace),
+    #[error(
+        "the API key in {0} is not usable: a key is one word of visible ASCII (letters, digits and punctuation; no spaces, no control characters)"
+    )]
+    KeyInvalid(KeyPlace),
+    #[error("cannot read the API key from {0}: {1}")]
+    KeyFileRead(KeyPlace, std::io::Error),
+    #[error(
+        "no client token: the environment variable named by server.client_tokens_env is unset or holds no token"
+    )]
+    ClientTokensMissing,
+    #[error(
+        "no Redis password: the environment variable named by cache.shared.password_env is unset or empty"
+    )]
+    RedisPasswordMissing,
+}
+
+/// Where the key was looked for, as a message may name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlace {
+    /// `PLEXTERA_API_KEY`, named by no one: the gateway's own default, safe to print.
+    DefaultVariable,
+    /// The variable `upstream.api_key_env` names.
+    NamedVariable,
+    /// The file `upstream.api_key_file` names.
+    File,
+}
+
+impl std::fmt::Display for KeyPlace {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DefaultVariable => write!(formatter, "the environment variable {DEFAULT_API_KEY_ENV}"),
+            Self::NamedVariable => {
+                formatter.write_str("the environment variable named by upstream.api_key_env")
+            }
+            Self::File => formatter.write_str("the file named by upstream.api_key_file"),
+        }
+    }
+}
+
+/// A refused value: `key`, what is wrong with it, and an example of a valid one.
+fn invalid(key: &str, problem: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid(report::about(key, problem))
 }
 
 impl Config {
@@ -250,7 +297,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: PathBuf::new(),
-            message: describe_toml_error(text, &error),
+            message: report::describe_toml_error(text, &error),
         })?;
         config.validate()?;
         Ok(config)
@@ -258,65 +305,77 @@ impl Config {
 
     /// Checks what serde cannot: relations between values and formats inside strings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |message: String| Err(ConfigError::Invalid(message));
-        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
-            return invalid(format!(
-                "server.listen and server.admin_listen are both {}",
-                self.server.listen
+        let positive = |key: &str, value: Duration| {
+            if value.is_zero() {
+                Err(invalid(key, "is 0s: it must be more than 0s"))
+            } else {
+                Ok(())
+            }
+        };
+        let server = &self.server;
+        if server.listen == server.admin_listen && server.listen.port() != 0 {
+            return Err(invalid(
+                "server.admin_listen",
+                format_args!("is {}, as server.listen is both: they must differ", server.listen),
             ));
         }
-        validate_cors_origins(&self.server.cors_allowed_origins)?;
-        if self.server.header_read_timeout.is_zero() {
-            return invalid("server.header_read_timeout must be more than 0s".to_owned());
+        validate_cors_origins(&server.cors_allowed_origins)?;
+        positive("server.header_read_timeout", server.header_read_timeout)?;
+        positive("server.write_timeout", server.write_timeout)?;
+        if server.http2_max_concurrent_streams == 0 {
+            return Err(invalid(
+                "server.http2_max_concurrent_streams",
+                "is 0: it must be at least 1",
+            ));
         }
-        if self.server.write_timeout.is_zero() {
-            return invalid("server.write_timeout must be more than 0s".to_owned());
+        if !server.http2_keepalive_interval.is_zero() {
+            positive("server.http2_keepalive_timeout", server.http2_keepalive_timeout)?;
         }
-        if self.server.http2_max_concurrent_streams == 0 {
-            return invalid("server.http2_max_concurrent_streams must be at least 1".to_owned());
+        let upstream = &self.upstream;
+        upstream.runs_url_prefix()?;
+        positive("upstream.request_timeout", upstream.request_timeout)?;
+        if upstream.max_body_size.as_u64() == 0 {
+            return Err(invalid("upstream.max_body_size", "is 0: it must be more than 0"));
         }
-        if !self.server.http2_keepalive_interval.is_zero() && self.server.http2_keepalive_timeout.is_zero() {
-            return invalid("server.http2_keepalive_timeout must be more than 0s".to_owned());
+        if upstream.api_key_env.is_some() && upstream.api_key_file.is_some() {
+            return Err(invalid(
+                "upstream.api_key_file",
+                "set only one of upstream.api_key_env and upstream.api_key_file",
+            ));
         }
-        self.upstream.runs_url_prefix()?;
-        if self.upstream.request_timeout.is_zero() {
-            return invalid("upstream.request_timeout must be more than 0s".to_owned());
-        }
-        if self.upstream.max_body_size.as_u64() == 0 {
-            return invalid("upstream.max_body_size must be more than 0".to_owned());
-        }
-        if self.upstream.api_key_env.is_some() && self.upstream.api_key_file.is_some() {
-            return invalid("set only one of upstream.api_key_env and upstream.api_key_file".to_owned());
-        }
-        if let Some(rate) = self.upstream.max_requests_per_second
+        if let Some(rate) = upstream.max_requests_per_second
             && !(rate.is_finite() && (0.001..=1_000_000.0).contains(&rate))
         {
-            return invalid(format!(
-                "upstream.max_requests_per_second is {rate}: use a number from 0.001 to 1000000, or leave it out"
+            return Err(invalid(
+                "upstream.max_requests_per_second",
+                format_args!("is {rate}: use a number from 0.001 to 1000000, or leave it out"),
             ));
         }
         if let Some(shared) = &self.cache.shared {
             shared.validate()?;
         }
-        if self.cache.ttl.is_zero() {
-            return invalid("cache.ttl must be more than 0s".to_owned());
+        let cache = &self.cache;
+        positive("cache.ttl", cache.ttl)?;
+        if cache.max_size.as_u64() == 0 {
+            return Err(invalid("cache.max_size", "is 0: it must be more than 0"));
         }
-        if self.cache.max_size.as_u64() == 0 {
-            return invalid("cache.max_size must be more than 0".to_owned());
-        }
-        if self.cache.terminal_statuses.len() > MAX_TERMINAL_STATUSES {
-            return invalid(format!(
-                "cache.terminal_statuses lists {} statuses; at most {MAX_TERMINAL_STATUSES}",
-                self.cache.terminal_statuses.len()
+        if cache.terminal_statuses.len() > MAX_TERMINAL_STATUSES {
+            return Err(invalid(
+                "cache.terminal_statuses",
+                format_args!(
+                    "lists {} statuses; at most {MAX_TERMINAL_STATUSES}",
+                    cache.terminal_statuses.len()
+                ),
             ));
         }
-        if let Some(bad) =
-            self.cache.terminal_statuses.iter().find(|status| {
-                status.is_empty() || status.trim() != status.as_str() || *status == OTHER_STATUS
-            })
+        if let Some(bad) = cache
+            .terminal_statuses
+            .iter()
+            .find(|status| status.is_empty() || status.trim() != status.as_str() || *status == OTHER_STATUS)
         {
-            return invalid(format!(
-                "cache.terminal_statuses holds {bad:?}: a status is a non-empty word other than \"{OTHER_STATUS}\""
+            return Err(invalid(
+                "cache.terminal_statuses",
+                format_args!("holds {bad:?}: a status is a non-empty word other than \"{OTHER_STATUS}\""),
             ));
         }
         Ok(())
@@ -326,18 +385,32 @@ impl Config {
 impl UpstreamConfig {
     /// The absolute URL that a run id is appended to, e.g. `https://api.plextera.com/api/public/v1/workflow-runs/`.
     pub fn runs_url_prefix(&self) -> Result<String, ConfigError> {
-        let invalid =
-            |why: &str| ConfigError::Invalid(format!("upstream.base_url {:?} {why}", self.base_url.as_str()));
-        let uri: Uri = self.base_url.parse().map_err(|_| invalid("is not a URL"))?;
+        let refuse = |why: &str| {
+            invalid(
+                "upstream.base_url",
+                format_args!("{:?} {why}", self.base_url.as_str()),
+            )
+        };
+        let uri: Uri = self.base_url.parse().map_err(|_| refuse("is not a URL"))?;
         match uri.scheme_str() {
             Some("http" | "https") => {}
-            _ => return Err(invalid("must start with http:// or https://")),
+            _ => return Err(refuse("must start with http:// or https://")),
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(invalid("has no host"));
+            return Err(refuse("has no host"));
+        }
+        if uri
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            // Not repeated: the user part may be a credential.
+            return Err(invalid(
+                "upstream.base_url",
+                "must not hold credentials (user:password@): the key goes in upstream.api_key_env or upstream.api_key_file",
+            ));
         }
         if uri.query().is_some() {
-            return Err(invalid("must not have a query string"));
+            return Err(refuse("must not have a query string"));
         }
         let base = self.base_url.trim_end_matches('/');
         Ok(format!("{base}/api/public/v1/workflow-runs/"))
@@ -347,40 +420,46 @@ impl UpstreamConfig {
     /// `env` looks up an environment variable (`std::env::var` in production).
     pub fn load_api_key(&self, env: impl Fn(&str) -> Option<String>) -> Result<ApiKey, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFileRead {
-                path: path.clone(),
-                source,
-            })?;
-            return ApiKey::new(text.trim()).ok_or_else(|| ConfigError::KeyFileInvalid(path.clone()));
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::KeyFileRead(KeyPlace::File, source))?;
+            return ApiKey::new(text.trim()).ok_or(ConfigError::KeyInvalid(KeyPlace::File));
         }
-        let name = self.api_key_env.as_deref().unwrap_or(DEFAULT_API_KEY_ENV);
-        let value = env(name).ok_or_else(|| ConfigError::KeyEnvMissing(name.to_owned()))?;
-        ApiKey::new(value.trim()).ok_or_else(|| ConfigError::KeyEnvInvalid(name.to_owned()))
+        let (name, place) = match &self.api_key_env {
+            Some(name) => (name.as_str(), KeyPlace::NamedVariable),
+            None => (DEFAULT_API_KEY_ENV, KeyPlace::DefaultVariable),
+        };
+        let value = env(name)
+            .filter(|value| !value.trim().is_empty())
+            .ok_or(ConfigError::KeyMissing(place))?;
+        ApiKey::new(value.trim()).ok_or(ConfigError::KeyInvalid(place))
     }
 }
 
 impl SharedCacheConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |why: &str| Err(ConfigError::Invalid(format!("cache.shared.{why}")));
         let Ok(url) = self.url.parse::<Uri>() else {
-            return invalid("url is not a URL");
+            return Err(invalid("cache.shared.url", "is not a URL"));
         };
         if !matches!(url.scheme_str(), Some("redis" | "rediss")) {
-            return invalid("url must start with redis:// or rediss://");
+            return Err(invalid(
+                "cache.shared.url",
+                "must start with redis:// or rediss://",
+            ));
         }
         if url
             .authority()
             .is_some_and(|authority| authority.as_str().contains('@'))
         {
-            return invalid(
-                "url must not hold credentials: put the password in the variable named by password_env",
-            );
+            return Err(invalid(
+                "cache.shared.url",
+                "must not hold credentials: put the password in the variable named by password_env",
+            ));
         }
         if self.timeout.is_zero() {
-            return invalid("timeout must be more than 0s");
+            return Err(invalid("cache.shared.timeout", "is 0s: it must be more than 0s"));
         }
         if self.ttl.is_some_and(|ttl| ttl.is_zero()) {
-            return invalid("ttl must be more than 0s");
+            return Err(invalid("cache.shared.ttl", "is 0s: it must be more than 0s"));
         }
         Ok(())
     }
@@ -393,7 +472,7 @@ impl SharedCacheConfig {
         env(name)
             .filter(|password| !password.is_empty())
             .map(Some)
-            .ok_or_else(|| ConfigError::RedisPasswordMissing(name.clone()))
+            .ok_or(ConfigError::RedisPasswordMissing)
     }
 }
 
@@ -406,7 +485,7 @@ impl ServerConfig {
         let Some(name) = &self.client_tokens_env else {
             return Ok(None);
         };
-        let value = env(name).ok_or_else(|| ConfigError::ClientTokensMissing(name.clone()))?;
+        let value = env(name).ok_or(ConfigError::ClientTokensMissing)?;
         let tokens: Vec<String> = value
             .split(',')
             .map(str::trim)
@@ -414,18 +493,16 @@ impl ServerConfig {
             .map(str::to_owned)
             .collect();
         if tokens.is_empty() {
-            return Err(ConfigError::ClientTokensMissing(name.clone()));
+            return Err(ConfigError::ClientTokensMissing);
         }
         Ok(Some(tokens))
     }
 }
 
 fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
-    let invalid = |message: String| Err(ConfigError::Invalid(message));
+    const KEY: &str = "server.cors_allowed_origins";
     if origins.len() > 1 && origins.iter().any(|origin| origin == "*") {
-        return invalid(
-            "server.cors_allowed_origins: \"*\" cannot be combined with other origins".to_owned(),
-        );
+        return Err(invalid(KEY, "\"*\" cannot be combined with other origins"));
     }
     for origin in origins.iter().filter(|origin| *origin != "*") {
         let parsed: Option<Uri> = origin.parse().ok();
@@ -436,24 +513,13 @@ fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
         }) && !origin.ends_with('/')
             && HeaderValue::from_str(origin).is_ok();
         if !is_origin {
-            return invalid(format!(
-                "server.cors_allowed_origins holds {origin:?}: an origin is scheme://host[:port], no path"
+            return Err(invalid(
+                KEY,
+                format_args!("holds {origin:?}: an origin is scheme://host[:port], no path"),
             ));
         }
     }
     Ok(())
-}
-
-/// Turns toml's multi-line error into one line: `line N: <message> (near `<source line>`)`.
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    let Some(span) = error.span() else {
-        return message;
-    };
-    let before = &text[..span.start.min(text.len())];
-    let line_number = before.matches('\n').count() + 1;
-    let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
-    format!("line {line_number}: {message} (near `{line}`)")
 }
 
 #[cfg(test)]
@@ -659,7 +725,11 @@ mod tests {
                 .load_client_tokens(|_| value.clone())
                 .expect_err("no token")
                 .to_string();
-            assert!(message.contains("TOKENS"), "{message}");
+            assert!(message.contains("server.client_tokens_env"), "{message}");
+            assert!(
+                !message.contains("TOKENS"),
+                "a configured name is not repeated: {message}"
+            );
         }
         assert_eq!(
             Config::default()
@@ -687,7 +757,185 @@ mod tests {
             .load_api_key(|_| None)
             .expect_err("no file")
             .to_string();
-        assert!(message.contains("absent"), "{message}");
+        assert!(message.contains("upstream.api_key_file"), "{message}");
+        assert!(message.contains("No such file"), "{message}");
+        assert!(
+            !message.contains("absent"),
+            "the configured path is not repeated: {message}"
+        );
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// Strings a key might look like, put where a name or a path belongs.
+    const PASTED_KEYS: [&str; 3] = ["sk-live-Zx9/Qw+e==", "PKLIVE0123456789", "k\"ey\\with<&>"];
+
+    #[test]
+    fn a_key_put_where_a_name_or_path_belongs_is_never_printed() {
+        for pasted in PASTED_KEYS {
+            let toml_string = toml::Value::String(pasted.to_owned()).to_string();
+            for (section, field) in [
+                ("upstream", "api_key_env"),
+                ("upstream", "api_key_file"),
+                ("upstream", "api_key"),
+                ("upstream", "key"),
+                ("server", "client_tokens_env"),
+                ("cache.shared", "password_env"),
+            ] {
+                let url = if section == "cache.shared" {
+                    "url = \"redis://r\"\n"
+                } else {
+                    ""
+                };
+                let text = format!("[{section}]\n{url}{field} = {toml_string}\n");
+                // Only the default key variable is set: whatever names another place, it is empty.
+                let env = |name: &str| (name == DEFAULT_API_KEY_ENV).then(|| "real-key".to_owned());
+                let outcome = Config::parse(&text).and_then(|config| {
+                    config.upstream.load_api_key(env)?;
+                    config.server.load_client_tokens(env)?;
+                    if let Some(shared) = &config.cache.shared {
+                        shared.load_password(env)?;
+                    }
+                    Ok(())
+                });
+                let message = outcome.expect_err("refused").to_string();
+                assert!(
+                    !message.contains(pasted),
+                    "{field} = {pasted:?} printed: {message}"
+                );
+                assert!(message.contains(field), "{field}: {message}");
+                assert!(!message.contains('\n'), "one line: {message}");
+            }
+        }
+        // Not a string at all: the value is not described either.
+        let message = parse_error("[upstream]\napi_key_env = 987654321\n");
+        assert!(!message.contains("987654321"), "{message}");
+        // An unknown key that looks like a secret says where secrets go.
+        let message = parse_error("[upstream]\napi_key = \"sk-live-x\"\n");
+        assert!(message.contains("api_key_env"), "{message}");
+        assert!(!message.contains("sk-live-x"), "{message}");
+    }
+
+    #[test]
+    fn each_bad_value_is_named_with_its_key_and_an_example_of_a_good_one() {
+        let cases = [
+            (
+                "[server]\nlisten = \"localhost:8080\"\n",
+                [
+                    "line 2",
+                    "server.listen",
+                    "\"localhost:8080\"",
+                    "e.g. listen = \"0.0.0.0:8080\"",
+                ],
+            ),
+            (
+                "[upstream]\nrequest_timeout = \"ten seconds\"\n",
+                [
+                    "line 2",
+                    "upstream.request_timeout",
+                    "\"ten seconds\"",
+                    "e.g. request_timeout = \"10s\"",
+                ],
+            ),
+            (
+                "[cache]\nmax_size = \"lots\"\n",
+                [
+                    "line 2",
+                    "cache.max_size",
+                    "\"lots\"",
+                    "e.g. max_size = \"256MiB\"",
+                ],
+            ),
+            (
+                "[server]\nmax_connections = 0\n",
+                [
+                    "line 2",
+                    "server.max_connections",
+                    "0",
+                    "e.g. max_connections = 10000",
+                ],
+            ),
+            (
+                "[server]\nworker_threads = \"two\"\n",
+                [
+                    "line 2",
+                    "server.worker_threads",
+                    "two",
+                    "e.g. worker_threads = 2",
+                ],
+            ),
+            (
+                "[server]\nheader_read_timeout = \"0s\"\n",
+                [
+                    "server.header_read_timeout",
+                    "0s",
+                    "more than 0s",
+                    "e.g. header_read_timeout = \"10s\"",
+                ],
+            ),
+            (
+                "[cache.shared]\nurl = \"redis://r\"\ntimeout = \"soon\"\n",
+                [
+                    "line 3",
+                    "cache.shared.timeout",
+                    "\"soon\"",
+                    "e.g. timeout = \"50ms\"",
+                ],
+            ),
+            (
+                "[upstream]\nmax_requests_per_second = -1\n",
+                [
+                    "upstream.max_requests_per_second",
+                    "-1",
+                    "0.001",
+                    "e.g. max_requests_per_second = 10",
+                ],
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = parse_error(text);
+            for part in expected {
+                assert!(
+                    message.contains(part),
+                    "{text:?}: {part:?} missing from {message:?}"
+                );
+            }
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn every_key_has_an_example_and_every_example_is_valid() {
+        for (key, example) in report::EXAMPLES {
+            let (section, field) = key.rsplit_once('.').expect("a dotted key");
+            let url = if section == "cache.shared" && field != "url" {
+                "url = \"redis://r\"\n"
+            } else {
+                ""
+            };
+            let text = format!("[{section}]\n{url}{field} = {example}\n");
+            if let Err(error) = Config::parse(&text) {
+                // A valid example may still need another key beside it (e.g. only one key source).
+                assert!(!error.to_string().contains("line"), "{key} = {example}: {error}");
+            }
+        }
+        // Every key the shipped file lists, set or commented out, has an example.
+        let shipped =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH))
+                .expect("config/gateway.toml");
+        let mut section = String::new();
+        for line in shipped.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+                section = name.to_owned();
+            } else if let Some((field, _)) = line.split_once(" = ")
+                && field.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                let key = format!("{section}.{field}");
+                assert!(
+                    report::example(&key).is_some(),
+                    "{key} has no example in report::EXAMPLES"
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,106 @@
+//! How a refused config is reported: one line naming the line, the key, what is wrong with the
+//! value (never for a place that could hold a secret) and an example of a valid one.
+//!
+//! The line of the file is never quoted: a key pasted into the config (`api_key = "…"`) would be
+//! printed back with it.
+
+use std::fmt::Display;
+
+/// An example of a valid value for every key, as it would be written in the file.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    ("server.listen", "\"0.0.0.0:8080\""),
+    ("server.admin_listen", "\"127.0.0.1:9090\""),
+    ("server.shutdown_delay", "\"5s\""),
+    ("server.shutdown_grace", "\"10s\""),
+    ("server.cors_allowed_origins", "[\"https://app.example.com\"]"),
+    ("server.worker_threads", "2"),
+    ("server.max_connections", "10000"),
+    ("server.header_read_timeout", "\"10s\""),
+    ("server.write_timeout", "\"30s\""),
+    ("server.http2_max_concurrent_streams", "100"),
+    ("server.http2_keepalive_interval", "\"20s\""),
+    ("server.http2_keepalive_timeout", "\"20s\""),
+    ("server.client_tokens_env", "\"PLEXTERA_GATEWAY_CLIENT_TOKENS\""),
+    ("upstream.base_url", "\"https://api.plextera.com\""),
+    ("upstream.api_key_env", "\"PLEXTERA_API_KEY\""),
+    ("upstream.api_key_file", "\"/run/secrets/plextera-api-key\""),
+    ("upstream.request_timeout", "\"10s\""),
+    ("upstream.max_body_size", "\"8MiB\""),
+    ("upstream.ca_file", "\"/etc/plextera-gateway/ca.pem\""),
+    ("upstream.max_requests_per_second", "10"),
+    ("upstream.max_concurrent_requests", "16"),
+    ("upstream.queue_timeout", "\"1s\""),
+    ("cache.ttl", "\"24h\""),
+    ("cache.max_size", "\"256MiB\""),
+    (
+        "cache.terminal_statuses",
+        "[\"COMPLETED\", \"FAILED\", \"CLOSED\"]",
+    ),
+    ("cache.not_found_ttl", "\"30s\""),
+    ("cache.shared.url", "\"redis://redis:6379/0\""),
+    ("cache.shared.password_env", "\"REDIS_PASSWORD\""),
+    ("cache.shared.ttl", "\"24h\""),
+    ("cache.shared.timeout", "\"50ms\""),
+    ("cache.shared.key_prefix", "\"plextera-gateway:\""),
+    ("cache.shared.lock_wait", "\"1s\""),
+];
+
+/// `key = example`, for a message about `key` (`server.listen` gives `listen = "0.0.0.0:8080"`).
+pub fn example(key: &str) -> Option<String> {
+    let (_, value) = EXAMPLES.iter().find(|(known, _)| *known == key)?;
+    let field = key.rsplit('.').next().unwrap_or(key);
+    Some(format!("{field} = {value}"))
+}
+
+/// `<key>: <problem>; e.g. <field> = <example>`.
+pub fn about(key: &str, problem: impl Display) -> String {
+    match example(key) {
+        Some(example) => format!("{key}: {problem}; e.g. {example}"),
+        None => format!("{key}: {problem}"),
+    }
+}
+
+/// One line for a TOML error: `line N: <key>: <what is wrong>; e.g. <a valid line>`.
+pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let location = error.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        format!("line {}: ", before.matches('\n').count() + 1)
+    });
+    let location = location.unwrap_or_default();
+    match key_path(error) {
+        Some(key) if message.starts_with("unknown field") => {
+            format!("{location}in [{key}]: {message}{}", secret_hint(&message))
+        }
+        Some(key) => format!("{location}{}", about(&key, message)),
+        None => format!("{location}{message}{}", secret_hint(&message)),
+    }
+}
+
+/// The dotted key the error is about, as toml tracks it.
+fn key_path(error: &toml::de::Error) -> Option<String> {
+    // toml names the key only when it prints an error without its source text.
+    let mut detached = error.clone();
+    detached.set_input(None);
+    let rendered = detached.to_string();
+    rendered
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix("in `")?.strip_suffix('`'))
+        .map(str::to_owned)
+}
+
+/// For an unknown key that looks like an attempt to put a secret in the file: where it goes.
+fn secret_hint(message: &str) -> &'static str {
+    let field = message.split('`').nth(1).unwrap_or_default().to_ascii_lowercase();
+    let secret_like = ["key", "token", "secret", "password"]
+        .iter()
+        .any(|word| field.contains(word));
+    if secret_like {
+        "; secrets never go in this file: name the environment variable that holds one \
+         (upstream.api_key_env, server.client_tokens_env, cache.shared.password_env) or the key's \
+         file (upstream.api_key_file)"
+    } else {
+        ""
+    }
+}

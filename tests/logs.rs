@@ -1,0 +1,170 @@
+//! What the real binary logs: where its config and upstream are, why an upstream could not be
+//! reached, bounded request lines, and colour only on a terminal that wants it.
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use http::{Method, StatusCode};
+use support::{
+    GatewayProcess, MockUpstream, PATIENCE, TEST_KEY, TestClient, eventually, process_config, refused_addr,
+    runs_path, write_config,
+};
+
+/// The JSON log lines of `gateway` that carry `message`.
+fn lines_saying(gateway: &GatewayProcess, message: &str) -> Vec<serde_json::Value> {
+    gateway
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|text| text.starts_with(message))
+        })
+        .collect()
+}
+
+/// Waits until `gateway` has logged a line starting with `message`, and returns it.
+async fn logged(gateway: &GatewayProcess, message: &str) -> serde_json::Value {
+    eventually(&format!("the gateway logs {message:?}"), || async {
+        !lines_saying(gateway, message).is_empty()
+    })
+    .await;
+    lines_saying(gateway, message).remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_names_the_config_file_and_the_upstream() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let line = logged(&gateway, "configuration loaded").await;
+    let canonical = std::fs::canonicalize(&config).expect("config path");
+    assert_eq!(line["fields"]["config"], canonical.to_str().expect("utf-8 path"));
+    assert_eq!(line["fields"]["upstream"], mock.base_url());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_upstream_is_logged_with_its_origin_and_the_cause() {
+    let refused = refused_addr().await;
+    // A plain-HTTP server spoken to in TLS: the handshake fails.
+    let plain = MockUpstream::start().await;
+    for (base_url, cause) in [
+        (format!("http://{refused}"), "refused"),
+        (format!("https://{}", plain.addr), "tls"),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = write_config(dir.path(), &process_config(&base_url, ""));
+        let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+        let response = TestClient::new()
+            .send(
+                Method::GET,
+                &format!("http://{}{}", gateway.public, runs_path("run_1")),
+                &[],
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::BAD_GATEWAY, "{base_url}");
+        let line = logged(&gateway, "upstream request failed").await;
+        assert_eq!(line["fields"]["upstream"], base_url.as_str(), "{line}");
+        assert_eq!(line["fields"]["cause"], cause, "{line}");
+        assert!(
+            line["fields"]["error"]
+                .as_str()
+                .is_some_and(|error| !error.is_empty()),
+            "{line}"
+        );
+        assert_eq!(
+            line["span"]["run_id"], "run_1",
+            "logged inside the request's span: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_request_target_makes_a_short_log_line() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let huge = format!("/{}", "a".repeat(20 * 1024));
+    let response = TestClient::new()
+        .send(Method::GET, &format!("http://{}{huge}", gateway.public), &[])
+        .await;
+    assert_eq!(response.status, StatusCode::URI_TOO_LONG);
+    let line = logged(&gateway, "served").await;
+    let path = line["span"]["path"].as_str().expect("a path field");
+    assert!(path.len() < 512, "{} bytes of path logged", path.len());
+    assert!(path.ends_with(&format!("({} bytes)", huge.len())), "{path}");
+    let longest = gateway.logs().lines().map(str::len).max().unwrap_or_default();
+    assert!(longest < 2048, "a {longest}-byte log line");
+}
+
+/// Runs the binary in text format with stdout on `stdout`, until it logs "gateway ready"; returns
+/// what it wrote.
+fn text_output_until_ready(
+    stdout: Stdio,
+    read_from: impl Read + Send + 'static,
+    no_color: Option<&str>,
+) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config("http://127.0.0.1:9", ""));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_plextera-gateway"));
+    command
+        .args(["--config", &config])
+        .env("GW_TEST_KEY", TEST_KEY)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null());
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    let mut child = command.spawn().expect("start the gateway binary");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = read_from;
+        let mut output = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(read) = reader.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            output.extend_from_slice(&buffer[..read]);
+            if String::from_utf8_lossy(&output).contains("gateway ready") {
+                break;
+            }
+        }
+        let _ = lines.send(String::from_utf8_lossy(&output).into_owned());
+    });
+    let output = received.recv_timeout(PATIENCE).expect("the gateway became ready");
+    let _ = child.kill();
+    let _ = child.wait();
+    output
+}
+
+/// Output on a pseudo-terminal, as an operator running it by hand sees it.
+fn on_a_terminal(no_color: Option<&str>) -> String {
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    text_output_until_ready(Stdio::from(pty.slave), std::fs::File::from(pty.master), no_color)
+}
+
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
+    const ESCAPE: char = '\u{1b}';
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    let piped = text_output_until_ready(Stdio::from(writer), reader, None);
+    assert!(piped.contains("gateway ready"), "{piped}");
+    assert!(!piped.contains(ESCAPE), "colour codes in a pipe: {piped:?}");
+
+    let terminal = on_a_terminal(None);
+    assert!(terminal.contains(ESCAPE), "no colour on a terminal: {terminal:?}");
+    for no_color in ["1", "true"] {
+        let terminal = on_a_terminal(Some(no_color));
+        assert!(terminal.contains("gateway ready"), "{terminal}");
+        assert!(!terminal.contains(ESCAPE), "NO_COLOR={no_color}: {terminal:?}");
+    }
+}
