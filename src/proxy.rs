@@ -2,13 +2,14 @@
 //!
 //! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise take one of
 //! the client connection's work slots (see [`crate::connection`]) and join or lead the single
-//! upstream call for that run ([`Coalescer`]); a call led keeps the slot until it ends. The call, in a task of its own so no
-//! client's disconnect cancels it: checks the store once more (a call that just ended may have
-//! filled it), then the shared Redis tier when there is one (and, if another replica is fetching
-//! the run, waits briefly for it), waits for the upstream budget, fetches, maps faults to gateway
-//! errors, asks the policy whether the answer is a terminal run, stores it if so (in memory now,
-//! in Redis in the background), and only then lets go of the run id. Everyone who waited gets the
-//! same answer.
+//! upstream call for that run ([`Coalescer`]); a call led keeps the slot until it ends. The call,
+//! in a task of its own so no client's disconnect cancels it: checks the store once more (a call
+//! that just ended may have filled it), then the shared Redis tier when there is one (and, if
+//! another replica is fetching the run, waits briefly for it), waits for the upstream budget,
+//! fetches, maps faults to gateway errors, asks the policy whether the answer is a terminal run,
+//! stores it if so and if it fits in the cache at all (one larger than `cache.max_size` would be
+//! evicted at once, so it is a PASS), in memory now and in Redis in the background, and only then
+//! lets go of the run id. Everyone who waited gets the same answer.
 //!
 //! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
 //! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too. An upstream 429 is
@@ -285,15 +286,24 @@ impl Shared {
         }
         let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
         let verdict = policy::decide(answer.status, &answer.body, &id, &self.settings.statuses);
+        let fits = self.store.can_hold(&id, answer.body.len());
         let entry = match verdict.decision {
-            Decision::Store(run_status) => CachedRun::terminal(&answer.body, content_type, run_status),
+            Decision::Store(run_status) if fits => {
+                CachedRun::terminal(&answer.body, content_type, run_status)
+            }
             Decision::Pass(_)
-                if answer.status == StatusCode::NOT_FOUND && !self.settings.not_found_ttl.is_zero() =>
+                if fits
+                    && answer.status == StatusCode::NOT_FOUND
+                    && !self.settings.not_found_ttl.is_zero() =>
             {
                 CachedRun::not_found(&answer.body, content_type)
             }
-            Decision::Pass(reason) => {
-                tracing::debug!(reason = reason.as_str(), "not stored");
+            decision => {
+                let reason = match decision {
+                    Decision::Pass(reason) => reason.as_str(),
+                    Decision::Store(_) => "larger_than_cache",
+                };
+                tracing::debug!(reason, "not stored");
                 let run_status = (answer.status == StatusCode::OK)
                     .then(|| verdict.status.unwrap_or_else(|| self.settings.statuses.other()));
                 return Fetched::Passed(Arc::new(Passed {

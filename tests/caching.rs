@@ -193,21 +193,6 @@ async fn the_cache_is_bounded_by_bytes() {
 }
 
 #[tokio::test]
-async fn a_run_larger_than_the_whole_cache_is_served_but_not_kept() {
-    let mock = MockUpstream::start().await;
-    let gateway =
-        TestGateway::start(&mock, |config| config.cache.max_size = bytesize::ByteSize::kib(4)).await;
-    let body = run_body("big", "COMPLETED", 16 * 1024);
-    mock.set("big", Reply::ok(body.clone()));
-    let first = gateway.get_run("big").await;
-    assert_eq!(first.body, body);
-    let second = gateway.get_run("big").await;
-    assert_eq!(second.body, body);
-    assert_eq!(second.x_cache(), Some("MISS"), "too big to keep: fetched again");
-    assert_eq!(mock.count_for("big"), 2);
-}
-
-#[tokio::test]
 async fn entries_expire_after_the_ttl() {
     let mock = MockUpstream::start().await;
     let gateway = TestGateway::start(&mock, |config| {
@@ -225,4 +210,45 @@ async fn entries_expire_after_the_ttl() {
         gateway.get_run("run_t").await.x_cache() == Some("MISS")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_terminal_run_larger_than_the_whole_cache_is_a_pass_not_a_miss() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |config| {
+        config.cache.max_size = bytesize::ByteSize::kib(1);
+    })
+    .await;
+    mock.set("huge", Reply::ok(run_body("huge", "COMPLETED", 2048)));
+    mock.set("small", Reply::run("small", "COMPLETED"));
+    for _ in 0..2 {
+        let response = gateway.get_run("huge").await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(
+            response.x_cache(),
+            Some("PASS"),
+            "it was not stored, so it is not a MISS"
+        );
+        assert_eq!(response.header("cache-control"), Some("no-store"));
+    }
+    assert_eq!(mock.count_for("huge"), 2);
+    // One that fits is stored as ever.
+    assert_eq!(gateway.get_run("small").await.x_cache(), Some("MISS"));
+    assert_eq!(gateway.get_run("small").await.x_cache(), Some("HIT"));
+}
+
+#[tokio::test]
+async fn a_terminal_body_that_is_not_utf8_is_passed_not_stored() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let mut body = br#"{"id":"bad","status":"COMPLETED","note":""#.to_vec();
+    body.extend_from_slice(b"\xc3\x28");
+    body.extend_from_slice(br#""}"#);
+    mock.set("bad", Reply::ok(body.clone()));
+    for _ in 0..2 {
+        let response = gateway.get_run("bad").await;
+        assert_eq!(response.x_cache(), Some("PASS"));
+        assert_eq!(response.body, body, "forwarded as upstream sent it");
+    }
+    assert_eq!(mock.count_for("bad"), 2, "never served from memory");
 }

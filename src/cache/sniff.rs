@@ -1,7 +1,7 @@
 //! Status sniffing: the run's top-level `id` and `status`, read from a body without building a tree.
 //!
-//! The whole body is still validated as JSON (serde_json walks it, skipping values it does not
-//! keep), so "not JSON" is never mistaken for a run. Only a top-level object counts; a repeated
+//! The whole body is still validated as JSON (UTF-8 throughout, then serde_json walks it, skipping
+//! values it does not keep), so "not JSON" is never mistaken for a run. Only a top-level object counts; a repeated
 //! `id` or `status` key is refused, because parsers disagree on which copy wins and the gateway
 //! must not cache a run on a guess. Strings without escapes are borrowed from the body.
 
@@ -24,7 +24,15 @@ pub struct NotARun(#[from] serde_json::Error);
 
 /// Reads `id` and `status` from the top level of a JSON object.
 pub fn sniff_run(body: &[u8]) -> Result<RunHead<'_>, NotARun> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    // serde_json skips the strings it does not keep without checking their UTF-8, so the whole
+    // body is checked first: JSON text is UTF-8, and what is stored must be JSON.
+    let text = std::str::from_utf8(body).map_err(|error| {
+        NotARun(de::Error::custom(format_args!(
+            "not UTF-8 at byte {}",
+            error.valid_up_to()
+        )))
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     let head = deserializer.deserialize_map(RunHeadVisitor)?;
     deserializer.end()?;
     Ok(head)
@@ -137,7 +145,10 @@ mod tests {
     }
 
     #[test]
-    fn invalid_utf8_is_refused() {
+    fn invalid_utf8_is_refused_wherever_it_is() {
         assert!(sniff_run(b"{\"id\":\"r\xff\",\"status\":\"COMPLETED\"}").is_err());
+        // In a string the sniffer skips, too.
+        assert!(sniff_run(b"{\"id\":\"r\",\"status\":\"COMPLETED\",\"note\":\"\xc3\x28\"}").is_err());
+        assert!(sniff_run("{\"id\":\"r\",\"status\":\"COMPLETED\",\"note\":\"é\"}".as_bytes()).is_ok());
     }
 }

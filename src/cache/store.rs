@@ -193,6 +193,8 @@ impl Expiry<RunId, CachedRun> for Lifetimes {
 #[derive(Clone)]
 pub struct RunStore {
     runs: Cache<RunId, CachedRun, foldhash::fast::RandomState>,
+    /// `cache.max_size`: an answer weighing more is never admitted.
+    max_bytes: u64,
 }
 
 impl RunStore {
@@ -217,7 +219,13 @@ impl RunStore {
             // Seeded per process, so ids cannot be picked to collide without the seed, and every
             // id in here cost an upstream call. SipHash (the default) cost more than the lookup.
             .build_with_hasher(foldhash::fast::RandomState::default());
-        Self { runs }
+        Self { runs, max_bytes }
+    }
+
+    /// Whether an answer of `body_len` bytes for `id` can be stored at all: one that weighs more
+    /// than the whole cache would be evicted as soon as it was inserted.
+    pub fn can_hold(&self, id: &RunId, body_len: usize) -> bool {
+        (body_len as u64).saturating_add(id.as_str().len() as u64) <= self.max_bytes
     }
 
     pub async fn get(&self, id: &str) -> Option<CachedRun> {
