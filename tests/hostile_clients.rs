@@ -47,11 +47,14 @@ async fn request_smuggling_attempts_are_refused_by_the_http_layer() {
             1,
             "nothing after the refusal was answered"
         );
-        let closes = response.to_ascii_lowercase().contains("connection: close");
-        assert!(
-            closes || !response.contains("INVALID_REQUEST"),
-            "a refused body closes the connection"
-        );
+        // Whoever refused it (hyper, or the gateway's INVALID_REQUEST), nothing after it was
+        // answered; when it is the gateway, it says it closes the connection.
+        if response.contains("INVALID_REQUEST") {
+            assert!(
+                response.to_ascii_lowercase().contains("connection: close"),
+                "a refused body closes the connection: {response}"
+            );
+        }
     }
     assert_eq!(mock.request_count(), 0, "nothing reached upstream");
     assert_eq!(

@@ -139,3 +139,45 @@ async fn every_gateway_error_carries_the_request_id() {
     assert_eq!(response.json()["error"]["requestId"], "trace-me");
     assert_eq!(response.header("cache-control"), Some("no-store"));
 }
+
+#[tokio::test]
+async fn a_method_that_is_not_allowed_is_405_whatever_its_body_and_the_body_is_not_read() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let path = runs_path("run_1");
+    for request in [
+        format!("POST {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\nabcd"),
+        format!("PUT {path} HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"),
+        // A body that smuggles a second request must not be read as one.
+        format!(
+            "DELETE {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 40\r\n\r\nGET {path} HTTP/1.1\r\nHost: g\r\n\r\n"
+        ),
+    ] {
+        let response = raw_exchange(gateway.public, request.as_bytes()).await;
+        let status_line = response.lines().next().unwrap_or_default();
+        assert!(status_line.contains(" 405 "), "{request:?}: {status_line}");
+        let lower = response.to_ascii_lowercase();
+        assert!(lower.contains("allow: get, head"), "{response}");
+        assert!(
+            lower.contains("connection: close"),
+            "the unread body ends the connection: {response}"
+        );
+        assert!(response.contains("METHOD_NOT_ALLOWED"), "{response}");
+        assert_eq!(
+            response.matches("HTTP/1.1 ").count(),
+            1,
+            "nothing else was answered"
+        );
+    }
+    // A GET that frames a body is still 400 and closes too.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\nabcd");
+    let response = raw_exchange(gateway.public, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("INVALID_REQUEST"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(mock.request_count(), 0, "nothing reached upstream");
+}
