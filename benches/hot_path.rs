@@ -3,21 +3,25 @@
 //! `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::{Request, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use plextera_gateway::cache::scan::scan_status;
 use plextera_gateway::cache::sniff::sniff_run;
 use plextera_gateway::cache::{CachedRun, RunStore, policy};
+use plextera_gateway::connection::track::Track;
+use plextera_gateway::connection::{Connection, Limits};
 use plextera_gateway::key_echo::EchoFinder;
 use plextera_gateway::metrics::Metrics;
 use plextera_gateway::response::{APPLICATION_JSON, CacheOutcome, run_response, terminal_cache_control};
 use plextera_gateway::run_id::RunId;
 use plextera_gateway::run_status::RunStatuses;
 use plextera_gateway::{ApiKey, App, Config};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 /// A Get-run body of about `size` bytes, `status` second as Plextera sends it.
@@ -139,7 +143,33 @@ fn cache_hit(c: &mut Criterion) {
                 .expect("request");
             let response = service.clone().oneshot(request).await.expect("infallible");
             assert_eq!(response.status(), StatusCode::OK);
-            response
+            response.into_body().collect().await.expect("infallible")
+        })
+    });
+
+    // As a server runs it: one connection's stack, its requests and answers tracked, the body
+    // handed over and dropped as hyper would.
+    let slots = Arc::new(Semaphore::new(1));
+    let connection = Connection::new(
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            max_streams: 100,
+        },
+        slots.try_acquire_owned().expect("a free slot"),
+    );
+    let service = Track::new(
+        app.public_service::<Empty<Bytes>>(Some(connection.work_slots())),
+        Arc::clone(&connection),
+    );
+    c.bench_function("hit/connection_stack", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let request = Request::get("/api/public/v1/workflow-runs/done-42")
+                .body(Empty::new())
+                .expect("request");
+            let response = service.clone().oneshot(request).await.expect("infallible");
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.expect("infallible")
         })
     });
 }

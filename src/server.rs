@@ -30,7 +30,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::Service;
 
@@ -209,10 +209,8 @@ struct Acceptor<M> {
     /// Accepted while every slot was taken: served as soon as one frees.
     waiting: Option<TcpStream>,
     connections: JoinSet<()>,
-    /// The connections being served, by their task, for shedding.
+    /// The connections being served, by their task, for shedding and draining.
     open: HashMap<tokio::task::Id, Arc<Connection>>,
-    /// Tells every connection to finish, when the listener drains.
-    draining: watch::Sender<bool>,
     metrics: Option<ConnectionMetrics>,
 }
 
@@ -255,7 +253,6 @@ where
             waiting: None,
             connections: JoinSet::new(),
             open: HashMap::new(),
-            draining: watch::channel(false).0,
             metrics,
         }
     }
@@ -314,11 +311,10 @@ where
             .http
             .serve_connection(io, TowerToHyperService::new(service))
             .into_owned();
-        let draining = self.draining.subscribe();
         let open = self.metrics.clone().map(OpenConnection::new);
         let watched = Arc::clone(&connection);
         let task = self.connections.spawn(async move {
-            let reason = serve_connection(served, &watched, draining).await;
+            let reason = serve_connection(served, &watched).await;
             if let (Some(open), Some(reason)) = (open, reason) {
                 open.closed(reason);
             }
@@ -331,7 +327,9 @@ where
     async fn drain(mut self, grace: Duration) -> bool {
         drop(self.listener);
         drop(self.waiting.take());
-        self.draining.send_replace(true);
+        for connection in self.open.values() {
+            connection.request_close(CloseReason::Drain);
+        }
         let connections = &mut self.connections;
         let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} })
             .await
@@ -341,42 +339,38 @@ where
     }
 }
 
-/// Serves one connection until it ends, its watchdog closes it, or the listener drains. Returns
-/// the watchdog's reason when it was the watchdog.
-async fn serve_connection<C>(
-    served: C,
-    connection: &Connection,
-    mut draining: watch::Receiver<bool>,
-) -> Option<CloseReason>
+/// Serves one connection until it ends or its watchdog closes it (the listener draining included).
+/// Returns the watchdog's reason when it was the watchdog.
+async fn serve_connection<C>(served: C, connection: &Connection) -> Option<CloseReason>
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut served = std::pin::pin!(served);
     let reason = tokio::select! {
+        biased;
         result = served.as_mut() => {
             if let Err(error) = result {
                 tracing::debug!(%error, "connection ended with an error");
             }
             return None;
         }
-        _ = draining.wait_for(|draining| *draining) => None,
-        reason = connection.watch() => Some(reason),
+        reason = connection.watch() => reason,
     };
     match reason {
         // Nothing more can be written: drop it, which closes the socket.
-        Some(reason) if !reason.is_graceful() => {}
-        Some(_) => {
-            served.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
-        }
+        CloseReason::WriteTimeout => {}
         // Draining: the listener cuts whatever is left after its grace period.
-        None => {
+        CloseReason::Drain => {
             served.as_mut().graceful_shutdown();
             let _ = served.await;
         }
+        CloseReason::Idle | CloseReason::Resets | CloseReason::Shed => {
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+        }
     }
-    reason
+    Some(reason)
 }
 
 /// Counts a public connection as open until its task ends, however it ends.

@@ -67,10 +67,12 @@ pub enum CloseReason {
     Resets,
     /// Closed while idle to make room for a new connection.
     Shed,
+    /// The listener is shutting down; not the connection's doing, and not counted.
+    Drain,
 }
 
 impl CloseReason {
-    /// Every reason, for metric tables.
+    /// Every reason the connection's own behaviour causes, for metric tables.
     pub const ALL: [CloseReason; 4] = [Self::Idle, Self::WriteTimeout, Self::Resets, Self::Shed];
 
     /// The `reason` label.
@@ -80,16 +82,15 @@ impl CloseReason {
             Self::WriteTimeout => "write_timeout",
             Self::Resets => "resets",
             Self::Shed => "shed",
+            Self::Drain => "drain",
         }
     }
 
-    /// Whether the connection is asked to finish (GOAWAY, `Connection: close`) rather than cut.
-    pub fn is_graceful(self) -> bool {
-        self != Self::WriteTimeout
-    }
-
     fn from_u8(value: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|reason| *reason as u8 == value)
+        Self::ALL
+            .into_iter()
+            .chain([Self::Drain])
+            .find(|reason| *reason as u8 == value)
     }
 }
 
@@ -235,12 +236,17 @@ impl Connection {
     }
 
     fn answer_started(&self) {
-        self.progressed.store(self.now_ms(), Ordering::Release);
+        // Only HTTP/2 answers are timed by their progress (see `deadline`).
+        if self.http2.load(Ordering::Relaxed) {
+            self.progressed.store(self.now_ms(), Ordering::Release);
+        }
         self.sending.fetch_add(1, Ordering::SeqCst);
     }
 
     fn answer_progressed(&self) {
-        self.progressed.store(self.now_ms(), Ordering::Release);
+        if self.http2.load(Ordering::Relaxed) {
+            self.progressed.store(self.now_ms(), Ordering::Release);
+        }
     }
 
     fn answer_finished(&self) {
@@ -303,10 +309,14 @@ pub struct WorkSlots(Arc<Connection>);
 impl WorkSlots {
     /// Waits until the connection has fewer than `max_streams` upstream calls in flight.
     pub async fn acquire(&self) -> WorkSlot {
-        let permit = Arc::clone(&self.0.work)
-            .acquire_owned()
-            .await
-            .expect("a connection's work semaphore is never closed");
+        let work = Arc::clone(&self.0.work);
+        let permit = match Arc::clone(&work).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => work
+                .acquire_owned()
+                .await
+                .expect("a connection's work semaphore is never closed"),
+        };
         WorkSlot {
             _permit: permit,
             _connection: Arc::clone(&self.0),
