@@ -59,24 +59,29 @@ where
     /// Runs the work `start` makes for `key` unless the same key is already in flight, in which
     /// case it waits for that work's result instead. `start` is only called when this caller
     /// leads, and its future is made inside the task: a waiter never holds it, and a large future
-    /// is not moved around to get there.
+    /// is not moved around to get there. A waiter drops `start` (and whatever it captured) as it
+    /// joins, not when the work ends.
     pub async fn run<S, F>(&self, key: K, start: S) -> (Result<V, Panicked>, Role)
     where
         S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
     {
+        let mut start = Some(start);
         let (result, role) = {
             let mut in_flight = self.lock();
             match in_flight.get(&key) {
                 Some(result) => (Arc::clone(result), Role::Waiter),
                 None => {
                     let result = InFlight::default();
+                    let start = start.take().expect("taken only here");
                     self.spawn(key.clone(), start, Arc::clone(&result));
                     in_flight.insert(key, Arc::clone(&result));
                     (result, Role::Leader)
                 }
             }
         };
+        // A waiter lets go of the work it would have started, and of what that holds, at once.
+        drop(start);
         let _parked = (role == Role::Waiter).then(|| Parked::new(&self.waiting));
         (result.wait().await.clone(), role)
     }
@@ -252,5 +257,50 @@ mod tests {
         assert_eq!(result, Err(Panicked));
         assert_eq!(coalescer.in_flight(), 0);
         assert_eq!(coalescer.run("k", || async { 3 }).await.0, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_lets_go_of_what_its_work_would_have_held_as_it_joins() {
+        let coalescer = Arc::new(coalescer());
+        let (release, released) = oneshot::channel::<()>();
+        let leader = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", move || async move {
+                        let _ = released.await;
+                        1
+                    })
+                    .await
+            })
+        };
+        while coalescer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // What the waiter's unused work captured (in the proxy: a connection's work slot).
+        let held = Arc::new(());
+        let captured = Arc::clone(&held);
+        let waiter = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", move || async move {
+                        drop(captured);
+                        2
+                    })
+                    .await
+            })
+        };
+        while coalescer.waiting.get() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "released while the leader's work still runs"
+        );
+        let _ = release.send(());
+        assert_eq!(waiter.await.expect("waiter").0, Ok(1));
+        assert_eq!(leader.await.expect("leader").0, Ok(1));
     }
 }

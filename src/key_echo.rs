@@ -7,11 +7,19 @@
 //! have its `%` escaped too (`\u0025`). [`EchoFinder`] matches the key one character at a time,
 //! each character in any of those spellings, mixed freely within one echo.
 //!
+//! An echo that starts right after an escaping backslash (`\` followed by the key's first
+//! character, as in `\n…` for a key starting with `n`) takes that backslash along, so replacing
+//! it never leaves half an escape behind. Not covered: encodings of encodings (`%252F`, JSON inside
+//! a JSON string), HTML entities, base64; and a key that itself holds `"` or `\` can match JSON
+//! syntax raw (a body that echoes all but its last `"` loses that quote to the scrub, and is then
+//! passed through rather than stored).
+//!
 //! Hand-written, because no crate searches for a needle under per-character encodings. Nearly
 //! every body holds neither `\` nor `%`, and then only the raw spelling is possible: that case is
 //! memchr's SIMD substring search, as before. Otherwise every byte that can start a spelling of
 //! the key's first character is tried, tracking the set of places the key could have reached so
-//! far (at most a few), so the work is linear in the body whatever it holds.
+//! far; that set stays small (a few per character of the key), so for a given key the work is
+//! linear in the body whatever it holds.
 
 use std::ops::Range;
 
@@ -39,17 +47,19 @@ impl EchoFinder {
 
     /// The first echo of the key in `haystack`, as the byte range it spans there.
     pub fn find(&self, haystack: &[u8]) -> Option<Range<usize>> {
-        if memchr::memchr2(b'\\', b'%', haystack).is_none() {
-            let start = self.raw.find(haystack)?;
-            return Some(start..start + self.key.len());
+        self.echoes(haystack).next()
+    }
+
+    /// Every echo of the key in `haystack`, left to right, not overlapping: one pass over the body.
+    pub fn echoes<'a>(&'a self, haystack: &'a [u8]) -> Echoes<'a> {
+        Echoes {
+            finder: self,
+            haystack,
+            position: 0,
+            escapes: memchr::memchr2(b'\\', b'%', haystack).is_some(),
+            reached: Vec::new(),
+            next: Vec::new(),
         }
-        let (mut reached, mut next) = (Vec::new(), Vec::new());
-        memchr::memchr3_iter(self.key[0], b'\\', b'%', haystack)
-            .filter(|&start| self.may_start_at(haystack, start))
-            .find_map(|start| {
-                self.spelled_from(haystack, start, &mut reached, &mut next)
-                    .map(|end| start..end)
-            })
     }
 
     /// A quick look at two bytes: a raw first character must be followed by the second one, raw
@@ -92,6 +102,56 @@ impl EchoFinder {
         }
         // The longest spelling, so no part of an encoded echo is left behind.
         reached.iter().copied().max()
+    }
+}
+
+/// The echoes of one key in one body; see [`EchoFinder::echoes`].
+pub struct Echoes<'a> {
+    finder: &'a EchoFinder,
+    haystack: &'a [u8],
+    /// Where the search goes on from.
+    position: usize,
+    /// Whether the body holds `\` or `%` at all; without either, only the raw spelling exists.
+    escapes: bool,
+    /// Scratch space for [`EchoFinder::spelled_from`], kept across candidates.
+    reached: Vec<usize>,
+    next: Vec<usize>,
+}
+
+impl Iterator for Echoes<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let rest = self.haystack.get(self.position..)?;
+        let finder = self.finder;
+        if !self.escapes {
+            let start = self.position + finder.raw.find(rest)?;
+            self.position = start + finder.key.len();
+            return Some(start..self.position);
+        }
+        let candidates = memchr::memchr3_iter(finder.key[0], b'\\', b'%', rest).map(|at| self.position + at);
+        for start in candidates {
+            if !finder.may_start_at(self.haystack, start) {
+                continue;
+            }
+            if let Some(end) = finder.spelled_from(self.haystack, start, &mut self.reached, &mut self.next) {
+                let start = self.over_escaping_backslash(start);
+                self.position = end;
+                return Some(start..end);
+            }
+        }
+        self.position = self.haystack.len();
+        None
+    }
+}
+
+impl Echoes<'_> {
+    /// `start`, or one byte earlier when an escaping backslash stands right before it (an odd
+    /// run of them): the echo is then the tail of an escape, which goes with it.
+    fn over_escaping_backslash(&self, start: usize) -> usize {
+        let before = &self.haystack[self.position..start];
+        let backslashes = before.iter().rev().take_while(|byte| **byte == b'\\').count();
+        if backslashes % 2 == 1 { start - 1 } else { start }
     }
 }
 
@@ -155,6 +215,21 @@ mod tests {
             let haystack = format!("{{\"echo\":\"{spelled}\",\"after\":1}}");
             assert_eq!(found(key, &haystack), Some(spelled), "{spelled}");
         }
+    }
+
+    #[test]
+    fn every_echo_is_found_in_one_pass_and_an_escape_tail_takes_its_backslash() {
+        let finder = EchoFinder::new(b"nabc");
+        let body = br#"{"a":"nabc","b":"x\nabc","c":"n%61bc nabc"}"#;
+        let echoes: Vec<&[u8]> = finder.echoes(body).map(|range| &body[range]).collect();
+        assert_eq!(echoes, [&b"nabc"[..], br"\nabc", b"n%61bc", b"nabc"]);
+        // Without escapes in the body, the substring search finds them all too.
+        let plain = b"nabc nabc xnabcx";
+        assert_eq!(finder.echoes(plain).count(), 3);
+        // An escaped backslash before the key is not an escape of its first character.
+        let body = br#"{"path":"C:\\nabc"}"#;
+        let echo = finder.find(body).expect("found");
+        assert_eq!(&body[echo], b"nabc");
     }
 
     #[test]
@@ -240,6 +315,34 @@ mod tests {
             // Found no later than where it was put (an earlier echo may come from `before`).
             let range = range.unwrap_or_default();
             prop_assert!(range.start <= before.len(), "{range:?} in {haystack:?}");
+        }
+
+        #[test]
+        fn a_key_with_one_character_changed_is_found_in_no_spelling(
+            key in "[!-$&-\\[\\]-~]{2,40}",
+            at in any::<proptest::sample::Index>(),
+            replacement in "[!-$&-\\[\\]-~]",
+            spellings in proptest::collection::vec(
+                prop_oneof![
+                    Just(Spelling::Raw),
+                    Just(Spelling::JsonShort),
+                    Just(Spelling::JsonUnicodeLower),
+                    Just(Spelling::JsonUnicodeUpper),
+                    Just(Spelling::Percent),
+                    Just(Spelling::EscapedPercent),
+                ],
+                1..8,
+            ),
+        ) {
+            // Keys and replacements without `%` and `\`, so a haystack has one reading only.
+            let at = at.index(key.len());
+            let mut changed = key.clone().into_bytes();
+            let replacement = replacement.as_bytes()[0];
+            prop_assume!(changed[at] != replacement);
+            changed[at] = replacement;
+            let changed = String::from_utf8(changed).expect("ASCII");
+            let haystack = spell(&changed, &spellings);
+            prop_assert_eq!(EchoFinder::new(key.as_bytes()).find(haystack.as_bytes()), None, "{}", haystack);
         }
     }
 }

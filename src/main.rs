@@ -133,7 +133,7 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
     };
     tracing::info!(
         config = %config_source(&cli),
-        upstream = %config.upstream.base_url,
+        upstream = config.upstream.origin().unwrap_or_default(),
         "configuration loaded"
     );
     let gateway = match Gateway::bind(&config, &secrets).await {

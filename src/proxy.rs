@@ -8,8 +8,8 @@
 //! another replica is fetching the run, waits briefly for it), waits for the upstream budget,
 //! fetches, maps faults to gateway errors, asks the policy whether the answer is a terminal run,
 //! stores it if so and if it fits in the cache at all (one larger than `cache.max_size` would be
-//! evicted at once, so it is a PASS), in memory now and in Redis in the background, and only then
-//! lets go of the run id. Everyone who waited gets the same answer.
+//! evicted at once, and one the full cache declines to admit is not kept either: both are a PASS),
+//! in memory now and in Redis in the background, and only then lets go of the run id. Everyone who waited gets the same answer.
 //!
 //! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
 //! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too. An upstream 429 is
@@ -317,8 +317,18 @@ impl Shared {
         };
         // Boxed: storing is the rare outcome, and moka's insert would otherwise make every
         // upstream call's future larger.
-        Box::pin(self.store.insert(id, entry.clone())).await;
-        Fetched::Stored { entry, fresh: true }
+        if Box::pin(self.store.insert(id, entry.clone())).await {
+            return Fetched::Stored { entry, fresh: true };
+        }
+        // The cache, full of runs asked for more often, declined it: nothing was stored.
+        tracing::debug!(reason = "not_admitted", "not stored");
+        Fetched::Passed(Arc::new(Passed {
+            status: entry.status(),
+            content_type: entry.content_type(),
+            retry_after: None,
+            body: entry.body(),
+            run_status: entry.run_status(),
+        }))
     }
 
     fn refused(&self, refusal: Refusal) -> GatewayError {

@@ -365,9 +365,16 @@ where
             served.as_mut().graceful_shutdown();
             let _ = served.await;
         }
+        // Asked to finish (GOAWAY for HTTP/2), then cut if it takes long. One that never sent a
+        // request has nothing to finish: one poll writes its GOAWAY, then it is closed.
         CloseReason::Idle | CloseReason::Resets | CloseReason::Shed => {
             served.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+            let grace = if connection.has_served() {
+                CLOSE_GRACE
+            } else {
+                Duration::ZERO
+            };
+            let _ = tokio::time::timeout(grace, served).await;
         }
     }
     Some(reason)

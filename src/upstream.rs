@@ -106,12 +106,7 @@ impl Upstream {
                 ConfigError::Invalid(format!("upstream.base_url {:?} has no host", config.base_url))
             })?,
             runs_path_prefix: origin.path().into(),
-            origin: format!(
-                "{}://{}",
-                origin.scheme_str().unwrap_or("https"),
-                origin.authority().map_or("", |authority| authority.as_str())
-            )
-            .into(),
+            origin: config.origin()?.into(),
             pool: Arc::new(Pool::new(
                 connector,
                 origin,
@@ -327,13 +322,13 @@ impl Credentials {
 
 fn replace_all(haystack: &[u8], finder: &EchoFinder, replacement: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(haystack.len());
-    let mut rest = haystack;
-    while let Some(echo) = finder.find(rest) {
-        out.extend_from_slice(&rest[..echo.start]);
+    let mut copied = 0;
+    for echo in finder.echoes(haystack) {
+        out.extend_from_slice(&haystack[copied..echo.start]);
         out.extend_from_slice(replacement);
-        rest = &rest[echo.end..];
+        copied = echo.end;
     }
-    out.extend_from_slice(rest);
+    out.extend_from_slice(&haystack[copied..]);
     out
 }
 

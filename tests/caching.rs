@@ -174,7 +174,13 @@ async fn the_cache_is_bounded_by_bytes() {
     let ids: Vec<String> = (0..40).map(|index| format!("run_{index}")).collect();
     for id in &ids {
         mock.set(id, Reply::ok(run_body(id, "COMPLETED", 1024)));
-        assert_eq!(gateway.get_run(id).await.x_cache(), Some("MISS"));
+        // Stored (MISS), or declined by the full cache's admission policy (PASS).
+        let first = gateway.get_run(id).await;
+        assert!(
+            matches!(first.x_cache(), Some("MISS" | "PASS")),
+            "{id}: {:?}",
+            first.x_cache()
+        );
     }
     let mut hits = 0;
     for id in &ids {
@@ -251,4 +257,32 @@ async fn a_terminal_body_that_is_not_utf8_is_passed_not_stored() {
         assert_eq!(response.body, body, "forwarded as upstream sent it");
     }
     assert_eq!(mock.count_for("bad"), 2, "never served from memory");
+}
+
+#[tokio::test]
+async fn a_run_the_full_cache_declines_to_admit_is_a_pass_not_a_miss() {
+    let mock = MockUpstream::start().await;
+    // Room for about two runs of 1 KiB.
+    let gateway = TestGateway::start(&mock, |config| {
+        config.cache.max_size = bytesize::ByteSize::b(2 * 1024 + 200);
+    })
+    .await;
+    for id in ["popular_1", "popular_2", "newcomer"] {
+        mock.set(id, Reply::ok(run_body(id, "COMPLETED", 1024)));
+    }
+    // Two runs asked for often fill the cache.
+    for _ in 0..20 {
+        for id in ["popular_1", "popular_2"] {
+            assert_eq!(gateway.get_run(id).await.status, StatusCode::OK);
+        }
+    }
+    // A run asked for once is less valuable than either: TinyLFU declines it, so it was not
+    // stored and must not say it was.
+    let newcomer = gateway.get_run("newcomer").await;
+    assert_eq!(newcomer.status, StatusCode::OK);
+    assert_eq!(newcomer.x_cache(), Some("PASS"));
+    assert_eq!(newcomer.header("cache-control"), Some("no-store"));
+    assert_eq!(gateway.get_run("newcomer").await.x_cache(), Some("PASS"));
+    assert_eq!(mock.count_for("newcomer"), 2);
+    assert_eq!(gateway.get_run("popular_1").await.x_cache(), Some("HIT"));
 }

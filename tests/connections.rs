@@ -306,3 +306,114 @@ async fn an_http2_peer_that_stops_answering_pings_is_dropped_mid_request() {
     .await;
     gate.open();
 }
+
+#[tokio::test]
+async fn a_starved_http2_answer_is_cut_even_while_other_answers_complete() {
+    let mock = MockUpstream::start().await;
+    mock.set("big", Reply::ok(run_body("big", "COMPLETED", 256 * 1024)));
+    let gateway = TestGateway::start(&mock, |config| {
+        config.server.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let etag = gateway
+        .get_run("big")
+        .await
+        .header("etag")
+        .expect("an ETag")
+        .to_owned();
+    let tcp = TcpStream::connect(gateway.public).await.expect("connect");
+    // No stream ever gets window, so the first answer's body never moves; meanwhile the client
+    // keeps the connection busy with answers that need none (304s have no body).
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let mut connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let get = |if_none_match: Option<&str>| {
+        let mut request = Request::get(format!("http://g{}", runs_path("big")));
+        if let Some(etag) = if_none_match {
+            request = request.header("if-none-match", etag);
+        }
+        request.body(()).expect("request")
+    };
+    let sent = Instant::now();
+    let (starved, _) = client.send_request(get(None), true).expect("send");
+    // Kept: dropping the response would reset the stream.
+    let starved = starved.await.expect("the head arrives");
+    assert_eq!(starved.status(), StatusCode::OK);
+    let cut = loop {
+        // The pace is the attack (one cheap answer every 100 ms), not a synchronisation.
+        tokio::select! {
+            ended = &mut connection => break ended,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let Ok(ready) = client.clone().ready().await else {
+            continue;
+        };
+        client = ready;
+        if let Ok((revalidated, _)) = client.send_request(get(Some(&etag)), true)
+            && let Ok(Ok(response)) = tokio::time::timeout(PATIENCE, revalidated).await
+        {
+            assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+        }
+        assert!(sent.elapsed() < PATIENCE, "the starved answer was never cut");
+    };
+    cut.expect("connection task").ok();
+    assert!(
+        sent.elapsed() >= Duration::from_millis(500),
+        "cut before the write timeout"
+    );
+    assert_eq!(closed_by(&gateway, "write_timeout").await, 1.0);
+    drop(starved);
+}
+
+#[tokio::test]
+async fn a_full_house_of_bare_http2_prefaces_makes_room_at_once() {
+    const ROOM: usize = 10;
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |config| {
+        config.server.max_connections = NonZeroUsize::new(ROOM).expect("non-zero");
+        config.server.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    // Every slot: a client that sent the preface and SETTINGS, then nothing (it will not answer
+    // the PING a graceful GOAWAY waits for).
+    let mut held = Vec::new();
+    for _ in 0..ROOM {
+        let mut stream = TcpStream::connect(gateway.public).await.expect("connect");
+        stream
+            .write_all(&[H2_PREFACE, H2_EMPTY_SETTINGS].concat())
+            .await
+            .expect("write");
+        held.push(stream);
+    }
+    eventually("every slot is taken", || async {
+        gateway
+            .scrape()
+            .await
+            .expect("plextera_gateway_client_connections", &[])
+            == ROOM as f64
+    })
+    .await;
+    // Five newcomers in a row, each keeping its connection: each closes one of the silent ones
+    // at once, not after a grace period.
+    let started = Instant::now();
+    let mut newcomers = Vec::new();
+    for _ in 0..5 {
+        let client = TestClient::new();
+        let response = client
+            .send(Method::GET, &gateway.url(&runs_path("run_1")), &[])
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+        newcomers.push(client);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "five newcomers took {:?}: a second each means each waited out a grace period",
+        started.elapsed()
+    );
+    assert!(closed_by(&gateway, "shed").await >= 5.0);
+}

@@ -48,6 +48,26 @@ async fn start_up_names_the_config_file_and_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_is_logged_by_its_origin_alone() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A path prefix is allowed (an egress proxy's); whatever is in it is not logged.
+    let base_url = format!("{}/prefix-sk-live-0123", mock.base_url());
+    let config = write_config(dir.path(), &process_config(&base_url, ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let line = logged(&gateway, "configuration loaded").await;
+    assert_eq!(line["fields"]["upstream"], mock.base_url());
+    TestClient::new()
+        .send(
+            Method::GET,
+            &format!("http://{}{}", gateway.public, runs_path("run_1")),
+            &[],
+        )
+        .await;
+    assert!(!gateway.logs().contains("sk-live-0123"), "{}", gateway.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_is_logged_with_its_origin_and_the_cause() {
     let refused = refused_addr().await;
     // A plain-HTTP server spoken to in TLS: the handshake fails.

@@ -40,9 +40,12 @@ fn a_key_pasted_into_the_config_is_never_printed_at_start_up() {
         format!("api_key = \"{pasted}\""),
         format!("api_key_file = \"{pasted}\""),
         format!("base_url = \"https://user:{pasted}@api.plextera.com\""),
+        format!("base_url = \"https://api.plextera.com/?key={pasted}\""),
+        format!("base_url = \"{pasted}\""),
     ] {
         let config = write_config(dir.path(), &format!("[upstream]\n{line}\n"));
-        let (status, stdout, stderr) = run_to_exit(&["--config", &config], &[]);
+        // A usable key in the default variable: only the line under test can stop start-up.
+        let (status, stdout, stderr) = run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
         assert_eq!(status.code(), Some(78), "{line}");
         assert_eq!(stderr.lines().count(), 1, "{line}: {stderr}");
         assert!(

@@ -233,10 +233,14 @@ impl RunStore {
     }
 
     /// Stores `run` and applies any eviction it causes before returning, so the size bound holds
-    /// as soon as the insert is done rather than at the next housekeeping tick.
-    pub async fn insert(&self, id: RunId, run: CachedRun) {
+    /// as soon as the insert is done rather than at the next housekeeping tick. Returns whether the
+    /// run is held: a full cache declines a newcomer asked for less often than what it would evict
+    /// (moka's TinyLFU admission).
+    pub async fn insert(&self, id: RunId, run: CachedRun) -> bool {
+        let key = id.clone();
         self.runs.insert(id, run).await;
         self.runs.run_pending_tasks().await;
+        self.runs.contains_key(&key)
     }
 
     /// Runs held and their summed weight, after applying pending housekeeping (expiry included).

@@ -384,36 +384,51 @@ impl Config {
 
 impl UpstreamConfig {
     /// The absolute URL that a run id is appended to, e.g. `https://api.plextera.com/api/public/v1/workflow-runs/`.
+    ///
+    /// Errors never repeat the URL: a key pasted into it (as a password, a path or a query) would
+    /// be printed.
     pub fn runs_url_prefix(&self) -> Result<String, ConfigError> {
-        let refuse = |why: &str| {
-            invalid(
-                "upstream.base_url",
-                format_args!("{:?} {why}", self.base_url.as_str()),
-            )
-        };
-        let uri: Uri = self.base_url.parse().map_err(|_| refuse("is not a URL"))?;
-        match uri.scheme_str() {
-            Some("http" | "https") => {}
-            _ => return Err(refuse("must start with http:// or https://")),
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(refuse("has no host"));
-        }
-        if uri
-            .authority()
-            .is_some_and(|authority| authority.as_str().contains('@'))
-        {
-            // Not repeated: the user part may be a credential.
+        const KEY: &str = "upstream.base_url";
+        if self.base_url.contains('@') {
             return Err(invalid(
-                "upstream.base_url",
-                "must not hold credentials (user:password@): the key goes in upstream.api_key_env or upstream.api_key_file",
+                KEY,
+                "must not hold credentials (user:password@): the key goes in the variable named by \
+                 upstream.api_key_env or the file named by upstream.api_key_file (the value given is not shown)",
             ));
         }
+        let uri: Uri = self
+            .base_url
+            .parse()
+            .map_err(|_| invalid(KEY, "is not a URL (the value given is not shown)"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(invalid(KEY, "must start with http:// or https://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(invalid(KEY, "has no host"));
+        }
+        if uri.port().is_some() && uri.port_u16().is_none() {
+            return Err(invalid(KEY, "has a port that is not a number from 1 to 65535"));
+        }
         if uri.query().is_some() {
-            return Err(refuse("must not have a query string"));
+            return Err(invalid(KEY, "must not have a query string"));
         }
         let base = self.base_url.trim_end_matches('/');
         Ok(format!("{base}/api/public/v1/workflow-runs/"))
+    }
+
+    /// `scheme://host[:port]` of the upstream, which is all that logs name of it (a path prefix
+    /// is left out).
+    pub fn origin(&self) -> Result<String, ConfigError> {
+        let uri: Uri = self
+            .runs_url_prefix()?
+            .parse()
+            .map_err(|_| invalid("upstream.base_url", "is not a URL (the value given is not shown)"))?;
+        Ok(format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("https"),
+            uri.authority().map_or("", |authority| authority.as_str())
+        ))
     }
 
     /// Resolves the key from the file or the environment variable named in the config.

@@ -29,10 +29,11 @@
 pub mod io;
 pub mod track;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use slab::Slab;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -101,12 +102,11 @@ pub struct Connection {
     born: Instant,
     /// Requests being handled plus answers being sent: zero means idle.
     busy: AtomicUsize,
-    /// Answers whose body has not been handed over whole.
-    sending: AtomicUsize,
-    /// When `busy` last fell to zero.
+    /// When a request or an answer last ended (`busy` may have fallen to zero then).
     idle_since: AtomicU64,
-    /// When an answer last began or handed over a piece of its body.
-    progressed: AtomicU64,
+    /// HTTP/2 answers being sent, each with when it last began or handed over a piece: each is
+    /// timed on its own, so answers that progress cannot cover for one that is starved.
+    answers: Mutex<Slab<u64>>,
     /// Since when a write has been waiting on the socket; [`NOT_BLOCKED`] when none is.
     write_blocked_since: AtomicU64,
     /// Set by the first HTTP/2 request: flow-control stalls are HTTP/2's alone.
@@ -129,9 +129,8 @@ impl Connection {
             limits,
             born: Instant::now(),
             busy: AtomicUsize::new(0),
-            sending: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
-            progressed: AtomicU64::new(0),
+            answers: Mutex::new(Slab::new()),
             write_blocked_since: AtomicU64::new(NOT_BLOCKED),
             http2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
@@ -169,6 +168,20 @@ impl Connection {
             self.now_ms()
                 .saturating_sub(self.idle_since.load(Ordering::Acquire))
         })
+    }
+
+    /// Whether a request has ever been answered or cancelled here.
+    pub fn has_served(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+    }
+
+    /// How willing this connection is to make room, when idle: one that never sent a request
+    /// first, then the one idle longest. `None` when busy, closing, or when upstream work it
+    /// started still holds its slot (closing it would free nothing).
+    fn shedding_rank(&self) -> Option<(bool, u64)> {
+        let idle_ms = self.idle_for_ms()?;
+        let work_in_flight = self.work.available_permits() < self.limits.max_streams as usize;
+        (!work_in_flight).then(|| (!self.has_served(), idle_ms))
     }
 
     /// Resolves when the connection must close, and says why.
@@ -211,9 +224,13 @@ impl Connection {
                 CloseReason::WriteTimeout,
             );
         }
-        if self.sending.load(Ordering::SeqCst) > 0 && self.http2.load(Ordering::Relaxed) {
-            let progressed = self.progressed.load(Ordering::Acquire);
-            return until(progressed, self.limits.write_timeout, CloseReason::WriteTimeout);
+        if let Some(oldest) = self
+            .lock_answers()
+            .iter()
+            .map(|(_, progressed)| *progressed)
+            .min()
+        {
+            return until(oldest, self.limits.write_timeout, CloseReason::WriteTimeout);
         }
         if self.busy.load(Ordering::SeqCst) == 0 {
             let idle_since = self.idle_since.load(Ordering::Acquire);
@@ -235,23 +252,36 @@ impl Connection {
         self.busy.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn answer_started(&self) {
-        // Only HTTP/2 answers are timed by their progress (see `deadline`).
-        if self.http2.load(Ordering::Relaxed) {
-            self.progressed.store(self.now_ms(), Ordering::Release);
+    /// An answer begins; an HTTP/2 one is timed by its progress from now on, and the key to its
+    /// clock is returned. (HTTP/1 answers are timed by the socket: see [`io`].)
+    fn answer_started(&self) -> Option<usize> {
+        if !self.http2.load(Ordering::Relaxed) {
+            return None;
         }
-        self.sending.fetch_add(1, Ordering::SeqCst);
+        let now = self.now_ms();
+        Some(self.lock_answers().insert(now))
     }
 
-    fn answer_progressed(&self) {
-        if self.http2.load(Ordering::Relaxed) {
-            self.progressed.store(self.now_ms(), Ordering::Release);
+    fn answer_progressed(&self, answer: Option<usize>) {
+        if let Some(key) = answer {
+            let now = self.now_ms();
+            if let Some(progressed) = self.lock_answers().get_mut(key) {
+                *progressed = now;
+            }
         }
     }
 
-    fn answer_finished(&self) {
-        self.sending.fetch_sub(1, Ordering::SeqCst);
+    fn answer_finished(&self, answer: Option<usize>) {
+        if let Some(key) = answer {
+            self.lock_answers().try_remove(key);
+        }
         self.finished();
+    }
+
+    fn lock_answers(&self) -> std::sync::MutexGuard<'_, Slab<u64>> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn request_cancelled(&self) {
@@ -265,9 +295,9 @@ impl Connection {
     }
 
     fn finished(&self) {
-        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.idle_since.store(self.now_ms(), Ordering::Release);
-        }
+        // Stamped before `busy` falls, so whoever sees it at zero also sees when that happened.
+        self.idle_since.fetch_max(self.now_ms(), Ordering::AcqRel);
+        self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn write_blocked(&self) {
@@ -283,12 +313,14 @@ impl Connection {
     }
 }
 
-/// The connection among `connections` that has been idle longest, if any is idle.
+/// The connection among `connections` that should make room for a new one: idle, with no
+/// upstream work holding its slot, preferring one that never sent a request, then the one idle
+/// longest.
 pub fn idlest<'a>(connections: impl IntoIterator<Item = &'a Arc<Connection>>) -> Option<&'a Arc<Connection>> {
     connections
         .into_iter()
-        .filter_map(|connection| Some((connection.idle_for_ms()?, connection)))
-        .max_by_key(|(idle_ms, _)| *idle_ms)
+        .filter_map(|connection| Some((connection.shedding_rank()?, connection)))
+        .max_by_key(|(rank, _)| *rank)
         .map(|(_, connection)| connection)
 }
 
@@ -365,8 +397,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         connection.request_started(false);
         tokio::time::advance(Duration::from_secs(60)).await;
-        connection.answer_started();
-        connection.answer_finished();
+        let answer = connection.answer_started();
+        connection.answer_finished(answer);
         let answered = Instant::now();
         assert_eq!(connection.watch().await, CloseReason::Idle);
         assert_eq!(answered.elapsed(), LIMITS.header_read_timeout);
@@ -386,19 +418,44 @@ mod tests {
     async fn an_http2_answer_without_progress_times_out_and_progress_defers_it() {
         let connection = connection(LIMITS);
         connection.request_started(true);
-        connection.answer_started();
+        let answer = connection.answer_started();
         tokio::time::advance(Duration::from_secs(20)).await;
-        connection.answer_progressed();
+        connection.answer_progressed(answer);
         let progressed = Instant::now();
         assert_eq!(connection.watch().await, CloseReason::WriteTimeout);
         assert_eq!(progressed.elapsed(), LIMITS.write_timeout);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_starved_http2_answer_times_out_however_busy_its_connection_is() {
+        let connection = connection(LIMITS);
+        connection.request_started(true);
+        let _starved = connection.answer_started();
+        let started = Instant::now();
+        let watcher = {
+            let connection = Arc::clone(&connection);
+            tokio::spawn(async move { connection.watch().await })
+        };
+        // Other answers start and progress every few seconds: none covers for the starved one.
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+            connection.request_started(true);
+            let other = connection.answer_started();
+            connection.answer_progressed(other);
+            connection.answer_finished(other);
+            if watcher.is_finished() {
+                break;
+            }
+        }
+        assert_eq!(watcher.await.expect("watcher"), CloseReason::WriteTimeout);
+        assert!(started.elapsed() <= LIMITS.write_timeout + Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_http1_answer_is_timed_by_its_socket_writes_not_by_its_pieces() {
         let connection = connection(LIMITS);
         connection.request_started(false);
-        connection.answer_started();
+        let _answer = connection.answer_started();
         let watch = connection.watch();
         let outcome = tokio::time::timeout(Duration::from_secs(300), watch).await;
         assert!(
@@ -425,8 +482,8 @@ mod tests {
         let connection = connection(LIMITS);
         for _ in 0..300 {
             connection.request_started(true);
-            connection.answer_started();
-            connection.answer_finished();
+            let answer = connection.answer_started();
+            connection.answer_finished(answer);
             connection.request_started(true);
             connection.request_cancelled();
         }
@@ -453,28 +510,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_idlest_is_the_one_idle_longest_and_busy_or_closing_ones_are_never_picked() {
+    async fn the_idlest_is_a_silent_one_then_the_one_idle_longest_and_never_a_busy_one() {
+        let answered = |connection: &Arc<Connection>| {
+            connection.request_started(false);
+            let answer = connection.answer_started();
+            connection.answer_finished(answer);
+        };
         let answered_long_ago = connection(LIMITS);
-        answered_long_ago.request_started(false);
-        answered_long_ago.answer_started();
-        answered_long_ago.answer_finished();
+        answered(&answered_long_ago);
         tokio::time::advance(Duration::from_millis(5)).await;
+        let answered_lately = connection(LIMITS);
+        answered(&answered_lately);
         let silent = connection(LIMITS);
         tokio::time::advance(Duration::from_millis(5)).await;
         let busy = connection(LIMITS);
         busy.request_started(false);
+        let working = connection(LIMITS);
+        answered(&working);
+        let _upstream_call = working.work_slots().acquire().await;
         let all = [
+            Arc::clone(&answered_lately),
             Arc::clone(&silent),
             Arc::clone(&answered_long_ago),
             Arc::clone(&busy),
+            Arc::clone(&working),
         ];
-        let picked = idlest(&all).expect("two are idle");
-        assert!(Arc::ptr_eq(picked, &answered_long_ago));
-        answered_long_ago.request_close(CloseReason::Shed);
-        let picked = idlest(&all).expect("one is idle");
-        assert!(Arc::ptr_eq(picked, &silent));
-        silent.request_close(CloseReason::Shed);
-        assert!(idlest(&all).is_none(), "the busy one is never shed");
+        for expected in [&silent, &answered_long_ago, &answered_lately] {
+            let picked = idlest(&all).expect("an idle one");
+            assert!(Arc::ptr_eq(picked, expected));
+            picked.request_close(CloseReason::Shed);
+        }
+        assert!(
+            idlest(&all).is_none(),
+            "neither a busy one nor one whose upstream work holds its slot"
+        );
     }
 
     #[tokio::test]

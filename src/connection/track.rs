@@ -99,8 +99,8 @@ struct Handling(Option<Arc<Connection>>);
 impl Handling {
     fn answered(mut self) -> Sending {
         let connection = self.0.take().expect("a request is answered once");
-        connection.answer_started();
-        Sending(connection)
+        let answer = connection.answer_started();
+        Sending { connection, answer }
     }
 }
 
@@ -112,12 +112,16 @@ impl Drop for Handling {
     }
 }
 
-/// An answer whose body has not been handed over whole.
-struct Sending(Arc<Connection>);
+/// An answer whose body has not been handed over whole; `answer` keys its progress clock on an
+/// HTTP/2 connection.
+struct Sending {
+    connection: Arc<Connection>,
+    answer: Option<usize>,
+}
 
 impl Drop for Sending {
     fn drop(&mut self) {
-        self.0.answer_finished();
+        self.connection.answer_finished(self.answer);
     }
 }
 
@@ -161,7 +165,7 @@ where
         }
         // The first piece goes out as the answer starts, which already counted as progress.
         if *this.pieces > 0 {
-            this.sending.0.answer_progressed();
+            this.sending.connection.answer_progressed(this.sending.answer);
         }
         *this.pieces += 1;
         Poll::Ready(Some(Ok(Frame::data(data))))
