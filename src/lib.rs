@@ -14,7 +14,7 @@
 //!   [`connection`]: each client connection's bounds (idle, stalled writes, resets, upstream work);
 //!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
-//!   log) → CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
+//!   log) → [`unread_body`] (a request with a body closes its connection) → CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
 //!   a [`routes::RunRequest`]) →
 //!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
 //!   [`budget`]; then the store decision);
@@ -54,6 +54,7 @@ pub mod server;
 pub mod shared_cache;
 pub mod stack;
 pub mod telemetry;
+pub mod unread_body;
 pub mod upstream;
 pub mod upstream_pool;
 

@@ -6,8 +6,8 @@
 //! UUID, so a hostile id can neither forge log structure nor flood the logs. The id is written back
 //! into the request headers, where inner layers read it and the upstream request copies it.
 //!
-//! The span carries `request_id`, `method` and `path` (its first 256 bytes, and its length when it
-//! is longer); `run_id` (routing), `upstream_ms` (the
+//! The span carries `request_id`, `method` (its first 32 bytes) and `path` (its first 256 bytes;
+//! for either, its length when it is longer); `run_id` (routing), `upstream_ms` (the
 //! proxy) and `cache` (the outcome, at the end) are filled in as they become known, so every event
 //! logged while serving the request carries them. The access line itself is at INFO on target
 //! `plextera_gateway::access`, so `RUST_LOG` can silence or keep it alone.
@@ -29,6 +29,8 @@ use crate::response::{Body, CacheOutcome, X_REQUEST_ID};
 const MAX_REQUEST_ID_LEN: usize = 128;
 /// Most bytes of a request's path written to the log; the rest is summarised by its length.
 const MAX_LOGGED_PATH: usize = 256;
+/// Most bytes of a request's method written to the log (an extension method may be long).
+const MAX_LOGGED_METHOD: usize = 32;
 
 /// Adds [`RequestLog`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,8 +73,8 @@ where
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or_default(),
-            method = %request.method(),
-            path = %LoggedPath(request.uri().path()),
+            method = %Bounded(request.method().as_str(), MAX_LOGGED_METHOD),
+            path = %Bounded(request.uri().path(), MAX_LOGGED_PATH),
             run_id = tracing::field::Empty,
             cache = tracing::field::Empty,
             upstream_ms = tracing::field::Empty,
@@ -125,18 +127,20 @@ where
     }
 }
 
-/// A path as logged: whole up to [`MAX_LOGGED_PATH`] bytes, else its start and its length, so a
-/// client cannot make one log line as long as its request head.
-struct LoggedPath<'a>(&'a str);
+/// A client's string as logged: whole up to a bound, else its start and its length, so a client
+/// cannot make one log line as long as its request head.
+struct Bounded<'a>(&'a str, usize);
 
-impl std::fmt::Display for LoggedPath<'_> {
+impl std::fmt::Display for Bounded<'_> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.len() <= MAX_LOGGED_PATH {
-            return formatter.write_str(self.0);
+        let Self(text, bound) = *self;
+        if text.len() <= bound {
+            return formatter.write_str(text);
         }
-        // A path is ASCII (hyper refuses anything else), so any byte is a character boundary.
-        let start = self.0.get(..MAX_LOGGED_PATH).unwrap_or_default();
-        write!(formatter, "{start}… ({} bytes)", self.0.len())
+        // Paths and methods are ASCII (hyper refuses anything else); `floor_char_boundary` keeps
+        // it safe regardless.
+        let start = text.get(..text.floor_char_boundary(bound)).unwrap_or_default();
+        write!(formatter, "{start}… ({} bytes)", text.len())
     }
 }
 
@@ -187,9 +191,10 @@ mod tests {
     #[test]
     fn long_paths_are_logged_by_their_start_and_length() {
         let short = "/api/public/v1/workflow-runs/run_1";
-        assert_eq!(LoggedPath(short).to_string(), short);
+        assert_eq!(Bounded(short, MAX_LOGGED_PATH).to_string(), short);
+        assert_eq!(Bounded("é".repeat(3).as_str(), 3).to_string(), "é… (6 bytes)");
         let long = format!("/{}", "a".repeat(20_000));
-        let logged = LoggedPath(&long).to_string();
+        let logged = Bounded(&long, MAX_LOGGED_PATH).to_string();
         assert!(logged.len() < MAX_LOGGED_PATH + 32, "{} bytes", logged.len());
         assert!(logged.starts_with(&long[..MAX_LOGGED_PATH]));
         assert!(logged.ends_with("(20001 bytes)"), "{logged}");

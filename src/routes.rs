@@ -5,16 +5,16 @@
 //! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
 //! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
 //! oversized request still gets the JSON error shape. Checks run from the most general to the
-//! most specific: size, path (404), method (405), body (400), run id (400). A request that frames a
-//! body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served, and whatever it
-//! is refused for, its connection is closed: the body is not read, Get-run takes none, and framing
-//! is how request smuggling starts.
+//! most specific: size (414, 431), path (404), method (405), body (400), run id (400). A request
+//! that frames a body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served:
+//! Get-run takes none, and framing is how request smuggling starts (its connection is closed by
+//! [`crate::unread_body`], whoever answers it).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
-use http::header::{CONNECTION, CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
@@ -99,17 +99,7 @@ where
                     work: self.work.clone(),
                 }))
             }
-            Err(error) => {
-                let mut response = error.into_response(request_id.as_ref());
-                if has_body_framing(request.headers()) {
-                    // The body is not read, and whatever follows it on this connection may be a
-                    // smuggled request: read none of it.
-                    response
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
-                Either::Left(ready(Ok(response)))
-            }
+            Err(error) => Either::Left(ready(Ok(error.into_response(request_id.as_ref())))),
         }
     }
 }
@@ -143,7 +133,7 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
 
 /// GET and HEAD carry no body here, so any framing header is either a mistake or an attempt to
 /// make this server and one in front of it disagree on where the next request starts.
-fn has_body_framing(headers: &HeaderMap) -> bool {
+pub fn has_body_framing(headers: &HeaderMap) -> bool {
     headers.contains_key(TRANSFER_ENCODING)
         || headers
             .get_all(CONTENT_LENGTH)

@@ -87,7 +87,7 @@ struct ListenerSettings {
     max_connections: usize,
     /// What each connection is allowed.
     limits: Limits,
-    /// HTTP/2 PING interval while requests are in progress (`None`: no PING), and its deadline.
+    /// HTTP/2 PING interval (`None`: no PING) and the deadline for its answer.
     http2_keepalive: Option<(Duration, Duration)>,
 }
 
@@ -233,7 +233,7 @@ where
             .max_buf_size(MAX_HEAD_BYTES);
         // HTTP/2: bounded streams per connection, a connection that opens and resets streams
         // faster than they are accepted (CVE-2023-44487, "rapid reset") is closed with
-        // ENHANCE_YOUR_CALM, and peers that stop answering PINGs mid-request are dropped. Paced
+        // ENHANCE_YOUR_CALM, and peers that stop answering PINGs are dropped. Paced
         // resets are the connection watchdog's business.
         let mut http2 = http.http2();
         http2

@@ -233,12 +233,21 @@ struct Failure {
 }
 
 impl Failure {
-    /// The connection failed mid-exchange.
+    /// The exchange failed after connecting: `reset` when the connection itself failed (an I/O
+    /// error, or it ended before a complete answer), `other` for anything else (an answer hyper
+    /// could not parse, an HTTP/2 protocol error).
     fn broken(error: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = error_chain(error);
+        let connection_failed = chain.iter().any(|error| {
+            error.is::<std::io::Error>()
+                || error
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(|error| error.is_incomplete_message() || error.is_closed())
+        });
         Self {
             error: UpstreamError::Broken,
-            cause: "reset",
-            detail: describe_chain(&error_chain(error)),
+            cause: if connection_failed { "reset" } else { "other" },
+            detail: describe_chain(&chain),
         }
     }
 }

@@ -367,7 +367,14 @@ async fn paced_http2_resets_hold_no_more_upstream_calls_than_streams_and_end_in_
         .await
         .expect("the resetting connection is gone")
         .expect("connection task");
-    assert!(ended.is_ok(), "closed with GOAWAY, not an error: {ended:?}");
+    // Closed with GOAWAY: NO_ERROR by the gateway's reset rule, or, when the gateway is slow to
+    // accept streams (a loaded machine), ENHANCE_YOUR_CALM by h2's bound on resets it has not
+    // accepted yet. Never by the TCP connection simply dropping.
+    let by_reset_rule = match &ended {
+        Ok(()) => true,
+        Err(error) if error.is_go_away() && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => false,
+        Err(error) => panic!("not closed with GOAWAY: {error:?}"),
+    };
     assert!(
         mock.request_count() <= STREAMS,
         "{} upstream calls for one connection of {STREAMS} streams",
@@ -397,6 +404,6 @@ async fn paced_http2_resets_hold_no_more_upstream_calls_than_streams_and_end_in_
             "plextera_gateway_client_connections_closed_total",
             &[("reason", "resets")]
         ),
-        1.0
+        if by_reset_rule { 1.0 } else { 0.0 }
     );
 }

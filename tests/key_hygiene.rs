@@ -7,7 +7,7 @@ use http::{Method, StatusCode};
 use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use plextera_gateway::client_auth::ClientTokens;
 use plextera_gateway::{ApiKey, Secrets};
-use support::{MockUpstream, Reply, TEST_KEY, TestGateway, runs_path, test_config};
+use support::{MockUpstream, Reply, TEST_KEY, TestGateway, raw_exchange, runs_path, test_config};
 
 /// Keys with the characters encoders like to escape: `/` and `+` (base64), `"` and `\` (JSON
 /// must escape them), `<`, `>` and `&` (Go and .NET escape them).
@@ -279,4 +279,26 @@ async fn cors_preflights_need_no_token() {
         .header("access-control-allow-headers")
         .expect("allow-headers");
     assert!(allowed.contains("authorization"), "{allowed}");
+}
+
+#[tokio::test]
+async fn a_refused_token_with_a_body_still_closes_the_connection() {
+    let mock = MockUpstream::start().await;
+    let gateway = gateway_with_tokens(&mock, |_| {}).await;
+    let path = runs_path("run_1");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 40\r\n\r\nGET {path} HTTP/1.1\r\nHost: g\r\n\r\n"
+    );
+    let response = raw_exchange(gateway.public, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(
+        response.matches("HTTP/1.1 ").count(),
+        1,
+        "the body was not read as a request"
+    );
+    assert_eq!(mock.request_count(), 0);
 }

@@ -60,8 +60,9 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Runtime worker threads; unset means one per CPU available to the process.
     pub worker_threads: Option<NonZeroUsize>,
-    /// Most client connections open at once on the public port; further ones wait in the kernel's
-    /// accept queue until one closes.
+    /// Most client connections open at once on the public port. When all are taken, a newcomer
+    /// closes an idle one (see `server::Acceptor`); with none idle, it waits in the kernel's accept
+    /// queue until one closes.
     pub max_connections: NonZeroUsize,
     /// A connection must complete a request head within this long of opening, and of its last
     /// answer, whatever its protocol; otherwise it is closed (slowloris, silent and idle
@@ -75,7 +76,8 @@ pub struct ServerConfig {
     /// Most concurrent HTTP/2 streams per client connection; also the most upstream calls one
     /// connection's requests may have in flight, reset streams included.
     pub http2_max_concurrent_streams: u32,
-    /// How often an HTTP/2 connection with requests in progress is probed with PING; `0s` never.
+    /// How often an HTTP/2 connection is probed with PING (idle or not, so a peer that vanished
+    /// mid-request is noticed); `0s` never.
     #[serde(with = "fields::duration")]
     pub http2_keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is closed.

@@ -64,8 +64,9 @@ pub fn about(key: &str, problem: impl Display) -> String {
 pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim().replace('\n', " ");
     let location = error.span().map(|span| {
-        let before = &text[..span.start.min(text.len())];
-        format!("line {}: ", before.matches('\n').count() + 1)
+        let before = &text.as_bytes()[..span.start.min(text.len())];
+        let line = before.iter().filter(|byte| **byte == b'\n').count() + 1;
+        format!("line {line}: ")
     });
     let location = location.unwrap_or_default();
     match key_path(error) {

@@ -24,6 +24,7 @@ pub struct WatchedIo<T> {
 }
 
 impl<T> WatchedIo<T> {
+    /// Reports `io`'s waiting writes to `connection`.
     pub fn new(io: T, connection: Arc<Connection>) -> Self {
         Self { io, connection }
     }

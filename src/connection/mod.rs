@@ -111,6 +111,7 @@ pub struct Connection {
     write_blocked_since: AtomicU64,
     /// Set by the first HTTP/2 request: flow-control stalls are HTTP/2's alone.
     http2: AtomicBool,
+    /// Requests begun, and those the client cancelled before their answer (the reset rule).
     requests: AtomicU64,
     cancelled: AtomicU64,
     /// A [`CloseReason`] asked for from outside the watchdog (0: none), and its wake-up.

@@ -32,6 +32,7 @@ pub struct Track<S> {
 }
 
 impl<S> Track<S> {
+    /// Counts `inner`'s requests and answers on `connection`.
     pub fn new(inner: S, connection: Arc<Connection>) -> Self {
         Self { inner, connection }
     }
