@@ -140,6 +140,9 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => return refuse(error.to_string()),
     };
+    // From here on every log line is searched for the key (current and, after a SIGHUP, previous).
+    let rotation = gateway.key_rotation();
+    telemetry::redact_with(Box::new(move |line| rotation.redact(line)));
     if !cli.demo {
         // Registered before "ready" is announced, so an early SIGHUP cannot take its default
         // action (terminating the process).

@@ -4,11 +4,29 @@
 //! one-line-per-request access log on target `plextera_gateway::access`; `RUST_LOG=warn` silences it.
 //! Text is coloured only when stdout is a terminal and `NO_COLOR` is unset or empty
 //! (<https://no-color.org>), so files, pipes and log collectors get plain text.
+//!
+//! Every line passes through the key's redactor ([`redact_with`]) on its way out: the gateway's
+//! own lines never hold the key, but its dependencies log what upstream sends them (h2 prints a
+//! GOAWAY's debug data, in which an upstream may echo credentials), so the last word is here.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Returns a line with every echo of the key replaced, or `None` when it holds none.
+pub type Redactor = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
+/// Set once the key is known; lines written before hold no key.
+static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+
+/// Redacts every log line written from now on with `redactor` (which follows key rotations).
+/// Only the first call takes effect.
+pub fn redact_with(redactor: Redactor) {
+    let _ = REDACTOR.set(redactor);
+}
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -29,7 +47,7 @@ pub fn init(format: LogFormat) {
             std::io::stdout().is_terminal(),
             std::env::var_os("NO_COLOR").as_deref(),
         ))
-        .with_writer(std::io::stdout);
+        .with_writer(RedactedStdout);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -37,6 +55,41 @@ pub fn init(format: LogFormat) {
             .with_current_span(true)
             .with_span_list(false)
             .init(),
+    }
+}
+
+/// Standard output, each line redacted on the way.
+struct RedactedStdout;
+
+impl<'a> MakeWriter<'a> for RedactedStdout {
+    type Writer = Redacted<std::io::Stdout>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Redacted {
+            inner: std::io::stdout(),
+            redactor: REDACTOR.get(),
+        }
+    }
+}
+
+/// A writer that redacts what it is given before passing it on. tracing-subscriber writes each
+/// formatted event in one `write_all`, so one call sees one whole line.
+struct Redacted<W> {
+    inner: W,
+    redactor: Option<&'static Redactor>,
+}
+
+impl<W: Write> Write for Redacted<W> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        match self.redactor.and_then(|redact| redact(line)) {
+            Some(clean) => self.inner.write_all(&clean)?,
+            None => self.inner.write_all(line)?,
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -49,6 +102,26 @@ fn colours_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn lines_are_redacted_on_the_way_out() {
+        let redactor: &'static Redactor = Box::leak(Box::new(Box::new(|line: &[u8]| {
+            let text = std::str::from_utf8(line).ok()?;
+            text.contains("s3cret")
+                .then(|| text.replace("s3cret", "[redacted]").into_bytes())
+        }) as Redactor));
+        let mut out = Redacted {
+            inner: Vec::new(),
+            redactor: Some(redactor),
+        };
+        out.write_all(b"h2 said: goaway (b\"api-key s3cret\")\n")
+            .expect("write");
+        out.write_all(b"nothing here\n").expect("write");
+        assert_eq!(
+            String::from_utf8(out.inner).expect("utf-8"),
+            "h2 said: goaway (b\"api-key [redacted]\")\nnothing here\n"
+        );
+    }
 
     #[test]
     fn colour_needs_a_terminal_and_no_no_color() {

@@ -147,10 +147,19 @@ impl Upstream {
         match result {
             Ok(response) => Ok(UpstreamResponse { elapsed, ..response }),
             Err(failure) => {
+                // The detail quotes what upstream said (an HTTP/2 GOAWAY's debug data, say), which
+                // may echo the key.
+                let credentials = self.credentials.load();
+                let detail = if credentials.appears_in(failure.detail.as_bytes()) {
+                    String::from_utf8_lossy(&credentials.replace_echoes(failure.detail.as_bytes()))
+                        .into_owned()
+                } else {
+                    failure.detail
+                };
                 tracing::warn!(
                     upstream = %self.origin,
                     cause = failure.cause,
-                    error = %failure.detail,
+                    error = %detail,
                     "upstream request failed: {}",
                     failure.error
                 );
@@ -279,6 +288,15 @@ impl Upstream {
 pub struct KeyRotation(Arc<ArcSwap<Credentials>>);
 
 impl KeyRotation {
+    /// `text` with every echo of the key (current or, during a rotation, previous) replaced by
+    /// `[redacted]`; `None` when it holds none. For log lines (see `telemetry::redact_with`).
+    pub fn redact(&self, text: &[u8]) -> Option<Vec<u8>> {
+        let credentials = self.0.load();
+        credentials
+            .appears_in(text)
+            .then(|| credentials.replace_echoes(text))
+    }
+
     /// Starts sending `key` instead of the current one. Requests already sent finish with the
     /// old key; bodies that echo either key are still scrubbed.
     pub fn replace(&self, key: &ApiKey) {
@@ -321,11 +339,16 @@ impl Credentials {
             return body;
         }
         tracing::warn!("upstream echoed the API key in a response body: scrubbed before forwarding");
-        let mut scrubbed = body.to_vec();
+        Bytes::from(self.replace_echoes(&body))
+    }
+
+    /// `text` with every echo of either key replaced by `[redacted]`.
+    fn replace_echoes(&self, text: &[u8]) -> Vec<u8> {
+        let mut scrubbed = text.to_vec();
         for finder in self.finders() {
             scrubbed = replace_all(&scrubbed, finder, b"[redacted]");
         }
-        Bytes::from(scrubbed)
+        scrubbed
     }
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use http::{Method, StatusCode};
 use support::{
@@ -187,4 +188,90 @@ fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
         assert!(terminal.contains("gateway ready"), "{terminal}");
         assert!(!terminal.contains(ESCAPE), "NO_COLOR={no_color}: {terminal:?}");
     }
+}
+
+/// An HTTPS upstream speaking HTTP/2 that answers the first request on each connection with a
+/// GOAWAY whose debug data echoes the credentials, as a confused upstream might. Returns its
+/// address and its certificate (PEM).
+async fn goaway_echoing_upstream(echo: String) -> (std::net::SocketAddr, String) {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+    let mut tls =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("server certificate");
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let echo = echo.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // The client's preface, SETTINGS and first HEADERS arrive together or nearly.
+                let mut seen = vec![0u8; 4096];
+                let _ = tls.read(&mut seen).await;
+                let debug = format!("bad credentials: {echo}");
+                let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0]; // SETTINGS, empty
+                let length = 8 + debug.len();
+                frames.extend_from_slice(&[(length >> 16) as u8, (length >> 8) as u8, length as u8]);
+                frames.extend_from_slice(&[7, 0, 0, 0, 0, 0]); // GOAWAY on stream 0
+                frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]); // last stream 0, PROTOCOL_ERROR
+                frames.extend_from_slice(debug.as_bytes());
+                let _ = tls.write_all(&frames).await;
+                let _ = tls.flush().await;
+                let _ = tls.read(&mut seen).await;
+            });
+        }
+    });
+    (addr, certified.cert.pem())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_echoes_the_key_in_a_goaway_gets_it_redacted_from_every_log_line() {
+    let (addr, ca_pem) = goaway_echoing_upstream(format!("api-key {TEST_KEY}")).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+    let config = write_config(
+        dir.path(),
+        &process_config(
+            &format!("https://localhost:{}", addr.port()),
+            &format!("ca_file = \"{}\"", ca_file.display()),
+        ),
+    );
+    // At trace level h2 logs every frame it receives, the GOAWAY and its debug data included.
+    let mut gateway = GatewayProcess::start(
+        &["--config", &config],
+        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace")],
+    );
+    let response = TestClient::new()
+        .send(
+            Method::GET,
+            &format!("http://{}{}", gateway.public, runs_path("run_1")),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::BAD_GATEWAY);
+    let line = logged(&gateway, "upstream request failed").await;
+    assert!(
+        line["fields"]["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("[redacted]")),
+        "the GOAWAY's echo is in the log line, redacted: {line}"
+    );
+    assert_eq!(gateway.terminate().code(), Some(0));
+    let logs = gateway.logs();
+    assert!(logs.contains("GoAway"), "h2's own trace lines were logged too");
+    assert!(!logs.contains(TEST_KEY), "the key is in the logs");
+    assert!(!logs.contains(&TEST_KEY[8..]), "part of the key is in the logs");
 }
