@@ -2,21 +2,24 @@
 //!
 //! An upstream that echoes the request's credentials rarely echoes them byte for byte: a JSON
 //! encoder writes `/` as `\/` (PHP), `+`, `<`, `>` and `&` as `\u002B`, `\u003c`… (.NET, Go), must
-//! write `"` and `\` as `\"` and `\\`, and may write any character as `\uXXXX` in either case; a URL
-//! in the body percent-encodes (`%2F`, `%2f`), and a percent-encoded URL inside a JSON string may
-//! have its `%` escaped too (`\u0025`). [`EchoFinder`] matches the key one character at a time,
-//! each character in any of those spellings, mixed freely within one echo.
+//! write `"` and `\` as `\"` and `\\`, and may write any character as `\uXXXX` in either case;
+//! JavaScript and Python also write `\'` and `\xHH`; a URL in the body percent-encodes (`%2F`, `%2f`),
+//! sometimes twice (`%252F`), and a percent-encoded URL inside a JSON string may have its `%`
+//! escaped too (`\u0025`); an HTML error page (a proxy's, a CDN's) writes character references
+//! (`&#47;`, `&#x2F;`, `&quot;`, `&amp;`, `&lt;`, `&gt;`, `&apos;`). [`EchoFinder`] matches the key
+//! one character at a time, each character in any of those spellings, mixed freely within one echo.
 //!
 //! An echo that starts right after an escaping backslash (`\` followed by the key's first
 //! character, as in `\n…` for a key starting with `n`) takes that backslash along, so replacing
-//! it never leaves half an escape behind. Not covered: encodings of encodings (`%252F`, JSON inside
-//! a JSON string), HTML entities, base64; and a key that itself holds `"` or `\` can match JSON
-//! syntax raw (a body that echoes all but its last `"` loses that quote to the scrub, and is then
-//! passed through rather than stored).
+//! it never leaves half an escape behind. Not covered: transformations of the whole key (base64,
+//! hex, case changes), a part of the key, and compression (the gateway asks for none and refuses a
+//! compressed answer, see `proxy`). A key that itself holds `"` or `\` can match JSON syntax raw (a
+//! body that echoes all but its last `"` loses that quote to the scrub, and is then passed through
+//! rather than stored).
 //!
 //! Hand-written, because no crate searches for a needle under per-character encodings. Nearly
-//! every body holds neither `\` nor `%`, and then only the raw spelling is possible: that case is
-//! memchr's SIMD substring search, as before. Otherwise every byte that can start a spelling of
+//! every body holds none of `\`, `%` and `&`, and then only the raw spelling is possible: that case
+//! is memchr's SIMD substring search, as before. Otherwise every byte that can start a spelling of
 //! the key's first character is tried, tracking the set of places the key could have reached so
 //! far; that set stays small (a few per character of the key), so for a given key the work is
 //! linear in the body whatever it holds.
@@ -24,9 +27,6 @@
 use std::ops::Range;
 
 use memchr::memmem::Finder;
-
-/// Longest spelling of one character: `\u0025` followed by two hex digits.
-const LONGEST_SPELLING: usize = 8;
 
 /// Finds one key in every spelling listed in the module documentation.
 #[derive(Clone)]
@@ -56,7 +56,7 @@ impl EchoFinder {
             finder: self,
             haystack,
             position: 0,
-            escapes: memchr::memchr2(b'\\', b'%', haystack).is_some(),
+            escapes: memchr::memchr3(b'\\', b'%', b'&', haystack).is_some(),
             reached: Vec::new(),
             next: Vec::new(),
         }
@@ -65,12 +65,12 @@ impl EchoFinder {
     /// A quick look at two bytes: a raw first character must be followed by the second one, raw
     /// or starting an escape (most candidates are the first character inside ordinary text).
     fn may_start_at(&self, haystack: &[u8], start: usize) -> bool {
-        if haystack[start] != self.key[0] || haystack[start] == b'\\' || haystack[start] == b'%' {
+        if haystack[start] != self.key[0] || matches!(haystack[start], b'\\' | b'%' | b'&') {
             return true;
         }
         match (self.key.get(1), haystack.get(start + 1)) {
             (None, _) => true,
-            (Some(second), Some(next)) => next == second || *next == b'\\' || *next == b'%',
+            (Some(second), Some(next)) => next == second || matches!(next, b'\\' | b'%' | b'&'),
             (Some(_), None) => false,
         }
     }
@@ -111,7 +111,7 @@ pub struct Echoes<'a> {
     haystack: &'a [u8],
     /// Where the search goes on from.
     position: usize,
-    /// Whether the body holds `\` or `%` at all; without either, only the raw spelling exists.
+    /// Whether the body holds `\`, `%` or `&` at all; without them, only the raw spelling exists.
     escapes: bool,
     /// Scratch space for [`EchoFinder::spelled_from`], kept across candidates.
     reached: Vec<usize>,
@@ -129,7 +129,7 @@ impl Iterator for Echoes<'_> {
             self.position = start + finder.key.len();
             return Some(start..self.position);
         }
-        let candidates = memchr::memchr3_iter(finder.key[0], b'\\', b'%', rest).map(|at| self.position + at);
+        let candidates = candidates(finder.key[0], rest).map(|at| self.position + at);
         for start in candidates {
             if !finder.may_start_at(self.haystack, start) {
                 continue;
@@ -155,23 +155,50 @@ impl Echoes<'_> {
     }
 }
 
-/// The lengths of the spellings of `wanted` that `text` starts with (up to four at once).
+/// Where in `text` a spelling of a key starting with `first` may start, in order: the raw first
+/// character, or a byte that starts an escape (`\`, `%`, `&`).
+fn candidates(first: u8, text: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let mut escapes_or_first = memchr::memchr3_iter(first, b'\\', b'%', text).peekable();
+    let mut ampersands = memchr::memchr_iter(b'&', text).peekable();
+    std::iter::from_fn(move || match (escapes_or_first.peek(), ampersands.peek()) {
+        (Some(&a), Some(&b)) if a == b => {
+            ampersands.next();
+            escapes_or_first.next()
+        }
+        (Some(&a), Some(&b)) if b < a => ampersands.next(),
+        (Some(_), _) => escapes_or_first.next(),
+        (None, _) => ampersands.next(),
+    })
+}
+
+/// The lengths of the spellings of `wanted` that `text` starts with (usually none or one, at most
+/// a few).
 fn spellings(text: &[u8], wanted: u8) -> impl Iterator<Item = usize> {
-    let raw = text.first() == Some(&wanted);
+    let first = text.first().copied();
+    let raw = first == Some(wanted);
+    // JSON and JavaScript: `\"`, `\\`, `\/`, and JavaScript's `\'`.
     let short_escape =
-        text.first() == Some(&b'\\') && matches!(wanted, b'"' | b'\\' | b'/') && text.get(1) == Some(&wanted);
+        first == Some(b'\\') && matches!(wanted, b'"' | b'\\' | b'/' | b'\'') && text.get(1) == Some(&wanted);
     let escaped = unicode_escape(text);
-    let percent = text.first() == Some(&b'%') && hex_byte(text.get(1..3)) == Some(wanted);
+    // JavaScript and Python: `\xHH`.
+    let hex_escape = text.get(..2) == Some(b"\\x") && hex_byte(text.get(2..4)) == Some(wanted);
+    let percent = first == Some(b'%') && hex_byte(text.get(1..3)) == Some(wanted);
+    // Percent-encoded twice (`%252F`), or once with its `%` JSON-escaped (`\u00252F`).
+    let double_percent = text.get(..3) == Some(b"%25") && hex_byte(text.get(3..5)) == Some(wanted);
     let escaped_percent = escaped == Some(b'%') && hex_byte(text.get(6..8)) == Some(wanted);
+    let entity = html_entity(text).filter(|(character, _)| *character == wanted);
     [
         (raw, 1),
         (short_escape, 2),
         (percent, 3),
+        (hex_escape, 4),
+        (double_percent, 5),
         (escaped == Some(wanted), 6),
-        (escaped_percent, LONGEST_SPELLING),
+        (escaped_percent, 8),
     ]
     .into_iter()
     .filter_map(|(matches, length)| matches.then_some(length))
+    .chain(entity.map(|(_, length)| length))
 }
 
 /// The ASCII character a leading `\u00XX` stands for, if `text` starts with one.
@@ -180,6 +207,42 @@ fn unicode_escape(text: &[u8]) -> Option<u8> {
         return None;
     }
     hex_byte(text.get(4..6))
+}
+
+/// The ASCII character a leading HTML character reference stands for, and its length: `&#47;`,
+/// `&#x2F;` (up to 7 digits, either case), or one of `&quot;`, `&amp;`, `&lt;`, `&gt;`, `&apos;`.
+fn html_entity(text: &[u8]) -> Option<(u8, usize)> {
+    if text.first() != Some(&b'&') {
+        return None;
+    }
+    for (name, character) in [
+        (&b"&quot;"[..], b'"'),
+        (b"&amp;", b'&'),
+        (b"&lt;", b'<'),
+        (b"&gt;", b'>'),
+        (b"&apos;", b'\''),
+    ] {
+        if text.starts_with(name) {
+            return Some((character, name.len()));
+        }
+    }
+    let (radix, digits_start) = match text.get(1..3)? {
+        [b'#', b'x' | b'X'] => (16, 3),
+        [b'#', _] => (10, 2),
+        _ => return None,
+    };
+    let digits = text
+        .get(digits_start..)?
+        .iter()
+        .take(8)
+        .take_while(|byte| char::from(**byte).is_digit(radix))
+        .count();
+    if digits == 0 || digits > 7 || text.get(digits_start + digits) != Some(&b';') {
+        return None;
+    }
+    let number = std::str::from_utf8(&text[digits_start..digits_start + digits]).ok()?;
+    let value = u32::from_str_radix(number, radix).ok()?;
+    Some((u8::try_from(value).ok()?, digits_start + digits + 1))
 }
 
 /// Two hex digits, either case, as a byte.
@@ -233,6 +296,28 @@ mod tests {
     }
 
     #[test]
+    fn html_double_percent_and_script_escapes_are_found_too() {
+        let key = "pk/a'b&c<d";
+        for spelled in [
+            "pk&#47;a&#39;b&amp;c&lt;d",
+            "pk&#x2F;a&apos;b&#X26;c&#x3c;d",
+            "pk%252Fa%2527b%2526c%253Cd",
+            r"pk\x2fa\'b\x26c\x3Cd",
+            "pk&#0000047;a'b&c<d",
+        ] {
+            assert_eq!(found(key, spelled), Some(spelled), "{spelled}");
+        }
+        for near_miss in [
+            "pk&#47a'b&c<d",
+            "pk&#x2G;a'b&c<d",
+            "pk&slash;a'b&c<d",
+            "pk&#00000047;a'b&c<d",
+        ] {
+            assert_eq!(found(key, near_miss), None, "{near_miss}");
+        }
+    }
+
+    #[test]
     fn near_misses_are_not_echoes() {
         let key = "pk_live_123";
         for haystack in [
@@ -270,6 +355,10 @@ mod tests {
         JsonUnicodeUpper,
         Percent,
         EscapedPercent,
+        DoublePercent,
+        HexEscape,
+        HtmlDecimal,
+        HtmlHex,
     }
 
     fn spell(key: &str, spellings: &[Spelling]) -> String {
@@ -285,6 +374,10 @@ mod tests {
                 Spelling::JsonUnicodeUpper => format!("\\u{byte:04X}"),
                 Spelling::Percent => format!("%{byte:02X}"),
                 Spelling::EscapedPercent => format!("\\u0025{byte:02x}"),
+                Spelling::DoublePercent => format!("%25{byte:02X}"),
+                Spelling::HexEscape => format!("\\x{byte:02x}"),
+                Spelling::HtmlDecimal => format!("&#{byte};"),
+                Spelling::HtmlHex => format!("&#x{byte:X};"),
             })
             .collect()
     }
@@ -301,6 +394,10 @@ mod tests {
                     Just(Spelling::JsonUnicodeUpper),
                     Just(Spelling::Percent),
                     Just(Spelling::EscapedPercent),
+                    Just(Spelling::DoublePercent),
+                    Just(Spelling::HexEscape),
+                    Just(Spelling::HtmlDecimal),
+                    Just(Spelling::HtmlHex),
                 ],
                 1..8,
             ),
@@ -319,9 +416,9 @@ mod tests {
 
         #[test]
         fn a_key_with_one_character_changed_is_found_in_no_spelling(
-            key in "[!-$&-\\[\\]-~]{2,40}",
+            key in "[!-$'-\\[\\]-~]{2,40}",
             at in any::<proptest::sample::Index>(),
-            replacement in "[!-$&-\\[\\]-~]",
+            replacement in "[!-$'-\\[\\]-~]",
             spellings in proptest::collection::vec(
                 prop_oneof![
                     Just(Spelling::Raw),
@@ -330,11 +427,15 @@ mod tests {
                     Just(Spelling::JsonUnicodeUpper),
                     Just(Spelling::Percent),
                     Just(Spelling::EscapedPercent),
+                    Just(Spelling::DoublePercent),
+                    Just(Spelling::HexEscape),
+                    Just(Spelling::HtmlDecimal),
+                    Just(Spelling::HtmlHex),
                 ],
                 1..8,
             ),
         ) {
-            // Keys and replacements without `%` and `\`, so a haystack has one reading only.
+            // Keys and replacements without `%`, `&` and `\`, so a haystack has one reading only.
             let at = at.index(key.len());
             let mut changed = key.clone().into_bytes();
             let replacement = replacement.as_bytes()[0];

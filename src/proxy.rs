@@ -12,7 +12,9 @@
 //! in memory now and in Redis in the background, and only then lets go of the run id. Everyone who waited gets the same answer.
 //!
 //! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
-//! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too. An upstream 429 is
+//! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too, and so does a body
+//! sent with a `Content-Encoding` the gateway never asked for (it could not be read for its status
+//! or an echoed key, nor forwarded as the JSON it is labelled). An upstream 429 is
 //! forwarded and starts the budget's shared cooldown.
 
 use std::convert::Infallible;
@@ -261,6 +263,13 @@ impl Shared {
 
     /// Maps an upstream answer to what clients get, storing it when it may be stored.
     async fn process(&self, id: RunId, answer: UpstreamResponse) -> Fetched {
+        if answer.encoded {
+            tracing::warn!(
+                upstream_status = answer.status.as_u16(),
+                "upstream sent an encoded (compressed) body the gateway did not ask for: not forwarded"
+            );
+            return Fetched::Failed(GatewayError::UpstreamBadResponse);
+        }
         match answer.status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 tracing::error!(

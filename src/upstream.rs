@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
@@ -47,6 +49,10 @@ pub struct UpstreamResponse {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
     pub retry_after: Option<HeaderValue>,
+    /// The body came with a `Content-Encoding` (other than `identity`): compressed, though the
+    /// gateway asked for no encoding. It can be neither read (for a status, for the key) nor
+    /// forwarded as the JSON it claims to be.
+    pub encoded: bool,
     pub body: Bytes,
     /// Time from sending the request to having the whole body.
     pub elapsed: Duration,
@@ -226,6 +232,10 @@ impl Upstream {
                 .get(RETRY_AFTER)
                 .filter(|value| !credentials.appears_in(value.as_bytes()))
                 .cloned(),
+            encoded: parts
+                .headers
+                .get(CONTENT_ENCODING)
+                .is_some_and(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity")),
             body: credentials.scrub(body),
             elapsed: Duration::ZERO,
         })

@@ -18,8 +18,8 @@ const AWKWARD_KEYS: [&str; 4] = [
     "a/+\"\\<>&%z",
 ];
 
-/// How a JSON or URL encoder upstream might write `key`, each written independently of the
-/// gateway's code.
+/// How a JSON, URL, HTML or script encoder upstream might write `key`, each written independently
+/// of the gateway's code.
 fn echoes_of(key: &str) -> Vec<(&'static str, String)> {
     let json = serde_json::to_string(key).expect("a string serialises");
     let json = json[1..json.len() - 1].to_owned();
@@ -33,6 +33,28 @@ fn echoes_of(key: &str) -> Vec<(&'static str, String)> {
     let percent = utf8_percent_encode(key, NON_ALPHANUMERIC).to_string();
     let percent_lower = lower_hex_escapes(&percent);
     let percent_in_json = percent.replace('%', "\\u0025");
+    let double_percent = percent.replace('%', "%25");
+    // OWASP's HTML escaping: the five named references, and / as &#x2F;.
+    let html: String = key
+        .chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#x27;".to_owned(),
+            '/' => "&#x2F;".to_owned(),
+            other => other.to_string(),
+        })
+        .collect();
+    let html_numeric: String = key.bytes().map(|byte| format!("&#{byte};")).collect();
+    let script_hex: String = key
+        .bytes()
+        .map(|byte| match byte.is_ascii_alphanumeric() {
+            true => char::from(byte).to_string(),
+            false => format!("\\x{byte:02x}"),
+        })
+        .collect();
     vec![
         ("raw", key.to_owned()),
         ("json", json),
@@ -43,6 +65,10 @@ fn echoes_of(key: &str) -> Vec<(&'static str, String)> {
         ("percent", percent),
         ("percent lower", percent_lower),
         ("percent in json", percent_in_json),
+        ("double percent", double_percent),
+        ("html", html),
+        ("html numeric", html_numeric),
+        ("script hex", script_hex),
     ]
 }
 

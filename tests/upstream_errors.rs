@@ -210,3 +210,35 @@ async fn no_response_ever_contains_the_key() {
     }
     never.open();
 }
+
+#[tokio::test]
+async fn a_compressed_body_nobody_asked_for_is_a_bad_response_never_forwarded_or_stored() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    // Bytes a client would have to decompress to read; the gateway can read neither the run's
+    // status nor an echoed key in them.
+    let compressed = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03opaque-compressed-bytes".to_vec();
+    mock.set(
+        "zipped",
+        Reply::ok(compressed.clone()).with_header("content-encoding", "gzip"),
+    );
+    mock.set(
+        "plain",
+        Reply::run("plain", "COMPLETED").with_header("content-encoding", "identity"),
+    );
+    for _ in 0..2 {
+        let response = gateway.get_run("zipped").await;
+        assert_eq!(response.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(response.error_code(), "UPSTREAM_BAD_RESPONSE");
+        assert!(
+            !response.body.windows(8).any(|window| window == &compressed[..8]),
+            "forwarded"
+        );
+    }
+    assert_eq!(mock.count_for("zipped"), 2, "never stored");
+    assert_eq!(
+        gateway.get_run("plain").await.x_cache(),
+        Some("MISS"),
+        "identity is no encoding"
+    );
+}
