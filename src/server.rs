@@ -227,9 +227,11 @@ where
         metrics: Option<ConnectionMetrics>,
     ) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new());
+        // No header timer of hyper's own: the connection's watchdog times a head out (the same
+        // `header_read_timeout`), for every protocol alike, and counts it.
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(settings.limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEAD_BYTES);
         // HTTP/2: bounded streams per connection, a connection that opens and resets streams
         // faster than they are accepted (CVE-2023-44487, "rapid reset") is closed with

@@ -96,6 +96,10 @@ mod tests {
     async fn a_peer_that_stops_reading_is_reported_and_one_that_reads_again_is_not() {
         let slots = Arc::new(Semaphore::new(1));
         let connection = Connection::new(LIMITS, slots.try_acquire_owned().expect("a free slot"));
+        // It has answered a request: what waits now is that answer being flushed.
+        connection.request_started(false);
+        let answer = connection.answer_started();
+        connection.answer_finished(answer);
         // A pipe with a small buffer: the "client" end is read or not at will.
         let (server, mut client) = tokio::io::duplex(1024);
         let mut io = WatchedIo::new(server, Arc::clone(&connection));
@@ -110,7 +114,11 @@ mod tests {
         });
         // The write waits for the client: the watchdog sees a blocked write and times it out.
         assert_eq!(connection.watch().await, CloseReason::WriteTimeout);
-        assert_eq!(connection.idle_for_ms(), None, "a waiting write is not idle");
+        assert_eq!(
+            connection.idle_for_ms(),
+            None,
+            "a flushing connection is not idle"
+        );
 
         // The client reads everything: the write goes through and the block is cleared.
         let mut sink = vec![0u8; 1024 + 4096];

@@ -159,11 +159,12 @@ impl Connection {
         }
     }
 
-    /// Whether nothing is being handled, sent or written, and for how long (ms); `None` when busy
-    /// or already closing.
+    /// Whether nothing is being handled or sent (nor, once it has answered, flushed), and for how
+    /// long (ms); `None` when busy or already closing.
     pub fn idle_for_ms(&self) -> Option<u64> {
+        let flushing = self.write_blocked_since.load(Ordering::Acquire) != NOT_BLOCKED && self.has_served();
         let idle = self.busy.load(Ordering::SeqCst) == 0
-            && self.write_blocked_since.load(Ordering::Acquire) == NOT_BLOCKED
+            && !flushing
             && self.close_requested.load(Ordering::Acquire) == 0;
         idle.then(|| {
             self.now_ms()
@@ -207,38 +208,41 @@ impl Connection {
         }
     }
 
-    /// The rule that applies now and when it runs out.
+    /// The rule that runs out first, and when.
     fn deadline(&self, now: u64) -> Deadline {
-        let until = |since: u64, limit: Duration, reason| {
-            let at = since.saturating_add(millis(limit));
-            if now >= at {
-                Deadline::Passed(reason)
-            } else {
-                Deadline::At(at)
-            }
-        };
+        let write_timeout = millis(self.limits.write_timeout);
         let blocked_since = self.write_blocked_since.load(Ordering::Acquire);
-        if blocked_since != NOT_BLOCKED {
-            return until(
-                blocked_since,
-                self.limits.write_timeout,
-                CloseReason::WriteTimeout,
-            );
-        }
-        if let Some(oldest) = self
+        let blocked = blocked_since != NOT_BLOCKED;
+        // A write waiting on the socket, and each HTTP/2 answer, must progress within
+        // `write_timeout`.
+        let stalled = blocked.then(|| blocked_since.saturating_add(write_timeout));
+        let starved = self
             .lock_answers()
             .iter()
-            .map(|(_, progressed)| *progressed)
-            .min()
-        {
-            return until(oldest, self.limits.write_timeout, CloseReason::WriteTimeout);
+            .map(|(_, progressed)| progressed.saturating_add(write_timeout))
+            .min();
+        // Nothing handled or sent: the next request head is due. A waiting write defers that only
+        // on a connection that has answered something (it is still flushing an answer); one that
+        // never sent a request is only writing protocol chatter (PING and SETTINGS acks).
+        let idle = (self.busy.load(Ordering::SeqCst) == 0 && (!blocked || !self.has_served())).then(|| {
+            self.idle_since
+                .load(Ordering::Acquire)
+                .saturating_add(millis(self.limits.header_read_timeout))
+        });
+        let soonest = [
+            stalled.map(|at| (at, CloseReason::WriteTimeout)),
+            starved.map(|at| (at, CloseReason::WriteTimeout)),
+            idle.map(|at| (at, CloseReason::Idle)),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(at, _)| *at);
+        match soonest {
+            Some((at, reason)) if now >= at => Deadline::Passed(reason),
+            Some((at, _)) => Deadline::At(at),
+            // Handling requests: bounded by the upstream deadlines, not here. Look again later.
+            None => Deadline::At(u64::MAX),
         }
-        if self.busy.load(Ordering::SeqCst) == 0 {
-            let idle_since = self.idle_since.load(Ordering::Acquire);
-            return until(idle_since, self.limits.header_read_timeout, CloseReason::Idle);
-        }
-        // Handling requests: bounded by the upstream deadlines, not here. Look again later.
-        Deadline::At(u64::MAX)
     }
 
     fn now_ms(&self) -> u64 {
@@ -403,6 +407,30 @@ mod tests {
         let answered = Instant::now();
         assert_eq!(connection.watch().await, CloseReason::Idle);
         assert_eq!(answered.elapsed(), LIMITS.header_read_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sent_a_request_is_idle_even_while_its_writes_wait() {
+        // A client that floods PINGs and never reads: only acks wait on the socket.
+        let connection = connection(LIMITS);
+        connection.write_blocked();
+        let started = Instant::now();
+        assert_eq!(connection.watch().await, CloseReason::Idle);
+        assert_eq!(started.elapsed(), LIMITS.header_read_timeout);
+        assert!(connection.idle_for_ms().is_some(), "and it may be shed meanwhile");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_connection_flushing_its_last_answer_is_not_idle_until_the_write_timeout() {
+        let connection = connection(LIMITS);
+        connection.request_started(false);
+        let answer = connection.answer_started();
+        connection.answer_finished(answer);
+        connection.write_blocked();
+        let blocked = Instant::now();
+        assert_eq!(connection.idle_for_ms(), None, "flushing is not idle");
+        assert_eq!(connection.watch().await, CloseReason::WriteTimeout);
+        assert_eq!(blocked.elapsed(), LIMITS.write_timeout);
     }
 
     #[tokio::test(start_paused = true)]
