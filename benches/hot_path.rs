@@ -168,6 +168,7 @@ where
     B: http_body::Body<Data = Bytes, Error = std::convert::Infallible>,
 {
     let request = Request::get("/api/public/v1/workflow-runs/done-42")
+        .header(http::header::HOST, "gateway")
         .body(Empty::new())
         .expect("request");
     let response = service.clone().oneshot(request).await.expect("infallible");

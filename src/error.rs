@@ -22,6 +22,8 @@ pub enum GatewayError {
     Unauthorized,
     #[error("a Get-run request has no body: Content-Length and Transfer-Encoding are refused")]
     BodyNotAllowed,
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    BadHost,
     #[error("invalid run id: 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")]
     InvalidRunId,
     #[error("request URI too long")]
@@ -52,7 +54,7 @@ impl GatewayError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidRunId | Self::BodyNotAllowed => StatusCode::BAD_REQUEST,
+            Self::InvalidRunId | Self::BodyNotAllowed | Self::BadHost => StatusCode::BAD_REQUEST,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamAuth
@@ -72,7 +74,7 @@ impl GatewayError {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidRunId => "INVALID_RUN_ID",
-            Self::BodyNotAllowed => "INVALID_REQUEST",
+            Self::BodyNotAllowed | Self::BadHost => "INVALID_REQUEST",
             Self::UriTooLong => "URI_TOO_LONG",
             Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
             Self::UpstreamAuth => "UPSTREAM_AUTH",

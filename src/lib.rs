@@ -14,7 +14,8 @@
 //!   [`connection`]: each client connection's bounds (idle, stalled writes, resets, upstream work);
 //!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
-//!   log) → [`unread_body`] (a request with a body closes its connection) → CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
+//!   log) → [`framing`] (a request with a body closes its connection; HEAD answers carry none) →
+//!   CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
 //!   a [`routes::RunRequest`]) →
 //!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
 //!   [`budget`]; then the store decision);
@@ -39,6 +40,7 @@ pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod etag;
+pub mod framing;
 pub mod health_check;
 pub mod key_echo;
 pub mod metrics;
@@ -54,7 +56,6 @@ pub mod server;
 pub mod shared_cache;
 pub mod stack;
 pub mod telemetry;
-pub mod unread_body;
 pub mod upstream;
 pub mod upstream_pool;
 

@@ -39,6 +39,11 @@ impl Body {
     pub fn set_outcome(&mut self, outcome: CacheOutcome) {
         self.outcome = Some(outcome);
     }
+
+    /// Takes the data out, leaving the body empty (its outcome stays): for `HEAD` answers.
+    pub fn take_data(&mut self) -> Bytes {
+        self.data.take().unwrap_or_default()
+    }
 }
 
 impl http_body::Body for Body {

@@ -5,17 +5,17 @@
 //! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
 //! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
 //! oversized request still gets the JSON error shape. Checks run from the most general to the
-//! most specific: size (414, 431), path (404), method (405), body (400), run id (400). A request
+//! most specific: size (414, 431), Host (400), path (404), method (405), body (400), run id (400). A request
 //! that frames a body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served:
 //! Get-run takes none, and framing is how request smuggling starts (its connection is closed by
-//! [`crate::unread_body`], whoever answers it).
+//! [`crate::framing`], whoever answers it).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
-use http::header::{CONTENT_LENGTH, IF_NONE_MATCH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::header::{CONTENT_LENGTH, HOST, IF_NONE_MATCH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use tower::{Layer, Service};
 
 use crate::connection::WorkSlots;
@@ -116,6 +116,10 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
     if header_bytes(request.headers()) > MAX_HEADER_BYTES {
         return Err(GatewayError::HeadersTooLarge);
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (HTTP/2 names it in :authority).
+    if request.version() == Version::HTTP_11 && request.headers().get_all(HOST).iter().count() != 1 {
+        return Err(GatewayError::BadHost);
+    }
     let raw_id = request
         .uri()
         .path()
@@ -156,8 +160,29 @@ mod tests {
         Request::builder()
             .method(method)
             .uri(target)
+            .header(HOST, "gateway")
             .body(())
             .expect("valid request")
+    }
+
+    #[test]
+    fn an_http11_request_needs_exactly_one_host() {
+        let target = "/api/public/v1/workflow-runs/a";
+        let mut without = request(Method::GET, target);
+        without.headers_mut().remove(HOST);
+        assert_eq!(route(&without).err(), Some(GatewayError::BadHost));
+        let mut twice = request(Method::GET, target);
+        twice
+            .headers_mut()
+            .append(HOST, HeaderValue::from_static("elsewhere"));
+        assert_eq!(route(&twice).err(), Some(GatewayError::BadHost));
+        // HTTP/1.0 had no Host; HTTP/2 carries it as :authority.
+        for version in [Version::HTTP_10, Version::HTTP_2] {
+            let mut other = request(Method::GET, target);
+            other.headers_mut().remove(HOST);
+            *other.version_mut() = version;
+            assert!(route(&other).is_ok(), "{version:?}");
+        }
     }
 
     #[test]

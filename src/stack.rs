@@ -10,13 +10,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::client_auth::{ClientAuthLayer, ClientTokens};
 use crate::connection::WorkSlots;
+use crate::framing::FramingLayer;
 use crate::metrics::RequestMetrics;
 use crate::proxy::RunService;
 use crate::request_log::RequestLogLayer;
 use crate::request_metrics::RecordMetricsLayer;
 use crate::response::{Body, X_CACHE, X_REQUEST_ID};
 use crate::routes::RouteLayer;
-use crate::unread_body::CloseOnBodyLayer;
 
 /// How long browsers may reuse a preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -41,9 +41,9 @@ where
         // Request id, per-request span and the access log line; outermost so every response,
         // preflights and errors included, is logged and carries x-request-id.
         .layer(RequestLogLayer)
-        // A request that frames a body is answered with `Connection: close`, whoever answers it:
-        // the body is never read.
-        .layer(CloseOnBodyLayer)
+        // A request that frames a body is answered with `Connection: close`, whoever answers it
+        // (the body is never read); a HEAD answer is emptied, keeping its Content-Length.
+        .layer(FramingLayer)
         // CORS headers and preflight answers, only when origins are configured.
         .option_layer(cors)
         // requests_total and request_duration_seconds, by cache outcome and status.

@@ -181,3 +181,27 @@ async fn a_method_that_is_not_allowed_is_405_whatever_its_body_and_the_body_is_n
     );
     assert_eq!(mock.request_count(), 0, "nothing reached upstream");
 }
+
+#[tokio::test]
+async fn an_http11_request_without_exactly_one_host_is_refused() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let path = runs_path("run_1");
+    for request in [
+        format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"),
+    ] {
+        let response = raw_exchange(gateway.public, request.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{request:?}: {response}");
+        assert!(response.contains("INVALID_REQUEST"), "{response}");
+    }
+    // HTTP/1.0 had no Host header.
+    let response = raw_exchange(gateway.public, format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert_eq!(
+        mock.count_for("run_1"),
+        1,
+        "only the HTTP/1.0 request went upstream"
+    );
+}
