@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     without_transparent_huge_pages();
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let config = match load_config(&cli) {
+    let mut config = match load_config(&cli) {
         Ok(config) => config,
         Err(error) => return refuse(error.to_string()),
     };
@@ -55,7 +55,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    raise_descriptor_limit(config.server.max_connections.get());
+    if let Some(limit) = raise_descriptor_limit(config.server.max_connections.get()) {
+        bound_upstream_calls(&mut config, limit);
+    }
     let runtime = match runtime(config.server.worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => return refuse(format!("cannot start the async runtime: {error}")),
@@ -77,30 +79,57 @@ fn without_transparent_huge_pages() {
     }
 }
 
-/// Raises the soft limit on open descriptors to the hard one, as Go's runtime does at start-up.
+/// Raises the soft limit on open descriptors to the hard one, as Go's runtime does at start-up,
+/// and returns the limit now in force.
 ///
-/// Every client connection holds a descriptor, and so does every upstream call it leads; a soft
-/// limit of 1,024 (a common default) is far below `server.max_connections`, and running out of
-/// descriptors would refuse new connections on both ports. A limit still too low is logged.
-fn raise_descriptor_limit(max_connections: usize) {
+/// Every client connection holds a descriptor, and so does every upstream call it leads over
+/// HTTP/1.1; a soft limit of 1,024 (a common default) is far below `server.max_connections`, and
+/// running out of descriptors would refuse new connections on both ports. A limit still too low
+/// is logged.
+fn raise_descriptor_limit(max_connections: usize) -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
     let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         hard
     } else {
         soft
     };
-    // Every client connection, plus room for upstream connections, listeners, Redis and logs.
-    let wanted = (max_connections as u64).saturating_add(1024);
-    if limit < wanted {
+    if limit < (max_connections as u64).saturating_add(DESCRIPTOR_RESERVE) {
         tracing::warn!(
             max_connections,
             descriptor_limit = limit,
             "the open-descriptor limit is low for server.max_connections: raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
         );
     }
+    Some(limit)
+}
+
+/// Descriptors kept for listeners, Redis, logs and the like, beyond client connections and
+/// upstream calls.
+const DESCRIPTOR_RESERVE: u64 = 1024;
+/// The fewest upstream calls in flight the descriptor-derived bound allows.
+const MIN_UPSTREAM_CALLS: u64 = 64;
+
+/// Without `upstream.max_concurrent_requests`, bounds upstream calls in flight by what the
+/// descriptor limit leaves after client connections and a reserve: each client connection may
+/// keep as many calls running as it has streams, even after it has gone, so without a bound for
+/// the whole gateway a few clients that open requests and leave could use up every descriptor
+/// (and the admin port with them). Calls beyond it wait `queue_timeout`, then get a 429.
+fn bound_upstream_calls(config: &mut Config, descriptor_limit: u64) {
+    if config.upstream.max_concurrent_requests.is_some() {
+        return;
+    }
+    let left = descriptor_limit
+        .saturating_sub(config.server.max_connections.get() as u64)
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(MIN_UPSTREAM_CALLS);
+    let bound = NonZeroUsize::new(usize::try_from(left).unwrap_or(usize::MAX));
+    config.upstream.max_concurrent_requests = bound;
+    tracing::info!(
+        max_concurrent_requests = left,
+        descriptor_limit,
+        "upstream.max_concurrent_requests is unset: upstream calls in flight are bounded by the open-descriptor limit"
+    );
 }
 
 /// One worker thread per available CPU (cgroup quotas included), or `server.worker_threads`.

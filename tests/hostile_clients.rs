@@ -407,3 +407,65 @@ async fn paced_http2_resets_hold_no_more_upstream_calls_than_streams_and_end_in_
         if by_reset_rule { 1.0 } else { 0.0 }
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_configured_bound_upstream_calls_in_flight_are_bounded_by_the_descriptor_limit() {
+    // 1,200 descriptors, 100 connections, 1,024 kept in reserve: 76 upstream calls at once.
+    const BOUND: usize = 76;
+    const CLIENTS: usize = 90;
+    let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    for index in 0..CLIENTS {
+        let id = format!("r{index}");
+        mock.set(&id, Reply::run(&id, "PROCESSING").gated(&gate));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = support::write_config(
+        dir.path(),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_connections = 100\n\
+             [upstream]\nbase_url = \"{}\"\napi_key_env = \"GW_TEST_KEY\"\nqueue_timeout = \"200ms\"\n",
+            mock.base_url()
+        ),
+    );
+    let gateway = support::GatewayProcess::start_under(
+        &["prlimit", "--nofile=1200:1200", "--"],
+        &["--config", &config],
+        &[("GW_TEST_KEY", support::TEST_KEY)],
+    );
+    assert!(
+        gateway.logs().contains("bounded by the open-descriptor limit"),
+        "{}",
+        gateway.logs()
+    );
+    // Each client asks for a different run; the upstream holds every answer.
+    let url = |index: usize| format!("http://{}{}", gateway.public, runs_path(&format!("r{index}")));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|index| {
+            let url = url(index);
+            tokio::spawn(async move { support::TestClient::new().send(Method::GET, &url, &[]).await })
+        })
+        .collect();
+    mock.wait_for_requests(BOUND).await;
+    // The calls beyond the bound wait for the budget, are refused once its queue_timeout is up,
+    // and never reach upstream.
+    support::eventually("the calls beyond the bound are refused", || async {
+        clients.iter().filter(|client| client.is_finished()).count() == CLIENTS - BOUND
+    })
+    .await;
+    let (refused, held): (Vec<_>, Vec<_>) = clients.into_iter().partition(|client| client.is_finished());
+    for client in refused {
+        let response = client.await.expect("client");
+        assert_eq!(response.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.error_code(), "GATEWAY_RATE_LIMITED");
+    }
+    gate.open();
+    for client in held {
+        assert_eq!(client.await.expect("client").status, StatusCode::OK);
+    }
+    assert_eq!(
+        mock.request_count(),
+        BOUND,
+        "no more calls than the bound ever went upstream"
+    );
+}

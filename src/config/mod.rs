@@ -131,7 +131,8 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// Upper bound on upstream calls per second (fractions allowed); unset means no bound.
     pub max_requests_per_second: Option<f64>,
-    /// Upper bound on upstream calls in flight at once; unset means no bound.
+    /// Upper bound on upstream calls in flight at once; unset, the binary bounds them by what the
+    /// open-file limit leaves (see `main.rs`), the library by nothing.
     pub max_concurrent_requests: Option<NonZeroUsize>,
     /// How long a call may wait for the budget above before the client gets a 429.
     #[serde(with = "fields::duration")]

@@ -562,7 +562,20 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts the binary with `args` and `env`, and waits for its "gateway ready" log line.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_plextera-gateway"));
+        Self::start_under(&[], args, env)
+    }
+
+    /// As [`GatewayProcess::start`], run by the command `wrapper` (e.g. `prlimit --nofile=…`).
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let binary = env!("CARGO_BIN_EXE_plextera-gateway");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .args(["--log-format", "json"])
             .args(args)
