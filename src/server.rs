@@ -62,9 +62,13 @@ const ADMIN_GRACE: Duration = Duration::from_secs(1);
 pub enum StartError {
     #[error(transparent)]
     App(#[from] AppError),
-    #[error("cannot listen on {addr} ({which}): {source}")]
+    #[error(
+        "cannot listen on {addr} ({key}): {source}; choose a free address, e.g. {}",
+        crate::config::report::example(key).unwrap_or_default()
+    )]
     Bind {
-        which: &'static str,
+        /// The config key of the address: `server.listen` or `server.admin_listen`.
+        key: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -96,8 +100,8 @@ impl Gateway {
     /// binds both ports.
     pub async fn bind(config: &Config, secrets: &Secrets) -> Result<Self, StartError> {
         let app = App::new(config, secrets)?;
-        let public = bind("public", config.server.listen).await?;
-        let admin = bind("admin", config.server.admin_listen).await?;
+        let public = bind("server.listen", config.server.listen).await?;
+        let admin = bind("server.admin_listen", config.server.admin_listen).await?;
         let server = &config.server;
         Ok(Self {
             public,
@@ -189,10 +193,10 @@ impl Gateway {
     }
 }
 
-async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { which, addr, source })
+        .map_err(|source| StartError::Bind { key, addr, source })
 }
 
 /// Accepts connections on one listener, serves each in a task, and tracks them for shedding and

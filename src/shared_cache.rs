@@ -84,9 +84,9 @@ impl SharedCache {
         metrics: SharedCacheMetrics,
     ) -> Result<Self, ConfigError> {
         let invalid = |error: redis::RedisError| {
-            ConfigError::Invalid(format!(
-                "cache.shared.url cannot be used: {}",
-                format_args!("{:?}", error.kind())
+            ConfigError::Invalid(crate::config::report::about(
+                "cache.shared.url",
+                format_args!("cannot be used ({:?})", error.kind()),
             ))
         };
         let mut info = config.url.as_str().into_connection_info().map_err(invalid)?;

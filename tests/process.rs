@@ -106,6 +106,8 @@ fn a_port_in_use_stops_start_up() {
     let (status, _, stderr) = run_to_exit(&["--config", &config], &[("PLEXTERA_API_KEY", TEST_KEY)]);
     assert_eq!(status.code(), Some(78));
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
+    assert!(stderr.contains("server.listen"), "names the key: {stderr}");
+    assert!(stderr.contains("e.g. listen = "), "and a valid example: {stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

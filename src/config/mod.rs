@@ -27,6 +27,12 @@ use crate::secret::ApiKey;
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
 /// The environment variable that holds the key when the file names none.
 pub const DEFAULT_API_KEY_ENV: &str = "PLEXTERA_API_KEY";
+/// Most client connections, and most upstream calls in flight, a config may ask for.
+const MAX_CONNECTIONS: usize = 1_000_000;
+/// Most runtime worker threads a config may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+/// Most concurrent HTTP/2 streams per connection a config may ask for.
+const MAX_STREAMS: usize = 10_000;
 /// The run states Plextera documents as final: a run in one of them never changes again.
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 3] = ["COMPLETED", "FAILED", "CLOSED"];
 
@@ -309,8 +315,18 @@ impl Config {
     /// Checks what serde cannot: relations between values and formats inside strings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = |key: &str, value: Duration| {
-            if value.is_zero() {
-                Err(invalid(key, "is 0s: it must be more than 0s"))
+            if value < Duration::from_millis(1) {
+                Err(invalid(
+                    key,
+                    format_args!("is {value:?}: it must be at least 1ms"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let at_most = |key: &str, value: usize, most: usize| {
+            if value > most {
+                Err(invalid(key, format_args!("is {value}: at most {most}")))
             } else {
                 Ok(())
             }
@@ -323,6 +339,19 @@ impl Config {
             ));
         }
         validate_cors_origins(&server.cors_allowed_origins)?;
+        at_most(
+            "server.max_connections",
+            server.max_connections.get(),
+            MAX_CONNECTIONS,
+        )?;
+        if let Some(threads) = server.worker_threads {
+            at_most("server.worker_threads", threads.get(), MAX_WORKER_THREADS)?;
+        }
+        at_most(
+            "server.http2_max_concurrent_streams",
+            server.http2_max_concurrent_streams as usize,
+            MAX_STREAMS,
+        )?;
         positive("server.header_read_timeout", server.header_read_timeout)?;
         positive("server.write_timeout", server.write_timeout)?;
         if server.http2_max_concurrent_streams == 0 {
@@ -337,6 +366,13 @@ impl Config {
         let upstream = &self.upstream;
         upstream.runs_url_prefix()?;
         positive("upstream.request_timeout", upstream.request_timeout)?;
+        if let Some(concurrent) = upstream.max_concurrent_requests {
+            at_most(
+                "upstream.max_concurrent_requests",
+                concurrent.get(),
+                MAX_CONNECTIONS,
+            )?;
+        }
         if upstream.max_body_size.as_u64() == 0 {
             return Err(invalid("upstream.max_body_size", "is 0: it must be more than 0"));
         }
@@ -721,7 +757,10 @@ mod tests {
             ("url = \"redis://user:secret@redis:6379\"", "credentials"),
             ("url = \"redis://redis\"\ntimeout = \"0s\"", "timeout"),
             ("url = \"redis://redis\"\nttl = \"0s\"", "ttl"),
-            ("url = \"redis://redis\"\nport = 1", "port"),
+            (
+                "url = \"redis://redis\"\nport = 1",
+                "unknown key in [cache.shared]",
+            ),
         ] {
             let message = parse_error(&format!("[cache.shared]\n{text}\n"));
             assert!(message.contains(expected), "{text}: {message}");
@@ -886,7 +925,7 @@ mod tests {
                 [
                     "server.header_read_timeout",
                     "0s",
-                    "more than 0s",
+                    "at least 1ms",
                     "e.g. header_read_timeout = \"10s\"",
                 ],
             ),
@@ -918,6 +957,57 @@ mod tests {
                 );
             }
             assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn unknown_duplicate_and_missing_keys_are_named_only_when_safe() {
+        let typo = parse_error("[server]\nlisen = \"127.0.0.1:1\"\n");
+        assert!(
+            typo.contains("`lisen`") && typo.contains("did you mean `listen`"),
+            "{typo}"
+        );
+        let pasted = parse_error("sk_live_Zx9Qw3 = 1\n");
+        assert!(!pasted.contains("sk_live_Zx9Qw3"), "{pasted}");
+        assert!(
+            pasted.contains("at the top level") && pasted.contains("server, upstream, cache"),
+            "{pasted}"
+        );
+        let twice = parse_error("[server]\nlisten = \"0.0.0.0:1\"\nlisten = \"0.0.0.0:2\"\n");
+        assert!(
+            twice.contains("line 3") && twice.contains("`listen` is set twice"),
+            "{twice}"
+        );
+        let missing = parse_error("[cache.shared]\ntimeout = \"1s\"\n");
+        assert!(
+            missing.contains("cache.shared.url") && missing.contains("e.g. url = \"redis://redis:6379/0\""),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn values_beyond_what_the_gateway_can_hold_are_refused_not_panicked_on() {
+        for (text, key) in [
+            (
+                "[server]\nmax_connections = 2305843009213693952\n",
+                "server.max_connections",
+            ),
+            ("[server]\nworker_threads = 100000\n", "server.worker_threads"),
+            (
+                "[server]\nhttp2_max_concurrent_streams = 4000000000\n",
+                "server.http2_max_concurrent_streams",
+            ),
+            (
+                "[upstream]\nmax_concurrent_requests = 4611686018427387904\n",
+                "upstream.max_concurrent_requests",
+            ),
+            (
+                "[server]\nheader_read_timeout = \"1ns\"\n",
+                "server.header_read_timeout",
+            ),
+        ] {
+            let message = parse_error(text);
+            assert!(message.contains(key), "{text:?}: {message}");
         }
     }
 

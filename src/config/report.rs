@@ -63,19 +63,92 @@ pub fn about(key: &str, problem: impl Display) -> String {
 /// One line for a TOML error: `line N: <key>: <what is wrong>; e.g. <a valid line>`.
 pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim().replace('\n', " ");
-    let location = error.span().map(|span| {
+    let span = error.span();
+    let location = span.as_ref().map(|span| {
         let before = &text.as_bytes()[..span.start.min(text.len())];
         let line = before.iter().filter(|byte| **byte == b'\n').count() + 1;
         format!("line {line}: ")
     });
     let location = location.unwrap_or_default();
-    match key_path(error) {
-        Some(key) if message.starts_with("unknown field") => {
-            format!("{location}in [{key}]: {message}{}", secret_hint(&message))
-        }
-        Some(key) => format!("{location}{}", about(&key, message)),
-        None => format!("{location}{message}{}", secret_hint(&message)),
+    let path = key_path(error);
+    if let Some(unknown) = unknown_key(&message, path.as_deref()) {
+        return format!("{location}{unknown}");
     }
+    if message == "duplicate key" {
+        // The span is the key's name; a name of this config's own is safe to repeat.
+        let name = span
+            .and_then(|span| text.get(span))
+            .filter(|name| is_known_name(name));
+        return match name {
+            Some(name) => format!("{location}`{name}` is set twice: keep one"),
+            None => format!("{location}a key or table is set twice: keep one"),
+        };
+    }
+    if let (Some(table), Some(field)) = (&path, backticked(&message).next())
+        && message.starts_with("missing field")
+    {
+        return format!(
+            "{location}{}",
+            about(
+                &format!("{table}.{field}"),
+                format_args!("is required in [{table}]")
+            )
+        );
+    }
+    match path {
+        Some(key) => format!("{location}{}", about(&key, message)),
+        None => format!("{location}{message}"),
+    }
+}
+
+/// For toml's "unknown field `x`, expected one of …": the key is repeated only when it is a near
+/// miss of an expected one (a typo, then named with the fix); otherwise it could be a secret
+/// pasted in the wrong place, and the message lists the keys that belong there instead.
+fn unknown_key(message: &str, table: Option<&str>) -> Option<String> {
+    let rest = message.strip_prefix("unknown field ")?;
+    let mut names = backticked(rest);
+    let unknown = names.next()?;
+    let expected: Vec<&str> = names.collect();
+    let place = table.map_or_else(|| "at the top level".to_owned(), |table| format!("in [{table}]"));
+    let near = expected
+        .iter()
+        .filter(|known| unknown.len() > 3 && edit_distance(unknown, known) <= 2)
+        .min_by_key(|known| edit_distance(unknown, known));
+    Some(match near {
+        Some(known) => format!("unknown key `{unknown}` {place}: did you mean `{known}`?"),
+        None => format!(
+            "an unknown key {place} (not repeated, in case it holds a credential); the keys here are {}{}",
+            expected.join(", "),
+            secret_hint(unknown)
+        ),
+    })
+}
+
+/// The words between backticks in `text`, in order.
+fn backticked(text: &str) -> impl Iterator<Item = &str> {
+    text.split('`').skip(1).step_by(2)
+}
+
+/// Whether `name` is one of this config's own keys or tables.
+fn is_known_name(name: &str) -> bool {
+    EXAMPLES
+        .iter()
+        .any(|(key, _)| key.split('.').any(|part| part == name))
+}
+
+/// The Levenshtein distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// The dotted key the error is about, as toml tracks it.
@@ -92,8 +165,8 @@ fn key_path(error: &toml::de::Error) -> Option<String> {
 }
 
 /// For an unknown key that looks like an attempt to put a secret in the file: where it goes.
-fn secret_hint(message: &str) -> &'static str {
-    let field = message.split('`').nth(1).unwrap_or_default().to_ascii_lowercase();
+fn secret_hint(field: &str) -> &'static str {
+    let field = field.to_ascii_lowercase();
     let secret_like = ["key", "token", "secret", "password"]
         .iter()
         .any(|word| field.contains(word));
@@ -103,5 +176,18 @@ fn secret_hint(message: &str) -> &'static str {
          file (upstream.api_key_file)"
     } else {
         ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("lisen", "listen"), 1);
+        assert_eq!(edit_distance("listne", "listen"), 2);
+        assert_eq!(edit_distance("api_key", "api_key_env"), 4);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 }
