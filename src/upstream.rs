@@ -379,8 +379,12 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigErro
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let invalid =
-            |why: String| ConfigError::Invalid(format!("upstream.ca_file {}: {why}", path.display()));
+        let invalid = |why: String| {
+            ConfigError::Invalid(format!(
+                "upstream.ca_file {}: {why}",
+                crate::config::report::shown(&path.display().to_string())
+            ))
+        };
         let certificates = CertificateDer::pem_file_iter(path)
             .map_err(|error| invalid(error.to_string()))?
             .collect::<Result<Vec<_>, _>>()

@@ -14,11 +14,13 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
+use super::report::shown;
+
 const DURATION_HELP: &str = "use a number and a unit, e.g. \"10s\", \"250ms\" or \"1m 30s\"";
 
 fn parse_duration<E: de::Error>(text: &str) -> Result<Duration, E> {
     humantime::parse_duration(text)
-        .map_err(|_| E::custom(format_args!("{text:?} is not a duration: {DURATION_HELP}")))
+        .map_err(|_| E::custom(format_args!("{} is not a duration: {DURATION_HELP}", shown(text))))
 }
 
 /// `"250ms"`, `"10s"`, `"1h 30m"`.
@@ -55,7 +57,8 @@ pub fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::E
         fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
             text.parse().map_err(|_| {
                 E::custom(format_args!(
-                    "{text:?} is not a size: use e.g. \"256MiB\", \"512KiB\" or a number of bytes"
+                    "{} is not a size: use e.g. \"256MiB\", \"512KiB\" or a number of bytes",
+                    shown(text)
                 ))
             })
         }
@@ -79,8 +82,9 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketA
     let text = String::deserialize(deserializer)?;
     text.parse().map_err(|_| {
         de::Error::custom(format_args!(
-            "{text:?} is not an IP address and port (host names such as localhost are not looked up): \
-             use e.g. \"0.0.0.0:8080\" for every interface, \"127.0.0.1:9090\" for loopback, \"[::]:8080\" for IPv6"
+            "{} is not an IP address and port (host names such as localhost are not looked up): \
+             use e.g. \"0.0.0.0:8080\" for every interface, \"127.0.0.1:9090\" for loopback, \"[::]:8080\" for IPv6",
+            shown(&text)
         ))
     })
 }

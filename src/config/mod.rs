@@ -414,7 +414,10 @@ impl Config {
         {
             return Err(invalid(
                 "cache.terminal_statuses",
-                format_args!("holds {bad:?}: a status is a non-empty word other than \"{OTHER_STATUS}\""),
+                format_args!(
+                    "holds {}: a status is a non-empty word other than \"{OTHER_STATUS}\"",
+                    report::shown(bad)
+                ),
             ));
         }
         Ok(())
@@ -446,8 +449,11 @@ impl UpstreamConfig {
         if uri.host().is_none_or(str::is_empty) {
             return Err(invalid(KEY, "has no host"));
         }
-        if uri.port().is_some() && uri.port_u16().is_none() {
-            return Err(invalid(KEY, "has a port that is not a number from 1 to 65535"));
+        if !has_valid_port(uri.authority().map_or("", |authority| authority.as_str())) {
+            return Err(invalid(
+                KEY,
+                "has a port that is not a number from 1 to 65535 (the value given is not shown)",
+            ));
         }
         if uri.query().is_some() {
             return Err(invalid(KEY, "must not have a query string"));
@@ -553,6 +559,19 @@ impl ServerConfig {
     }
 }
 
+/// Whether the port in `authority` (`host`, `host:port`, `[v6]:port`), if there is one, is a
+/// number from 1 to 65535. (`http::Uri` reports a port that is not a number as no port at all.)
+fn has_valid_port(authority: &str) -> bool {
+    let after_host = match authority.rfind(']') {
+        Some(end) => &authority[end + 1..],
+        None => authority,
+    };
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, port)) => port.parse::<u16>().is_ok_and(|port| port > 0),
+    }
+}
+
 fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
     const KEY: &str = "server.cors_allowed_origins";
     if origins.len() > 1 && origins.iter().any(|origin| origin == "*") {
@@ -569,7 +588,10 @@ fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
         if !is_origin {
             return Err(invalid(
                 KEY,
-                format_args!("holds {origin:?}: an origin is scheme://host[:port], no path"),
+                format_args!(
+                    "holds {}: an origin is scheme://host[:port], no path",
+                    report::shown(origin)
+                ),
             ));
         }
     }
@@ -983,6 +1005,30 @@ mod tests {
             missing.contains("cache.shared.url") && missing.contains("e.g. url = \"redis://redis:6379/0\""),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn a_base_url_port_must_be_a_port_and_is_never_repeated() {
+        for base_url in [
+            "https://api.plextera.com:sk_live_S3cr3tK3y",
+            "https://api.plextera.com:99999",
+            "https://api.plextera.com:0",
+            "http://[::1]:notaport",
+        ] {
+            let message = parse_error(&format!("[upstream]\nbase_url = \"{base_url}\"\n"));
+            assert!(message.contains("port"), "{base_url}: {message}");
+            assert!(
+                !message.contains("S3cr3t") && !message.contains("99999"),
+                "{message}"
+            );
+        }
+        for base_url in [
+            "https://api.plextera.com:8443",
+            "http://[::1]:9000",
+            "https://api.plextera.com",
+        ] {
+            Config::parse(&format!("[upstream]\nbase_url = \"{base_url}\"\n")).expect(base_url);
+        }
     }
 
     #[test]

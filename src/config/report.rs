@@ -45,6 +45,20 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("cache.shared.lock_wait", "\"1s\""),
 ];
 
+/// Longest bad value repeated whole in a message; a longer one (an API key pasted in the wrong
+/// place is usually longer) is shown by its start and its length.
+const MAX_SHOWN_VALUE: usize = 24;
+
+/// A bad value as a message quotes it: whole when short, else its first characters and length.
+pub fn shown(value: &str) -> String {
+    let characters = value.chars().count();
+    if characters <= MAX_SHOWN_VALUE {
+        return format!("{value:?}");
+    }
+    let start: String = value.chars().take(8).collect();
+    format!("{start:?}… ({characters} characters)")
+}
+
 /// `key = example`, for a message about `key` (`server.listen` gives `listen = "0.0.0.0:8080"`).
 pub fn example(key: &str) -> Option<String> {
     let (_, value) = EXAMPLES.iter().find(|(known, _)| *known == key)?;
@@ -182,6 +196,15 @@ fn secret_hint(field: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_values_are_shown_by_their_start_and_length() {
+        assert_eq!(shown("ten seconds"), "\"ten seconds\"");
+        assert_eq!(
+            shown("pk_test_5uPerSecretKey0123456789"),
+            "\"pk_test_\"… (32 characters)"
+        );
+    }
 
     #[test]
     fn edit_distance_counts_single_character_edits() {
