@@ -3,7 +3,8 @@
 //! An upstream that echoes the request's credentials rarely echoes them byte for byte: a JSON
 //! encoder writes `/` as `\/` (PHP), `+`, `<`, `>` and `&` as `\u002B`, `\u003c`… (.NET, Go), must
 //! write `"` and `\` as `\"` and `\\`, and may write any character as `\uXXXX` in either case;
-//! JavaScript and Python also write `\'` and `\xHH`; a URL in the body percent-encodes (`%2F`, `%2f`),
+//! JavaScript and Python also write `\'`, `\xHH` and `\u{XX}`, and a form decoder turns `+` into a
+//! space; a URL in the body percent-encodes (`%2F`, `%2f`),
 //! sometimes twice (`%252F`), and a percent-encoded URL inside a JSON string may have its `%`
 //! escaped too (`\u0025`); an HTML error page (a proxy's, a CDN's) writes character references
 //! (`&#47;`, `&#x2F;`, `&quot;`, `&amp;`, `&lt;`, `&gt;`, `&apos;`). [`EchoFinder`] matches the key
@@ -56,7 +57,8 @@ impl EchoFinder {
             finder: self,
             haystack,
             position: 0,
-            escapes: memchr::memchr3(b'\\', b'%', b'&', haystack).is_some(),
+            escapes: memchr::memchr3(b'\\', b'%', b'&', haystack).is_some()
+                || (self.key.contains(&b'+') && memchr::memchr(b' ', haystack).is_some()),
             reached: Vec::new(),
             next: Vec::new(),
         }
@@ -70,7 +72,9 @@ impl EchoFinder {
         }
         match (self.key.get(1), haystack.get(start + 1)) {
             (None, _) => true,
-            (Some(second), Some(next)) => next == second || matches!(next, b'\\' | b'%' | b'&'),
+            (Some(second), Some(next)) => {
+                (next == second || matches!(next, b'\\' | b'%' | b'&')) && !inside_escape(haystack, start)
+            }
             (Some(_), None) => false,
         }
     }
@@ -111,7 +115,8 @@ pub struct Echoes<'a> {
     haystack: &'a [u8],
     /// Where the search goes on from.
     position: usize,
-    /// Whether the body holds `\`, `%` or `&` at all; without them, only the raw spelling exists.
+    /// Whether the body holds `\`, `%` or `&` at all (or a space, for a key with `+`); without
+    /// them, only the raw spelling exists.
     escapes: bool,
     /// Scratch space for [`EchoFinder::spelled_from`], kept across candidates.
     reached: Vec<usize>,
@@ -175,7 +180,8 @@ fn candidates(first: u8, text: &[u8]) -> impl Iterator<Item = usize> + '_ {
 /// a few).
 fn spellings(text: &[u8], wanted: u8) -> impl Iterator<Item = usize> {
     let first = text.first().copied();
-    let raw = first == Some(wanted);
+    // A form decoder turns `+` into a space.
+    let raw = first == Some(wanted) || (wanted == b'+' && first == Some(b' '));
     // JSON and JavaScript: `\"`, `\\`, `\/`, and JavaScript's `\'`.
     let short_escape =
         first == Some(b'\\') && matches!(wanted, b'"' | b'\\' | b'/' | b'\'') && text.get(1) == Some(&wanted);
@@ -187,6 +193,7 @@ fn spellings(text: &[u8], wanted: u8) -> impl Iterator<Item = usize> {
     let double_percent = text.get(..3) == Some(b"%25") && hex_byte(text.get(3..5)) == Some(wanted);
     let escaped_percent = escaped == Some(b'%') && hex_byte(text.get(6..8)) == Some(wanted);
     let entity = html_entity(text).filter(|(character, _)| *character == wanted);
+    let braced = braced_escape(text).filter(|(character, _)| *character == wanted);
     [
         (raw, 1),
         (short_escape, 2),
@@ -199,6 +206,57 @@ fn spellings(text: &[u8], wanted: u8) -> impl Iterator<Item = usize> {
     .into_iter()
     .filter_map(|(matches, length)| matches.then_some(length))
     .chain(entity.map(|(_, length)| length))
+    .chain(braced.map(|(_, length)| length))
+}
+
+/// The ASCII character a leading JavaScript or Rust `\u{XX}` (1 to 6 hex digits) stands for, and
+/// its length.
+fn braced_escape(text: &[u8]) -> Option<(u8, usize)> {
+    let digits = text.strip_prefix(b"\\u{")?;
+    let count = digits
+        .iter()
+        .take(7)
+        .take_while(|byte| byte.is_ascii_hexdigit())
+        .count();
+    if count == 0 || count > 6 || digits.get(count) != Some(&b'}') {
+        return None;
+    }
+    let value = u32::from_str_radix(std::str::from_utf8(&digits[..count]).ok()?, 16).ok()?;
+    Some((u8::try_from(value).ok()?, 3 + count + 1))
+}
+
+/// Whether the byte at `at` is part of an escape that starts before it (a hex digit of
+/// `\u0031`, say): a raw echo cannot start there, the text there means something else.
+fn inside_escape(haystack: &[u8], at: usize) -> bool {
+    (at.saturating_sub(MAX_ESCAPE - 1)..at).any(|start| {
+        matches!(haystack[start], b'\\' | b'%' | b'&')
+            && escape_length(&haystack[start..]).is_some_and(|length| start + length > at)
+    })
+}
+
+/// The longest escape [`escape_length`] recognises: `&#x0000041;`.
+const MAX_ESCAPE: usize = 11;
+
+/// The length of the escape (of any character) `text` starts with, if it starts with one.
+fn escape_length(text: &[u8]) -> Option<usize> {
+    let short = text.first() == Some(&b'\\') && matches!(text.get(1), Some(b'"' | b'\\' | b'/' | b'\''));
+    let hex_escape = text.get(..2) == Some(b"\\x") && hex_byte(text.get(2..4)).is_some();
+    let percent = text.first() == Some(&b'%') && hex_byte(text.get(1..3)).is_some();
+    let double_percent = text.get(..3) == Some(b"%25") && hex_byte(text.get(3..5)).is_some();
+    let escaped = unicode_escape(text);
+    let escaped_percent = escaped == Some(b'%') && hex_byte(text.get(6..8)).is_some();
+    [
+        (escaped_percent, 8),
+        (escaped.is_some(), 6),
+        (double_percent, 5),
+        (hex_escape, 4),
+        (percent, 3),
+        (short, 2),
+    ]
+    .into_iter()
+    .find_map(|(matches, length)| matches.then_some(length))
+    .or_else(|| html_entity(text).map(|(_, length)| length))
+    .or_else(|| braced_escape(text).map(|(_, length)| length))
 }
 
 /// The ASCII character a leading `\u00XX` stands for, if `text` starts with one.
@@ -282,6 +340,8 @@ mod tests {
 
     #[test]
     fn every_echo_is_found_in_one_pass_and_an_escape_tail_takes_its_backslash() {
+        let plus = EchoFinder::new(b"ab+cd");
+        assert_eq!(plus.find(b"{\"k\":\"ab cd\"}"), Some(6..11), "a form-decoded +");
         let finder = EchoFinder::new(b"nabc");
         let body = br#"{"a":"nabc","b":"x\nabc","c":"n%61bc nabc"}"#;
         let echoes: Vec<&[u8]> = finder.echoes(body).map(|range| &body[range]).collect();
@@ -303,6 +363,7 @@ mod tests {
             "pk&#x2F;a&apos;b&#X26;c&#x3c;d",
             "pk%252Fa%2527b%2526c%253Cd",
             r"pk\x2fa\'b\x26c\x3Cd",
+            r"pk\u{2f}a\u{27}b\u{0026}c\u{3C}d",
             "pk&#0000047;a'b&c<d",
         ] {
             assert_eq!(found(key, spelled), Some(spelled), "{spelled}");
