@@ -3,7 +3,7 @@
 //! Every field has a default except the API key, which is never in the file: the file names an
 //! environment variable (`api_key_env`) or a file (`api_key_file`) that holds it. Loading reports
 //! the first problem as one line that names the file, the line, the key at fault, the bad value and
-//! an example of a good one ([`report`]); values are read with clear errors ([`fields`]). Nothing
+//! an example of a good one ([`report`]); values are read with clear errors (`fields.rs`). Nothing
 //! from a place that could hold a secret (the key, the names of the variables and the file that
 //! hold secrets, a line of the file) ever appears in a message. The environment is read through a
 //! closure so tests never call `set_var`.
