@@ -259,9 +259,9 @@ impl Failure {
         let chain = error_chain(error);
         let connection_failed = chain.iter().any(|error| {
             error.is::<std::io::Error>()
-                || error
-                    .downcast_ref::<hyper::Error>()
-                    .is_some_and(|error| error.is_incomplete_message() || error.is_closed())
+                || error.downcast_ref::<hyper::Error>().is_some_and(|error| {
+                    error.is_incomplete_message() || error.is_closed() || error.is_canceled()
+                })
         });
         Self {
             error: UpstreamError::Broken,

@@ -217,9 +217,16 @@ async fn goaway_echoing_upstream(echo: String) -> (std::net::SocketAddr, String)
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                // The client's preface, SETTINGS and first HEADERS arrive together or nearly.
-                let mut seen = vec![0u8; 4096];
-                let _ = tls.read(&mut seen).await;
+                // Read until the client's first HEADERS frame (type 1) has arrived, so the GOAWAY
+                // answers a request that was sent.
+                let mut seen = Vec::new();
+                let mut chunk = vec![0u8; 4096];
+                while !has_headers_frame(&seen) {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => seen.extend_from_slice(&chunk[..read]),
+                    }
+                }
                 let debug = format!("bad credentials: {echo}");
                 let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0]; // SETTINGS, empty
                 let length = 8 + debug.len();
@@ -229,11 +236,24 @@ async fn goaway_echoing_upstream(echo: String) -> (std::net::SocketAddr, String)
                 frames.extend_from_slice(debug.as_bytes());
                 let _ = tls.write_all(&frames).await;
                 let _ = tls.flush().await;
-                let _ = tls.read(&mut seen).await;
+                let _ = tls.read(&mut chunk).await;
             });
         }
     });
     (addr, certified.cert.pem())
+}
+
+/// Whether `received` (a client's bytes: the HTTP/2 preface, then frames) holds a HEADERS frame.
+fn has_headers_frame(received: &[u8]) -> bool {
+    let mut frames = received.get(24..).unwrap_or_default();
+    while frames.len() >= 9 {
+        if frames[3] == 1 {
+            return true;
+        }
+        let length = usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
+        frames = frames.get(9 + length..).unwrap_or_default();
+    }
+    false
 }
 
 #[tokio::test(flavor = "multi_thread")]
