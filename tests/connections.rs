@@ -21,6 +21,46 @@ const H2_EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 /// How many connections of each kind a test holds.
 const HELD_PER_KIND: usize = 50;
 
+/// A gateway with room for `max_connections`, whose idle timeout is far beyond the test's
+/// patience: only closing an idle connection to make room can let a newcomer in.
+async fn crowded_gateway(mock: &MockUpstream, max_connections: usize) -> TestGateway {
+    TestGateway::start(mock, |config| {
+        config.server.max_connections = NonZeroUsize::new(max_connections).expect("non-zero");
+        config.server.header_read_timeout = Duration::from_secs(120);
+    })
+    .await
+}
+
+/// A gateway with a 500 ms `write_timeout`, in front of a mock that answers the ended run `big`
+/// with a body of `size` bytes.
+async fn big_run_behind_a_short_write_timeout(size: usize) -> (MockUpstream, TestGateway) {
+    let mock = MockUpstream::start().await;
+    mock.set("big", Reply::ok(run_body("big", "COMPLETED", size)));
+    let gateway = TestGateway::start(&mock, |config| {
+        config.server.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    (mock, gateway)
+}
+
+/// An HTTP/2 client whose streams start with no flow-control window, and never get any; its
+/// connection is driven by a task of its own.
+async fn window_withholding_client(
+    gateway: &TestGateway,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(gateway.public).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    (client.ready().await.expect("ready"), connection)
+}
+
 /// Reads until the server closes the connection (EOF or reset) and returns what was read.
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut received = Vec::new();
@@ -169,12 +209,7 @@ async fn an_idle_http2_connection_gets_goaway_after_the_header_read_timeout() {
 async fn a_full_house_of_silent_connections_keeps_no_client_out() {
     let mock = MockUpstream::start().await;
     mock.set("run_1", Reply::run("run_1", "COMPLETED"));
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.max_connections = NonZeroUsize::new(20).expect("non-zero");
-        // Far beyond the test's patience: only shedding idle connections lets clients in.
-        config.server.header_read_timeout = Duration::from_secs(120);
-    })
-    .await;
+    let gateway = crowded_gateway(&mock, 20).await;
     let mut silent = Vec::new();
     for _ in 0..40 {
         silent.push(TcpStream::connect(gateway.public).await.expect("connect"));
@@ -197,11 +232,7 @@ async fn a_full_house_of_silent_connections_keeps_no_client_out() {
 #[tokio::test]
 async fn the_admin_port_answers_probes_whatever_its_own_or_the_public_ports_connections_do() {
     let mock = MockUpstream::start().await;
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.max_connections = NonZeroUsize::new(50).expect("non-zero");
-        config.server.header_read_timeout = Duration::from_secs(120);
-    })
-    .await;
+    let gateway = crowded_gateway(&mock, 50).await;
     let mut held = Vec::new();
     for _ in 0..100 {
         held.push(TcpStream::connect(gateway.public).await.expect("connect"));
@@ -217,12 +248,7 @@ async fn the_admin_port_answers_probes_whatever_its_own_or_the_public_ports_conn
 
 #[tokio::test]
 async fn a_client_that_pipelines_and_never_reads_is_cut_after_the_write_timeout() {
-    let mock = MockUpstream::start().await;
-    mock.set("big", Reply::ok(run_body("big", "COMPLETED", 1024 * 1024)));
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.write_timeout = Duration::from_millis(500);
-    })
-    .await;
+    let (_mock, gateway) = big_run_behind_a_short_write_timeout(1024 * 1024).await;
     assert_eq!(
         gateway.get_run("big").await.status,
         StatusCode::OK,
@@ -262,22 +288,10 @@ async fn a_client_that_pipelines_and_never_reads_is_cut_after_the_write_timeout(
 
 #[tokio::test]
 async fn an_http2_client_that_grants_no_window_is_cut_after_the_write_timeout() {
-    let mock = MockUpstream::start().await;
-    mock.set("big", Reply::ok(run_body("big", "COMPLETED", 256 * 1024)));
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.write_timeout = Duration::from_millis(500);
-    })
-    .await;
-    let tcp = TcpStream::connect(gateway.public).await.expect("connect");
+    let (_mock, gateway) = big_run_behind_a_short_write_timeout(256 * 1024).await;
     // A stream window of zero: the gateway may send headers, never data, until the client
     // grants some, which it never does. It keeps reading (and answering PINGs) all along.
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, connection) = window_withholding_client(&gateway).await;
     let request = Request::get(format!("http://g{}", runs_path("big")))
         .body(())
         .expect("request");
@@ -334,28 +348,16 @@ async fn an_http2_peer_that_stops_answering_pings_is_dropped_mid_request() {
 
 #[tokio::test]
 async fn a_starved_http2_answer_is_cut_even_while_other_answers_complete() {
-    let mock = MockUpstream::start().await;
-    mock.set("big", Reply::ok(run_body("big", "COMPLETED", 256 * 1024)));
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.write_timeout = Duration::from_millis(500);
-    })
-    .await;
+    let (_mock, gateway) = big_run_behind_a_short_write_timeout(256 * 1024).await;
     let etag = gateway
         .get_run("big")
         .await
         .header("etag")
         .expect("an ETag")
         .to_owned();
-    let tcp = TcpStream::connect(gateway.public).await.expect("connect");
     // No stream ever gets window, so the first answer's body never moves; meanwhile the client
     // keeps the connection busy with answers that need none (304s have no body).
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    let mut connection = tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
+    let (mut client, mut connection) = window_withholding_client(&gateway).await;
     let get = |if_none_match: Option<&str>| {
         let mut request = Request::get(format!("http://g{}", runs_path("big")));
         if let Some(etag) = if_none_match {
@@ -399,11 +401,7 @@ async fn a_full_house_of_bare_http2_prefaces_makes_room_at_once() {
     const ROOM: usize = 10;
     let mock = MockUpstream::start().await;
     mock.set("run_1", Reply::run("run_1", "COMPLETED"));
-    let gateway = TestGateway::start(&mock, |config| {
-        config.server.max_connections = NonZeroUsize::new(ROOM).expect("non-zero");
-        config.server.header_read_timeout = Duration::from_secs(120);
-    })
-    .await;
+    let gateway = crowded_gateway(&mock, ROOM).await;
     // Every slot: a client that sent the preface and SETTINGS, then nothing (it will not answer
     // the PING a graceful GOAWAY waits for).
     let mut held = Vec::new();

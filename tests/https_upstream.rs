@@ -9,10 +9,8 @@ use std::sync::{Arc, Mutex};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::{TEST_KEY, TestGateway, run_body, test_config};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 /// What the TLS mock saw of each request: protocol version and `Authorization`.
 type Seen = Arc<Mutex<Vec<(Version, String)>>>;
@@ -25,17 +23,7 @@ async fn tls_upstream() -> (SocketAddr, String, Seen) {
 
 /// As [`tls_upstream`]; with `goaway`, every connection sends GOAWAY after its first answer.
 async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
-    let mut tls =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .expect("server certificate");
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let (acceptor, certificate_pem) = support::tls::localhost_acceptor(&[b"h2", b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen: Seen = Arc::default();
@@ -92,7 +80,7 @@ async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
             });
         }
     });
-    (addr, certified.cert.pem(), seen)
+    (addr, certificate_pem, seen)
 }
 
 /// A gateway whose upstream is the TLS server at `addr`, trusting `ca_pem` through `ca_file`

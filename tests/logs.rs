@@ -5,7 +5,6 @@ mod support;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 use http::{Method, StatusCode};
 use support::{
@@ -80,13 +79,7 @@ async fn an_unreachable_upstream_is_logged_with_its_origin_and_the_cause() {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = write_config(dir.path(), &process_config(&base_url, ""));
         let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
-        let response = TestClient::new()
-            .send(
-                Method::GET,
-                &format!("http://{}{}", gateway.public, runs_path("run_1")),
-                &[],
-            )
-            .await;
+        let response = gateway.get_run("run_1").await;
         assert_eq!(response.status, StatusCode::BAD_GATEWAY, "{base_url}");
         let line = logged(&gateway, "upstream request failed").await;
         assert_eq!(line["fields"]["upstream"], base_url.as_str(), "{line}");
@@ -194,18 +187,7 @@ fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
 /// GOAWAY whose debug data echoes the credentials, as a confused upstream might. Returns its
 /// address and its certificate (PEM).
 async fn goaway_echoing_upstream(echo: String) -> (std::net::SocketAddr, String) {
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
-    let mut tls =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .expect("server certificate");
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (acceptor, certificate_pem) = support::tls::localhost_acceptor(&[b"h2"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -240,7 +222,7 @@ async fn goaway_echoing_upstream(echo: String) -> (std::net::SocketAddr, String)
             });
         }
     });
-    (addr, certified.cert.pem())
+    (addr, certificate_pem)
 }
 
 /// Whether `received` (a client's bytes: the HTTP/2 preface, then frames) holds a HEADERS frame.
@@ -274,13 +256,7 @@ async fn an_upstream_that_echoes_the_key_in_a_goaway_gets_it_redacted_from_every
         &["--config", &config],
         &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace")],
     );
-    let response = TestClient::new()
-        .send(
-            Method::GET,
-            &format!("http://{}{}", gateway.public, runs_path("run_1")),
-            &[],
-        )
-        .await;
+    let response = gateway.get_run("run_1").await;
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);
     let line = logged(&gateway, "upstream request failed").await;
     assert!(

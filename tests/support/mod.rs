@@ -5,6 +5,7 @@
 pub mod prom;
 pub mod raw;
 pub mod redis_server;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -647,6 +648,17 @@ impl GatewayProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// GET a run through the process's public port.
+    pub async fn get_run(&self, id: &str) -> TestResponse {
+        TestClient::new()
+            .send(
+                Method::GET,
+                &format!("http://{}{}", self.public, runs_path(id)),
+                &[],
+            )
+            .await
     }
 
     /// Every line printed so far, stdout and stderr.
