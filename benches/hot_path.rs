@@ -13,13 +13,15 @@ use http_body_util::{BodyExt, Empty};
 use plextera_gateway::cache::scan::scan_status;
 use plextera_gateway::cache::sniff::sniff_run;
 use plextera_gateway::cache::{CachedRun, RunStore, policy};
-use plextera_gateway::connection::track::Track;
-use plextera_gateway::connection::{Connection, Limits};
-use plextera_gateway::key_echo::EchoFinder;
-use plextera_gateway::metrics::Metrics;
-use plextera_gateway::response::{APPLICATION_JSON, CacheOutcome, run_response, terminal_cache_control};
-use plextera_gateway::run_id::RunId;
-use plextera_gateway::run_status::RunStatuses;
+use plextera_gateway::edge::response::{
+    APPLICATION_JSON, CacheOutcome, run_response, terminal_cache_control,
+};
+use plextera_gateway::ops::metrics::Metrics;
+use plextera_gateway::run::id::RunId;
+use plextera_gateway::run::status::RunStatuses;
+use plextera_gateway::serve::connection::track::Track;
+use plextera_gateway::serve::connection::{Connection, Limits};
+use plextera_gateway::upstream::key_echo::EchoFinder;
 use plextera_gateway::{ApiKey, App, Config};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;

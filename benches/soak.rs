@@ -84,7 +84,7 @@ async fn soak(duration: Duration) -> bool {
         &["--config", &config],
         &[
             ("GW_TEST_KEY", TEST_KEY),
-            ("RUST_LOG", "error,plextera_gateway::server=info"),
+            ("RUST_LOG", "error,plextera_gateway::serve=info"),
         ],
     );
     println!(

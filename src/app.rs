@@ -9,19 +9,19 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use tower::Service;
 
-use crate::admin::{AdminState, Readiness};
-use crate::budget::Budget;
 use crate::cache::RunStore;
-use crate::client_auth::ClientTokens;
+use crate::cache::redis::SharedCache;
 use crate::config::{Config, ConfigError};
-use crate::connection::WorkSlots;
-use crate::metrics::Metrics;
+use crate::edge;
+use crate::edge::client_auth::ClientTokens;
+use crate::edge::response::Body;
+use crate::ops::metrics::Metrics;
 use crate::proxy::{ProxySettings, RunService};
-use crate::response::Body;
-use crate::run_status::RunStatuses;
-use crate::secret::Secrets;
-use crate::shared_cache::SharedCache;
-use crate::stack;
+use crate::run::status::RunStatuses;
+use crate::serve::admin::{AdminState, Readiness};
+use crate::serve::connection::WorkSlots;
+use crate::upstream::budget::Budget;
+use crate::upstream::credentials::Secrets;
 use crate::upstream::{KeyRotation, Upstream};
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
@@ -87,13 +87,13 @@ impl App {
                 store,
                 budget,
             },
-            cors: stack::cors_layer(&config.server.cors_allowed_origins),
+            cors: edge::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),
             key_rotation,
         })
     }
 
-    /// The public port's service stack (see [`stack`]) for one client connection, whose upstream
+    /// The public port's service stack (see [`edge`]) for one client connection, whose upstream
     /// work slots are `work`; `None` to drive it without a server.
     pub fn public_service<B: Send + 'static>(
         &self,
@@ -104,7 +104,7 @@ impl App {
     + Sync
     + 'static
     + use<B> {
-        stack::public_service(
+        edge::public_service(
             self.runs.clone(),
             self.admin.metrics.requests.clone(),
             self.cors.clone(),

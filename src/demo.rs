@@ -24,9 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::error::error_body;
-use crate::response::{Body, json};
-use crate::routes::RUNS_PATH;
+use crate::edge::error::error_body;
+use crate::edge::response::{Body, json};
+use crate::edge::routes::RUNS_PATH;
 
 /// The key the demo upstream accepts; not a secret.
 pub const DEMO_API_KEY: &str = "demo-key";

@@ -7,59 +7,31 @@
 //! per run however many clients ask at once, within a rate and concurrency budget, and none at all
 //! while upstream has asked it to back off.
 //!
-//! Layout, one concern per module:
-//! - [`config`]: the TOML file, defaults, validation, key lookup;
-//! - [`secret`]: the key wrapper that never prints;
-//! - [`app`]: the parts wired from a config; [`server`]: listeners, connections, graceful drain;
-//!   [`connection`]: each client connection's bounds (idle, stalled writes, resets, upstream work);
-//!   [`admin`]: `/healthz`, `/readyz`, `/metrics`;
-//! - [`stack`]: the public tower stack, outermost first: [`request_log`] (request id, span, access
-//!   log) → [`framing`] (a request with a body closes its connection; HEAD answers carry none) →
-//!   CORS → [`request_metrics`] → [`client_auth`] (optional) → [`routes`] (validation into
-//!   a [`routes::RunRequest`]) →
-//!   [`proxy`] (cache; else one shared upstream call per run via [`coalesce`], within the
-//!   [`budget`]; then the store decision);
-//! - [`run_id`], [`run_status`]: the validated id and the bounded status table;
-//! - [`cache`]: policy, status sniffing, the moka store; [`etag`]: validators and 304s;
-//! - [`metrics`]: every Prometheus series;
-//! - [`upstream`]: what is sent upstream and read back, the key scrubbed from it in any spelling
-//!   ([`key_echo`]); [`upstream_pool`]: kept-alive connections
-//!   to the one upstream origin; [`error`]/[`response`]: what clients get;
-//! - [`telemetry`]: log output; [`demo`]: the simulated upstream behind `--demo`;
-//!   [`health_check`]: `--health-check`, for container images without a shell.
+//! The folders follow a request from the socket to Plextera and back:
+//! - [`serve`]: listeners, each connection's bounds, graceful drain, the admin port;
+//! - [`edge`]: the client-facing tower layers (access log, framing, CORS, metrics, client tokens,
+//!   routing) and the answers clients get;
+//! - [`proxy`]: the miss path as one sequence: hit → join or lead one call → tiers → fetch →
+//!   decide → fill → render;
+//! - [`cache`]: the store policy, the memory store, the Redis tier, the single flight, validators;
+//! - [`upstream`]: the client, its connection pool, the budget, the credentials and the scrubbing
+//!   of echoed keys;
+//! - [`run`]: a run's id and status; [`config`]: the TOML file; [`ops`]: metrics, logs, health;
+//! - [`app`]: the parts wired from a config; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod app;
-pub mod budget;
 pub mod cache;
-pub mod client_auth;
-pub mod coalesce;
 pub mod config;
-pub mod connection;
 pub mod demo;
-pub mod error;
-pub mod etag;
-pub mod framing;
-pub mod health_check;
-pub mod key_echo;
-pub mod metrics;
+pub mod edge;
+pub mod ops;
 pub mod proxy;
-pub mod request_log;
-pub mod request_metrics;
-pub mod response;
-pub mod routes;
-pub mod run_id;
-pub mod run_status;
-pub mod secret;
-pub mod server;
-pub mod shared_cache;
-pub mod stack;
-pub mod telemetry;
+pub mod run;
+pub mod serve;
 pub mod upstream;
-pub mod upstream_pool;
 
 pub use app::App;
 pub use config::Config;
-pub use secret::{ApiKey, Secrets};
-pub use server::{Gateway, StartError};
+pub use serve::{Gateway, StartError};
+pub use upstream::credentials::{ApiKey, Secrets};

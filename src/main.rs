@@ -6,13 +6,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH, UpstreamConfig};
-use plextera_gateway::telemetry::{self, LogFormat};
+use plextera_gateway::ops::health_check;
+use plextera_gateway::ops::telemetry::{self, LogFormat};
 use plextera_gateway::upstream::KeyRotation;
-use plextera_gateway::{ApiKey, Gateway, Secrets, demo, health_check};
+use plextera_gateway::{ApiKey, Gateway, Secrets, demo};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on
 /// every request; mimalloc serves them in fewer instructions than glibc's malloc (see the
-/// README's Performance section).
+/// docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,7 +1,7 @@
 //! The caching proxy: answers a [`RunRequest`] from memory, or from upstream and maybe stores it.
 //!
 //! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise take one of
-//! the client connection's work slots (see [`crate::connection`]) and join or lead the single
+//! the client connection's work slots (see [`crate::serve::connection`]) and join or lead the single
 //! upstream call for that run ([`Coalescer`]); a call led keeps the slot until it ends. The call,
 //! in a task of its own so no client's disconnect cancels it: checks the store once more (a call
 //! that just ended may have filled it), then the shared Redis tier when there is one (and, if
@@ -30,17 +30,19 @@ use http::{HeaderValue, Response, StatusCode};
 use tower::Service;
 use tracing::Instrument;
 
-use crate::budget::{self, Budget, Refusal};
+use crate::cache::coalesce::{Coalescer, Role};
+use crate::cache::etag;
+use crate::cache::redis::{Election, Lookup, SharedCache};
 use crate::cache::{CachedRun, Decision, RunStore, policy};
-use crate::coalesce::{Coalescer, Role};
-use crate::error::GatewayError;
-use crate::etag;
-use crate::metrics::{Metrics, RefusalReason};
-use crate::response::{APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control};
-use crate::routes::RunRequest;
-use crate::run_id::RunId;
-use crate::run_status::{RunStatus, RunStatuses};
-use crate::shared_cache::{Election, Lookup, SharedCache};
+use crate::edge::error::GatewayError;
+use crate::edge::response::{
+    APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control,
+};
+use crate::edge::routes::RunRequest;
+use crate::ops::metrics::{Metrics, RefusalReason};
+use crate::run::id::RunId;
+use crate::run::status::{RunStatus, RunStatuses};
+use crate::upstream::budget::{self, Budget, Refusal};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
 
 /// What one upstream call produced, shared by everyone who waited for it.

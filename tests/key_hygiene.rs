@@ -5,7 +5,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
-use plextera_gateway::client_auth::ClientTokens;
+use plextera_gateway::edge::client_auth::ClientTokens;
 use plextera_gateway::{ApiKey, Secrets};
 use support::{MockUpstream, Reply, TEST_KEY, TestGateway, raw_exchange, runs_path, test_config};
 

@@ -15,7 +15,7 @@ use http::header::HOST;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
-use plextera_gateway::upstream_pool::Pool;
+use plextera_gateway::upstream::pool::Pool;
 use prometheus::IntCounter;
 use support::{TestGateway, run_body, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,7 +1,12 @@
 //! Caching of terminal runs: the decision ([`policy`]), the body reading it relies on (a quick
-//! [`scan`] for runs still going, a validating [`sniff`] before storing) and the bounded [`store`].
+//! [`scan`] for runs still going, a validating [`sniff`] before storing), the bounded memory
+//! [`store`], the shared Redis tier ([`redis`]), the single flight per run ([`coalesce`]) and the
+//! validators clients revalidate with ([`etag`]).
 
+pub mod coalesce;
+pub mod etag;
 pub mod policy;
+pub mod redis;
 pub mod scan;
 pub mod sniff;
 pub mod store;

@@ -9,8 +9,8 @@ use http::StatusCode;
 
 use super::scan::{Scan, scan_status};
 use super::sniff::sniff_run;
-use crate::run_id::RunId;
-use crate::run_status::{RunStatus, RunStatuses};
+use crate::run::id::RunId;
+use crate::run::status::{RunStatus, RunStatuses};
 
 /// The verdict on one upstream answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,11 +23,11 @@ use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
-use crate::etag::{STRONG_ETAG_LEN, strong_etag};
-use crate::metrics::{CacheMetrics, EvictionCause};
-use crate::response::APPLICATION_JSON;
-use crate::run_id::RunId;
-use crate::run_status::RunStatus;
+use crate::cache::etag::{STRONG_ETAG_LEN, strong_etag};
+use crate::edge::response::APPLICATION_JSON;
+use crate::ops::metrics::{CacheMetrics, EvictionCause};
+use crate::run::id::RunId;
+use crate::run::status::RunStatus;
 
 /// A stored answer, ready to be sent. Cheap to clone: one shared allocation and small values.
 #[derive(Debug, Clone)]
@@ -253,8 +253,8 @@ impl RunStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::run_status::RunStatuses;
+    use crate::ops::metrics::Metrics;
+    use crate::run::status::RunStatuses;
 
     const HOUR: Duration = Duration::from_secs(3600);
 

@@ -20,8 +20,8 @@ use bytesize::ByteSize;
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
-use crate::run_status::{MAX_TERMINAL_STATUSES, OTHER_STATUS};
-use crate::secret::ApiKey;
+use crate::run::status::{MAX_TERMINAL_STATUSES, OTHER_STATUS};
+use crate::upstream::credentials::ApiKey;
 
 /// Where the gateway looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";

@@ -16,8 +16,8 @@ use ring::digest::{SHA256, digest};
 use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
-use crate::error::GatewayError;
-use crate::response::{Body, X_REQUEST_ID};
+use crate::edge::error::GatewayError;
+use crate::edge::response::{Body, X_REQUEST_ID};
 
 /// The accepted client tokens, as digests.
 #[derive(Clone)]

@@ -8,7 +8,7 @@
 //! most specific: size (414, 431), Host (400), path (404), method (405), body (400), run id (400). A request
 //! that frames a body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served:
 //! Get-run takes none, and framing is how request smuggling starts (its connection is closed by
-//! [`crate::framing`], whoever answers it).
+//! [`crate::edge::framing`], whoever answers it).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -18,10 +18,10 @@ use http::header::{CONTENT_LENGTH, HOST, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use tower::{Layer, Service};
 
-use crate::connection::WorkSlots;
-use crate::error::GatewayError;
-use crate::response::{Body, X_REQUEST_ID};
-use crate::run_id::RunId;
+use crate::edge::error::GatewayError;
+use crate::edge::response::{Body, X_REQUEST_ID};
+use crate::run::id::RunId;
+use crate::serve::connection::WorkSlots;
 
 /// The only path prefix served on the public port.
 pub const RUNS_PATH: &str = "/api/public/v1/workflow-runs/";

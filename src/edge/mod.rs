@@ -1,4 +1,18 @@
-//! The public port's tower stack, written once, outermost layer first.
+//! The client-facing edge: the public port's tower stack, written once, outermost layer first,
+//! and what clients get back.
+//!
+//! [`access_log`] (request id, span, access log) → [`framing`] (a request with a body closes its
+//! connection; HEAD answers carry none) → CORS → [`request_metrics`] → [`client_auth`] (optional)
+//! → [`routes`] (validation into a [`routes::RunRequest`]) → [`crate::proxy`]. [`error`] and
+//! [`response`] shape every answer a client gets.
+
+pub mod access_log;
+pub mod client_auth;
+pub mod error;
+pub mod framing;
+pub mod request_metrics;
+pub mod response;
+pub mod routes;
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -8,15 +22,15 @@ use http::{HeaderValue, Method, Request, Response};
 use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::client_auth::{ClientAuthLayer, ClientTokens};
-use crate::connection::WorkSlots;
-use crate::framing::FramingLayer;
-use crate::metrics::RequestMetrics;
+use crate::edge::access_log::RequestLogLayer;
+use crate::edge::client_auth::{ClientAuthLayer, ClientTokens};
+use crate::edge::framing::FramingLayer;
+use crate::edge::request_metrics::RecordMetricsLayer;
+use crate::edge::response::{Body, X_CACHE, X_REQUEST_ID};
+use crate::edge::routes::RouteLayer;
+use crate::ops::metrics::RequestMetrics;
 use crate::proxy::RunService;
-use crate::request_log::RequestLogLayer;
-use crate::request_metrics::RecordMetricsLayer;
-use crate::response::{Body, X_CACHE, X_REQUEST_ID};
-use crate::routes::RouteLayer;
+use crate::serve::connection::WorkSlots;
 
 /// How long browsers may reuse a preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);

@@ -20,8 +20,8 @@ use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::response::Body;
-use crate::routes::has_body_framing;
+use crate::edge::response::Body;
+use crate::edge::routes::has_body_framing;
 
 /// Adds [`Framing`] around a service.
 #[derive(Debug, Clone, Copy, Default)]

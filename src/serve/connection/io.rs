@@ -81,7 +81,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::{CloseReason, Limits};
+    use crate::serve::connection::{CloseReason, Limits};
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     use tokio::sync::Semaphore;

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
-use crate::budget::Budget;
 use crate::cache::RunStore;
-use crate::error::error_body;
-use crate::metrics::{self, Metrics};
-use crate::response::{Body, NO_STORE, json};
+use crate::edge::error::error_body;
+use crate::edge::response::{Body, NO_STORE, json};
+use crate::ops::metrics::{self, Metrics};
+use crate::upstream::budget::Budget;
 
 /// Whether the gateway should receive traffic. Shared by the server (writer) and `/readyz`.
 #[derive(Debug, Clone, Default)]

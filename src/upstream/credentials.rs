@@ -11,8 +11,8 @@ use std::fmt;
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::client_auth::ClientTokens;
 use crate::config::{Config, ConfigError};
+use crate::edge::client_auth::ClientTokens;
 
 /// Everything start-up reads from the environment rather than the config file.
 #[derive(Debug, Clone)]

@@ -20,9 +20,9 @@ use redis::{IntoConnectionInfo, Script};
 
 use crate::cache::CachedRun;
 use crate::config::{ConfigError, SharedCacheConfig};
-use crate::metrics::{SharedCacheMetrics, SharedOp, SharedWait};
-use crate::run_id::RunId;
-use crate::run_status::RunStatuses;
+use crate::ops::metrics::{SharedCacheMetrics, SharedOp, SharedWait};
+use crate::run::id::RunId;
+use crate::run::status::RunStatuses;
 
 /// Consecutive failures that open the circuit.
 const FAILURES_TO_OPEN: u32 = 5;
@@ -320,7 +320,7 @@ pub mod envelope {
     use ring::digest::{SHA256, digest};
 
     use crate::cache::CachedRun;
-    use crate::run_status::RunStatuses;
+    use crate::run::status::RunStatuses;
 
     const MAGIC: &[u8; 4] = b"PXGW";
     const VERSION: u8 = 1;
@@ -373,7 +373,7 @@ pub mod envelope {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::response::APPLICATION_JSON;
+        use crate::edge::response::APPLICATION_JSON;
 
         fn statuses() -> RunStatuses {
             RunStatuses::new(&["COMPLETED", "FAILED", "CLOSED"])

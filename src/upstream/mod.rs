@@ -7,7 +7,7 @@
 //! and no client header can make two requests for one run differ upstream.
 //!
 //! Whatever comes back is checked for the key, in any spelling an encoder could give it (raw,
-//! JSON-escaped, percent-encoded; see [`crate::key_echo`]): a body that echoes it (current or,
+//! JSON-escaped, percent-encoded; see [`crate::upstream::key_echo`]): a body that echoes it (current or,
 //! during a rotation, previous) is scrubbed before anyone sees it or it is stored, and a header
 //! that holds it is dropped.
 //! The key can be rotated at run time ([`KeyRotation`], on SIGHUP).
@@ -15,6 +15,11 @@
 //! Connections are kept alive in the [`Pool`]; `https` upstreams use rustls with the webpki roots
 //! (plus an optional extra CA file) and negotiate HTTP/2 or HTTP/1.1 by ALPN. One deadline,
 //! `request_timeout`, covers connect, head and body; bodies are read whole up to `max_body_size`.
+
+pub mod budget;
+pub mod credentials;
+pub mod key_echo;
+pub mod pool;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,12 +38,12 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{ConfigError, UpstreamConfig};
-use crate::key_echo::EchoFinder;
-use crate::metrics::{UpstreamMetrics, UpstreamOutcome};
-use crate::response::{APPLICATION_JSON, X_REQUEST_ID};
-use crate::run_id::RunId;
-use crate::secret::ApiKey;
-use crate::upstream_pool::{Pool, PoolError, describe_chain, error_chain};
+use crate::edge::response::{APPLICATION_JSON, X_REQUEST_ID};
+use crate::ops::metrics::{UpstreamMetrics, UpstreamOutcome};
+use crate::run::id::RunId;
+use crate::upstream::credentials::ApiKey;
+use crate::upstream::key_echo::EchoFinder;
+use crate::upstream::pool::{Pool, PoolError, describe_chain, error_chain};
 
 /// How long an idle pooled connection is kept before it is closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

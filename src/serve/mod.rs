@@ -1,4 +1,5 @@
-//! Listeners, connections and graceful shutdown.
+//! Serving: the listeners, each client connection's bounds ([`connection`]), the admin port
+//! ([`admin`]) and graceful shutdown.
 //!
 //! [`Gateway::bind`] builds the gateway's parts first ([`App`]: everything that can fail on
 //! configuration, such as TLS roots) and only then binds both ports, so a bad config never leaves
@@ -11,10 +12,13 @@
 //!
 //! Each port serves at most a fixed number of connections at once. Every connection runs in a
 //! task of its own beside its [`Connection`] watchdog, which closes it when it goes idle, stalls
-//! or keeps resetting streams (see [`crate::connection`]). When every slot is taken and another
+//! or keeps resetting streams (see [`crate::serve::connection`]). When every slot is taken and another
 //! connection arrives, the longest-idle connection is closed to make room; with none idle, the
 //! newcomer waits (and the kernel queues those after it). So connections that send nothing can
 //! neither hold the public port nor keep the admin port from answering its probes.
+
+pub mod admin;
+pub mod connection;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -34,16 +38,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::Service;
 
-use crate::admin;
 use crate::app::{App, AppError};
 use crate::config::Config;
-use crate::connection::io::WatchedIo;
-use crate::connection::track::Track;
-use crate::connection::{CLOSE_GRACE, CloseReason, Connection, Limits, idlest};
-use crate::metrics::ConnectionMetrics;
-use crate::response::Body;
-use crate::secret::Secrets;
+use crate::edge::response::Body;
+use crate::ops::metrics::ConnectionMetrics;
+use crate::serve::connection::io::WatchedIo;
+use crate::serve::connection::track::Track;
+use crate::serve::connection::{CLOSE_GRACE, CloseReason, Connection, Limits, idlest};
 use crate::upstream::KeyRotation;
+use crate::upstream::credentials::Secrets;
 
 /// Connections the admin port serves at once (probes and scrapes need few).
 const ADMIN_MAX_CONNECTIONS: usize = 64;

@@ -23,7 +23,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, instrument::Instrumented};
 
-use crate::response::{Body, CacheOutcome, X_REQUEST_ID};
+use crate::edge::response::{Body, CacheOutcome, X_REQUEST_ID};
 
 /// Longest client-supplied request id that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -137,9 +137,10 @@ impl std::fmt::Display for Bounded<'_> {
         if text.len() <= bound {
             return formatter.write_str(text);
         }
-        // Paths and methods are ASCII (hyper refuses anything else); `floor_char_boundary` keeps
-        // it safe regardless.
-        let start = text.get(..text.floor_char_boundary(bound)).unwrap_or_default();
+        // Paths and methods are ASCII (hyper refuses anything else); cutting at a character
+        // boundary keeps it safe regardless.
+        let cut = (0..=bound).rev().find(|&at| text.is_char_boundary(at)).unwrap_or(0);
+        let start = text.get(..cut).unwrap_or_default();
         write!(formatter, "{start}… ({} bytes)", text.len())
     }
 }

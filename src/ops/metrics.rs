@@ -16,9 +16,9 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::connection::CloseReason;
-use crate::response::CacheOutcome;
-use crate::run_status::{RunStatus, RunStatuses};
+use crate::edge::response::CacheOutcome;
+use crate::run::status::{RunStatus, RunStatuses};
+use crate::serve::connection::CloseReason;
 use crate::upstream::UpstreamError;
 
 /// Prefix of every series.

@@ -191,7 +191,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::{CloseReason, Limits};
+    use crate::serve::connection::{CloseReason, Limits};
     use http_body::Body as _;
     use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;

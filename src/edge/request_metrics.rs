@@ -14,8 +14,8 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::metrics::RequestMetrics;
-use crate::response::{Body, CacheOutcome};
+use crate::edge::response::{Body, CacheOutcome};
+use crate::ops::metrics::RequestMetrics;
 
 /// Adds [`RecordMetrics`] around a service.
 #[derive(Clone)]
