@@ -9,19 +9,22 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use tower::Service;
 
+use crate::cache::Policy;
 use crate::cache::RunStore;
-use crate::cache::redis::SharedCache;
+use crate::cache::redis::RedisTier;
+use crate::cache::tiers::Tiers;
 use crate::config::{Config, ConfigError};
 use crate::edge;
 use crate::edge::client_auth::ClientTokens;
 use crate::edge::response::Body;
 use crate::ops::metrics::Metrics;
-use crate::proxy::{ProxySettings, RunService};
+use crate::proxy::RunService;
 use crate::run::status::RunStatuses;
 use crate::serve::admin::{AdminState, Readiness};
 use crate::serve::connection::WorkSlots;
 use crate::upstream::budget::Budget;
 use crate::upstream::credentials::Secrets;
+use crate::upstream::fetcher::Fetcher;
 use crate::upstream::{KeyRotation, Upstream};
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
@@ -53,13 +56,8 @@ impl App {
             metrics.cache.clone(),
         );
         let budget = Budget::new(&config.upstream);
-        let settings = ProxySettings {
-            statuses,
-            ttl: config.cache.ttl,
-            not_found_ttl: config.cache.not_found_ttl,
-        };
-        let shared = match &config.cache.shared {
-            Some(shared) => Some(SharedCache::new(
+        let redis = match &config.cache.shared {
+            Some(shared) => Some(RedisTier::new(
                 shared,
                 secrets
                     .redis_password
@@ -68,16 +66,16 @@ impl App {
                 config.cache.ttl,
                 config.upstream.request_timeout,
                 metrics.shared.clone(),
+                statuses.clone(),
             )?),
             None => None,
         };
         let runs = RunService::new(
-            store.clone(),
-            shared,
-            upstream,
-            budget.clone(),
+            Tiers::new(store.clone(), redis),
+            Fetcher::new(upstream, budget.clone(), metrics.budget.clone()),
+            Policy::new(statuses, config.cache.not_found_ttl),
             metrics.clone(),
-            settings,
+            config.cache.ttl,
         );
         Ok(Self {
             runs,

@@ -1,21 +1,17 @@
 //! The caching proxy: answers a [`RunRequest`] from memory, or from upstream and maybe stores it.
 //!
-//! Per request: look the run up (a hit is answered at once, nothing parsed); otherwise take one of
-//! the client connection's work slots (see [`crate::serve::connection`]) and join or lead the single
-//! upstream call for that run ([`Coalescer`]); a call led keeps the slot until it ends. The call,
-//! in a task of its own so no client's disconnect cancels it: checks the store once more (a call
-//! that just ended may have filled it), then the shared Redis tier when there is one (and, if
-//! another replica is fetching the run, waits briefly for it), waits for the upstream budget,
-//! fetches, maps faults to gateway errors, asks the policy whether the answer is a terminal run,
-//! stores it if so and if it fits in the cache at all (one larger than `cache.max_size` would be
-//! evicted at once, and one the full cache declines to admit is not kept either: both are a PASS),
-//! in memory now and in Redis in the background, and only then lets go of the run id. Everyone who waited gets the same answer.
+//! The miss path, top to bottom:
+//! 1. **hit**: the run is in memory; answered at once, nothing parsed;
+//! 2. **join or lead** the one call for the run ([`Coalescer`]), holding one of the client
+//!    connection's work slots (see [`crate::serve::connection`]); a call led keeps the slot until
+//!    it ends, and runs in a task of its own so no client's disconnect cancels it;
+//! 3. **tiers**: memory once more, then Redis ([`Tiers::lookup`]);
+//! 4. **fetch**: budget, upstream, status semantics ([`Fetcher::fetch`]): one typed answer;
+//! 5. **decide**: may it be stored ([`Policy::decide`], including the 404 rule);
+//! 6. **fill** the tiers ([`Tiers::fill`]), and only then let go of the run id;
+//! 7. **render**: everyone who waited gets the same answer, as a response of its own.
 //!
-//! Upstream 401/403 mean the gateway's own key is wrong, not the client's request: they become 502
-//! `UPSTREAM_AUTH` and are logged at ERROR. Upstream 1xx/3xx become 502 too, and so does a body
-//! sent with a `Content-Encoding` the gateway never asked for (it could not be read for its status
-//! or an echoed key, nor forwarded as the JSON it is labelled). An upstream 429 is
-//! forwarded and starts the budget's shared cooldown.
+//! [`RunService::resolve`] is steps 2 to 6, for any caller that needs a run's current answer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,91 +27,96 @@ use tower::Service;
 use tracing::Instrument;
 
 use crate::cache::coalesce::{Coalescer, Role};
-use crate::cache::etag;
-use crate::cache::redis::{Election, Lookup, SharedCache};
-use crate::cache::{CachedRun, Decision, RunStore, policy};
+use crate::cache::tiers::{Lookup, Tiers};
+use crate::cache::{CachedRun, Decision, Policy, etag};
 use crate::edge::error::GatewayError;
 use crate::edge::response::{
     APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control,
 };
 use crate::edge::routes::RunRequest;
-use crate::ops::metrics::{Metrics, RefusalReason};
+use crate::ops::metrics::Metrics;
 use crate::run::id::RunId;
-use crate::run::status::{RunStatus, RunStatuses};
-use crate::upstream::budget::{self, Budget, Refusal};
-use crate::upstream::{Upstream, UpstreamError, UpstreamResponse};
+use crate::run::status::RunStatus;
+use crate::serve::connection::WorkSlot;
+use crate::upstream::UpstreamResponse;
+use crate::upstream::fetcher::Fetcher;
 
-/// What one upstream call produced, shared by everyone who waited for it.
+/// What the one call for a run produced, shared by everyone who waited for it.
 #[derive(Clone)]
-enum Fetched {
+pub enum Answer {
     /// In the store now. `fresh` when this call stored it; otherwise a call that ended just
-    /// before this one had.
-    Stored { entry: CachedRun, fresh: bool },
+    /// before this one (or another replica) had.
+    Cached { entry: CachedRun, fresh: bool },
     /// Upstream's answer, forwarded and not stored.
-    Passed(Arc<Passed>),
+    Uncached(Arc<Uncached>),
     /// No answer to forward.
     Failed(GatewayError),
 }
 
 /// An upstream answer that is forwarded but not stored.
-struct Passed {
-    status: StatusCode,
-    content_type: HeaderValue,
-    retry_after: Option<HeaderValue>,
-    body: Bytes,
+pub struct Uncached {
+    pub response: UpstreamResponse,
     /// Set for 200 answers: the run's status, `other` when the body has none.
-    run_status: Option<RunStatus>,
-}
-
-/// The settings the proxy works with.
-pub struct ProxySettings {
-    pub statuses: RunStatuses,
-    /// `cache.ttl`: how long terminal runs are kept, and the clients' `max-age`.
-    pub ttl: Duration,
-    /// `cache.not_found_ttl`: how long a 404 is kept (zero: never).
-    pub not_found_ttl: Duration,
+    pub run_status: Option<RunStatus>,
 }
 
 /// The innermost service of the public stack. Cheap to clone: all state is shared.
 #[derive(Clone)]
 pub struct RunService {
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
 }
 
-struct Shared {
-    store: RunStore,
-    /// The Redis tier, when `[cache.shared]` is configured.
-    shared: Option<SharedCache>,
-    upstream: Upstream,
-    budget: Budget,
-    coalescer: Coalescer<RunId, Fetched>,
+struct Proxy {
+    tiers: Tiers,
+    fetcher: Fetcher,
+    policy: Policy,
+    coalescer: Coalescer<RunId, Answer>,
     metrics: Metrics,
-    settings: ProxySettings,
-    /// `cache-control` for terminal runs, formatted once.
+    /// `cache-control` for terminal runs (from `cache.ttl`), formatted once.
     terminal_cache_control: HeaderValue,
 }
 
 impl RunService {
-    pub fn new(
-        store: RunStore,
-        shared: Option<SharedCache>,
-        upstream: Upstream,
-        budget: Budget,
-        metrics: Metrics,
-        settings: ProxySettings,
-    ) -> Self {
+    /// `ttl` is `cache.ttl`: how long terminal runs are kept, and the clients' `max-age`.
+    pub fn new(tiers: Tiers, fetcher: Fetcher, policy: Policy, metrics: Metrics, ttl: Duration) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                store,
-                shared,
-                upstream,
-                budget,
+            proxy: Arc::new(Proxy {
+                tiers,
+                fetcher,
+                policy,
                 coalescer: Coalescer::new(metrics.coalesced_waiters.clone()),
                 metrics,
-                terminal_cache_control: terminal_cache_control(settings.ttl),
-                settings,
+                terminal_cache_control: terminal_cache_control(ttl),
             }),
         }
+    }
+
+    /// Steps 2 to 6 of the miss path: joins the call for `id` in flight, or leads a new one
+    /// (tiers, fetch, decide, fill). `work` is a slot the led call keeps until it ends.
+    pub async fn resolve(
+        &self,
+        id: RunId,
+        request_id: HeaderValue,
+        work: Option<WorkSlot>,
+    ) -> (Answer, Role) {
+        let proxy = Arc::clone(&self.proxy);
+        let span = tracing::Span::current();
+        let call = {
+            let (proxy, id) = (Arc::clone(&proxy), id.clone());
+            move || {
+                async move {
+                    let _work = work;
+                    proxy.call(id, request_id).await
+                }
+                .instrument(span)
+            }
+        };
+        let (answer, role) = proxy.coalescer.run(id, call).await;
+        let answer = answer.unwrap_or_else(|_| {
+            tracing::error!("the upstream call for this run panicked");
+            Answer::Failed(GatewayError::Internal)
+        });
+        (answer, role)
     }
 }
 
@@ -129,239 +130,98 @@ impl Service<RunRequest> for RunService {
     }
 
     fn call(&mut self, request: RunRequest) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
+        let service = self.clone();
         Box::pin(async move {
-            if let Some(entry) = shared.store.get(request.id.as_str()).await {
-                return Ok(shared.stored_response(&entry, CacheOutcome::Hit, &request));
+            if let Some(entry) = service.proxy.tiers.get(request.id.as_str()).await {
+                return Ok(service.proxy.render_cached(&entry, CacheOutcome::Hit, &request));
             }
             // Boxed so the (large) miss path's state does not make every hit's future larger.
-            Ok(Box::pin(shared.miss(request)).await)
+            Ok(Box::pin(service.miss(request)).await)
         })
     }
 }
 
-impl Shared {
-    /// Joins or leads the one upstream call for the run, then answers from what it produced.
-    async fn miss(self: Arc<Self>, request: RunRequest) -> Response<Body> {
+impl RunService {
+    async fn miss(self, request: RunRequest) -> Response<Body> {
         // One of the client connection's work slots: a call this request leads keeps it until the
         // call ends, even if the client resets the stream or goes away; joining another's call
         // gives it back at once.
-        let work_slot = match &request.work {
+        let work = match &request.work {
             Some(work) => Some(work.acquire().await),
             None => None,
         };
-        let call = {
-            let shared = Arc::clone(&self);
-            let (id, request_id) = (request.id.clone(), request.request_id.clone());
-            let span = tracing::Span::current();
-            move || {
-                async move {
-                    let _work_slot = work_slot;
-                    shared.fetch(id, request_id).await
-                }
-                .instrument(span)
+        let (answer, role) = self
+            .resolve(request.id.clone(), request.request_id.clone(), work)
+            .await;
+        let mut response = self.proxy.render(answer, &request);
+        if role == Role::Waiter {
+            self.proxy.metrics.coalesced_requests.inc();
+            response.body_mut().set_outcome(CacheOutcome::Coalesced);
+        }
+        response
+    }
+}
+
+impl Proxy {
+    /// The one call for a run, run by the coalescer in a task of its own.
+    async fn call(&self, id: RunId, request_id: HeaderValue) -> Answer {
+        let claim = match self.tiers.lookup(&id).await {
+            Lookup::Found(entry) => return Answer::Cached { entry, fresh: false },
+            Lookup::Missing(claim) => claim,
+        };
+        let response = match self.fetcher.fetch(&id, &request_id).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.tiers.fill(&id, claim, None).await;
+                return Answer::Failed(error);
             }
         };
-        let (fetched, role) = self.coalescer.run(request.id.clone(), call).await;
-        let fetched = fetched.unwrap_or_else(|_| {
-            tracing::error!("the upstream call for this run panicked");
-            Fetched::Failed(GatewayError::Internal)
-        });
-        let mut response = match fetched {
-            Fetched::Stored { entry, fresh } => {
+        let (entry, run_status) = self.decide(&id, &response);
+        if let Some(entry) = entry
+            && self.tiers.fill(&id, claim, Some(&entry)).await
+        {
+            return Answer::Cached { entry, fresh: true };
+        }
+        Answer::Uncached(Arc::new(Uncached { response, run_status }))
+    }
+
+    /// What to store of an upstream answer, if anything, and the run status it carries (for 200s:
+    /// `other` when the body has none).
+    fn decide(&self, id: &RunId, response: &UpstreamResponse) -> (Option<CachedRun>, Option<RunStatus>) {
+        let verdict = self.policy.decide(response.status, &response.body, id);
+        let content_type = || response.content_type.clone().unwrap_or(APPLICATION_JSON);
+        let entry = match verdict.decision {
+            Decision::Store(run_status) => {
+                Some(CachedRun::terminal(&response.body, content_type(), run_status))
+            }
+            Decision::RememberNotFound => Some(CachedRun::not_found(&response.body, content_type())),
+            Decision::Pass(reason) => {
+                tracing::debug!(reason = reason.as_str(), "not stored");
+                None
+            }
+        };
+        let run_status = (response.status == StatusCode::OK)
+            .then(|| verdict.status.unwrap_or_else(|| self.policy.statuses().other()));
+        (entry, run_status)
+    }
+
+    fn render(&self, answer: Answer, request: &RunRequest) -> Response<Body> {
+        match answer {
+            Answer::Cached { entry, fresh } => {
                 let outcome = if fresh {
                     CacheOutcome::Miss
                 } else {
                     CacheOutcome::Hit
                 };
-                self.stored_response(&entry, outcome, &request)
+                self.render_cached(&entry, outcome, request)
             }
-            Fetched::Passed(passed) => self.passed_response(&passed),
-            Fetched::Failed(error) => error.into_response(Some(&request.request_id)),
-        };
-        if role == Role::Waiter {
-            self.metrics.coalesced_requests.inc();
-            response.body_mut().set_outcome(CacheOutcome::Coalesced);
-        }
-        response
-    }
-
-    /// The one upstream call for a run, run by the coalescer in a task of its own.
-    async fn fetch(&self, id: RunId, request_id: HeaderValue) -> Fetched {
-        if let Some(entry) = self.store.get(id.as_str()).await {
-            return Fetched::Stored { entry, fresh: false };
-        }
-        match &self.shared {
-            None => self.fetch_upstream(id, request_id).await,
-            // Boxed: the Redis calls' state would otherwise make every call's task larger, and
-            // a task's future is copied whole when it is spawned.
-            Some(shared) => Box::pin(self.fetch_through_shared(shared, id, request_id)).await,
-        }
-    }
-
-    /// With the Redis tier: another replica's copy, or its fetch to wait for, or our own.
-    async fn fetch_through_shared(
-        &self,
-        shared: &SharedCache,
-        id: RunId,
-        request_id: HeaderValue,
-    ) -> Fetched {
-        if let Lookup::Hit(entry) = shared.get(&id, &self.settings.statuses).await {
-            self.store.insert(id, entry.clone()).await;
-            return Fetched::Stored { entry, fresh: false };
-        }
-        let lock = match shared.elect(&id).await {
-            Election::Leader(lock) => Some(lock),
-            Election::Follower => {
-                if let Some(entry) = shared.wait_for(&id, &self.settings.statuses).await {
-                    self.store.insert(id, entry.clone()).await;
-                    return Fetched::Stored { entry, fresh: false };
-                }
-                None
-            }
-            Election::Unavailable => None,
-        };
-        let fetched = self.fetch_upstream(id.clone(), request_id).await;
-        // In the background: the answer does not wait for Redis. The lock is released after the
-        // write, so replicas waiting for this run find it rather than fetching it themselves.
-        let written = match &fetched {
-            Fetched::Stored { entry, fresh: true } => entry
-                .run_status()
-                .map(|status| (entry.clone(), self.settings.statuses.label(status).to_owned())),
-            _ => None,
-        };
-        if written.is_some() || lock.is_some() {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                if let Some((entry, status)) = written {
-                    shared.put(&id, &entry, &status).await;
-                }
-                if let Some(lock) = lock {
-                    shared.release(lock).await;
-                }
-            });
-        }
-        fetched
-    }
-
-    /// Within the budget, asks upstream and processes its answer.
-    async fn fetch_upstream(&self, id: RunId, request_id: HeaderValue) -> Fetched {
-        let admission = match self.budget.admit().await {
-            Ok(admission) => admission,
-            Err(refusal) => return Fetched::Failed(self.refused(refusal)),
-        };
-        let answer = self.upstream.fetch(&id, &request_id).await;
-        drop(admission);
-        match answer {
-            Ok(answer) => {
-                let upstream_ms = (answer.elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
-                tracing::Span::current().record("upstream_ms", upstream_ms);
-                self.process(id, answer).await
-            }
-            // Logged by the upstream client, with the upstream's origin and the cause.
-            Err(error) => Fetched::Failed(upstream_failure(error)),
-        }
-    }
-
-    /// Maps an upstream answer to what clients get, storing it when it may be stored.
-    async fn process(&self, id: RunId, answer: UpstreamResponse) -> Fetched {
-        if answer.encoded {
-            tracing::warn!(
-                upstream_status = answer.status.as_u16(),
-                "upstream sent an encoded (compressed) body the gateway did not ask for: not forwarded"
-            );
-            return Fetched::Failed(GatewayError::UpstreamBadResponse);
-        }
-        match answer.status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                tracing::error!(
-                    upstream_status = answer.status.as_u16(),
-                    "upstream refused the gateway's API key: check upstream.api_key_env / api_key_file"
-                );
-                return Fetched::Failed(GatewayError::UpstreamAuth);
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
-                let pause = answer
-                    .retry_after
-                    .as_ref()
-                    .and_then(budget::parse_retry_after)
-                    .unwrap_or(budget::DEFAULT_COOLDOWN);
-                tracing::warn!(?pause, "upstream rate limit reached: holding upstream calls");
-                self.budget.cool_down(pause);
-            }
-            status if status.is_informational() || status.is_redirection() => {
-                tracing::warn!(upstream_status = status.as_u16(), "unexpected upstream status");
-                return Fetched::Failed(GatewayError::UpstreamBadResponse);
-            }
-            _ => {}
-        }
-        let content_type = answer.content_type.unwrap_or(APPLICATION_JSON);
-        let verdict = policy::decide(answer.status, &answer.body, &id, &self.settings.statuses);
-        let fits = self.store.can_hold(&id, answer.body.len());
-        let entry = match verdict.decision {
-            Decision::Store(run_status) if fits => {
-                CachedRun::terminal(&answer.body, content_type, run_status)
-            }
-            Decision::Pass(_)
-                if fits
-                    && answer.status == StatusCode::NOT_FOUND
-                    && !self.settings.not_found_ttl.is_zero() =>
-            {
-                CachedRun::not_found(&answer.body, content_type)
-            }
-            decision => {
-                let reason = match decision {
-                    Decision::Pass(reason) => reason.as_str(),
-                    Decision::Store(_) => "larger_than_cache",
-                };
-                tracing::debug!(reason, "not stored");
-                let run_status = (answer.status == StatusCode::OK)
-                    .then(|| verdict.status.unwrap_or_else(|| self.settings.statuses.other()));
-                return Fetched::Passed(Arc::new(Passed {
-                    status: answer.status,
-                    content_type,
-                    retry_after: answer.retry_after,
-                    body: answer.body,
-                    run_status,
-                }));
-            }
-        };
-        // Boxed: storing is the rare outcome, and moka's insert would otherwise make every
-        // upstream call's future larger.
-        if Box::pin(self.store.insert(id, entry.clone())).await {
-            return Fetched::Stored { entry, fresh: true };
-        }
-        // The cache, full of runs asked for more often, declined it: nothing was stored.
-        tracing::debug!(reason = "not_admitted", "not stored");
-        Fetched::Passed(Arc::new(Passed {
-            status: entry.status(),
-            content_type: entry.content_type(),
-            retry_after: None,
-            body: entry.body(),
-            run_status: entry.run_status(),
-        }))
-    }
-
-    fn refused(&self, refusal: Refusal) -> GatewayError {
-        match refusal {
-            Refusal::Exhausted { retry_after } => {
-                self.metrics.budget.refused(RefusalReason::Exhausted);
-                tracing::warn!(?retry_after, "upstream budget spent: refusing");
-                GatewayError::RateLimited {
-                    retry_after_secs: budget::retry_after_secs(retry_after),
-                }
-            }
-            Refusal::CoolingDown { retry_after } => {
-                self.metrics.budget.refused(RefusalReason::Cooldown);
-                GatewayError::UpstreamCoolingDown {
-                    retry_after_secs: budget::retry_after_secs(retry_after),
-                }
-            }
+            Answer::Uncached(uncached) => self.render_uncached(&uncached),
+            Answer::Failed(error) => error.into_response(Some(&request.request_id)),
         }
     }
 
     /// A stored answer, or 304 when the client already holds it.
-    fn stored_response(
+    fn render_cached(
         &self,
         entry: &CachedRun,
         outcome: CacheOutcome,
@@ -396,28 +256,21 @@ impl Shared {
         response
     }
 
-    fn passed_response(&self, passed: &Passed) -> Response<Body> {
-        if let Some(run_status) = passed.run_status {
+    fn render_uncached(&self, uncached: &Uncached) -> Response<Body> {
+        if let Some(run_status) = uncached.run_status {
             self.metrics.runs.served(run_status);
         }
+        let upstream = &uncached.response;
         let mut response = run_response(
-            passed.status,
-            passed.content_type.clone(),
+            upstream.status,
+            upstream.content_type.clone().unwrap_or(APPLICATION_JSON),
             NO_STORE,
             CacheOutcome::Pass,
-            passed.body.clone(),
+            upstream.body.clone(),
         );
-        if let Some(retry_after) = &passed.retry_after {
+        if let Some(retry_after) = &upstream.retry_after {
             response.headers_mut().insert(RETRY_AFTER, retry_after.clone());
         }
         response
-    }
-}
-
-fn upstream_failure(error: UpstreamError) -> GatewayError {
-    match error {
-        UpstreamError::Timeout => GatewayError::UpstreamTimeout,
-        UpstreamError::Connect | UpstreamError::Broken => GatewayError::UpstreamUnavailable,
-        UpstreamError::BodyTooLarge => GatewayError::UpstreamBodyTooLarge,
     }
 }

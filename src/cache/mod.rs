@@ -10,6 +10,7 @@ pub mod redis;
 pub mod scan;
 pub mod sniff;
 pub mod store;
+pub mod tiers;
 
-pub use policy::{Decision, PassReason, Verdict};
+pub use policy::{Decision, PassReason, Policy, Verdict};
 pub use store::{CachedRun, RunStore};

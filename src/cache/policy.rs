@@ -1,9 +1,12 @@
 //! Cacheability: may this upstream answer be stored? A pure function of the answer and the config.
 //!
-//! Only one thing is ever stored: a 200 whose body is a JSON object with the requested `id` and a
-//! top-level `status` that the config lists as terminal, checked by a validating parse. Everything
-//! else is passed through, and the reason is kept so logs say why. Most answers are runs still
-//! going: a quick scan of the top level recognises those without the full parse.
+//! A run is stored only as a 200 whose body is a JSON object with the requested `id` and a
+//! top-level `status` that the config lists as terminal, checked by a validating parse. A 404 is
+//! remembered too when `cache.not_found_ttl` is set ([`Policy`]). Everything else is passed
+//! through, and the reason is kept so logs say why. Most answers are runs still going: a quick
+//! scan of the top level recognises those without the full parse.
+
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -17,6 +20,8 @@ use crate::run::status::{RunStatus, RunStatuses};
 pub enum Decision {
     /// A terminal run (in this status): store it and serve it from memory until its ttl.
     Store(RunStatus),
+    /// A 404: remember it for `cache.not_found_ttl`.
+    RememberNotFound,
     /// Forward it, never store it.
     Pass(PassReason),
 }
@@ -54,6 +59,39 @@ pub struct Verdict {
     pub decision: Decision,
     /// The run's status, when the answer is a 200 run object that has one.
     pub status: Option<RunStatus>,
+}
+
+/// The store rule with its settings. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    statuses: RunStatuses,
+    /// `cache.not_found_ttl` is not zero.
+    remember_not_found: bool,
+}
+
+impl Policy {
+    pub fn new(statuses: RunStatuses, not_found_ttl: Duration) -> Self {
+        Self {
+            statuses,
+            remember_not_found: !not_found_ttl.is_zero(),
+        }
+    }
+
+    /// The status table the rule reads statuses with.
+    pub fn statuses(&self) -> &RunStatuses {
+        &self.statuses
+    }
+
+    /// [`decide`], plus the 404 rule.
+    pub fn decide(&self, status: StatusCode, body: &[u8], requested: &RunId) -> Verdict {
+        if status == StatusCode::NOT_FOUND && self.remember_not_found {
+            return Verdict {
+                decision: Decision::RememberNotFound,
+                status: None,
+            };
+        }
+        decide(status, body, requested, &self.statuses)
+    }
 }
 
 /// Decides whether the upstream answer `(status, body)` to a request for `requested` may be stored.
@@ -167,6 +205,32 @@ mod tests {
                 Decision::Pass(PassReason::NotOk)
             );
         }
+    }
+
+    #[test]
+    fn a_404_is_remembered_only_when_not_found_ttl_is_set() {
+        let requested = RunId::parse("run_1").expect("valid id");
+        let remembering = Policy::new(statuses(), Duration::from_secs(5));
+        let forgetting = Policy::new(statuses(), Duration::ZERO);
+        let body = br#"{"error":"not found"}"#;
+        assert_eq!(
+            remembering
+                .decide(StatusCode::NOT_FOUND, body, &requested)
+                .decision,
+            Decision::RememberNotFound
+        );
+        assert_eq!(
+            forgetting
+                .decide(StatusCode::NOT_FOUND, body, &requested)
+                .decision,
+            Decision::Pass(PassReason::NotOk)
+        );
+        assert_eq!(
+            remembering
+                .decide(StatusCode::OK, run("FAILED").as_bytes(), &requested)
+                .decision,
+            Decision::Store(statuses().classify("FAILED"))
+        );
     }
 
     #[test]

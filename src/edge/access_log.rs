@@ -139,7 +139,10 @@ impl std::fmt::Display for Bounded<'_> {
         }
         // Paths and methods are ASCII (hyper refuses anything else); cutting at a character
         // boundary keeps it safe regardless.
-        let cut = (0..=bound).rev().find(|&at| text.is_char_boundary(at)).unwrap_or(0);
+        let cut = (0..=bound)
+            .rev()
+            .find(|&at| text.is_char_boundary(at))
+            .unwrap_or(0);
         let start = text.get(..cut).unwrap_or_default();
         write!(formatter, "{start}… ({} bytes)", text.len())
     }

@@ -18,6 +18,7 @@
 
 pub mod budget;
 pub mod credentials;
+pub mod fetcher;
 pub mod key_echo;
 pub mod pool;
 
