@@ -12,10 +12,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use plextera_gateway::cache::scan::scan_status;
 use plextera_gateway::cache::sniff::sniff_run;
-use plextera_gateway::cache::{CachedRun, RunStore, policy};
-use plextera_gateway::edge::response::{
-    APPLICATION_JSON, CacheOutcome, run_response, terminal_cache_control,
-};
+use plextera_gateway::cache::{CacheOutcome, CachedRun, RunStore, policy};
+use plextera_gateway::edge::response::{APPLICATION_JSON, run_response, terminal_cache_control};
 use plextera_gateway::ops::metrics::Metrics;
 use plextera_gateway::run::id::RunId;
 use plextera_gateway::run::status::RunStatuses;

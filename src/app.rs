@@ -65,7 +65,7 @@ impl App {
                     .map(|password| password.expose_secret().to_owned()),
                 config.cache.ttl,
                 config.upstream.request_timeout,
-                metrics.shared.clone(),
+                metrics.redis.clone(),
                 statuses.clone(),
             )?),
             None => None,

@@ -26,13 +26,12 @@ use http::{HeaderValue, Response, StatusCode};
 use tower::Service;
 use tracing::Instrument;
 
+use crate::cache::CacheOutcome;
 use crate::cache::coalesce::{Coalescer, Role};
 use crate::cache::tiers::{Lookup, Tiers};
 use crate::cache::{CachedRun, Decision, Policy, etag};
 use crate::edge::error::GatewayError;
-use crate::edge::response::{
-    APPLICATION_JSON, Body, CacheOutcome, NO_STORE, run_response, terminal_cache_control,
-};
+use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response, terminal_cache_control};
 use crate::edge::routes::RunRequest;
 use crate::ops::metrics::Metrics;
 use crate::run::id::RunId;

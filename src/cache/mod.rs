@@ -5,6 +5,8 @@
 
 pub mod coalesce;
 pub mod etag;
+pub mod metrics;
+pub mod outcome;
 pub mod policy;
 pub mod redis;
 pub mod scan;
@@ -12,5 +14,6 @@ pub mod sniff;
 pub mod store;
 pub mod tiers;
 
+pub use outcome::CacheOutcome;
 pub use policy::{Decision, PassReason, Policy, Verdict};
 pub use store::{CachedRun, RunStore};

@@ -23,9 +23,9 @@ use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 
+use super::metrics::{CacheMetrics, EvictionCause};
 use crate::cache::etag::{STRONG_ETAG_LEN, strong_etag};
 use crate::edge::response::APPLICATION_JSON;
-use crate::ops::metrics::{CacheMetrics, EvictionCause};
 use crate::run::id::RunId;
 use crate::run::status::RunStatus;
 

@@ -23,7 +23,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, instrument::Instrumented};
 
-use crate::edge::response::{Body, CacheOutcome, X_REQUEST_ID};
+use crate::cache::CacheOutcome;
+use crate::edge::response::{Body, X_REQUEST_ID};
 
 /// Longest client-supplied request id that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;

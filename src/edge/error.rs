@@ -9,7 +9,8 @@ use http::header::{ALLOW, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::edge::response::{Body, CacheOutcome, json};
+use crate::cache::CacheOutcome;
+use crate::edge::response::{Body, json};
 
 /// Everything the gateway can refuse or fail with on its own account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

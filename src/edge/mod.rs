@@ -26,9 +26,9 @@ use crate::edge::access_log::RequestLogLayer;
 use crate::edge::client_auth::{ClientAuthLayer, ClientTokens};
 use crate::edge::framing::FramingLayer;
 use crate::edge::request_metrics::RecordMetricsLayer;
+use crate::edge::request_metrics::RequestMetrics;
 use crate::edge::response::{Body, X_CACHE, X_REQUEST_ID};
 use crate::edge::routes::RouteLayer;
-use crate::ops::metrics::RequestMetrics;
 use crate::proxy::RunService;
 use crate::serve::connection::WorkSlots;
 

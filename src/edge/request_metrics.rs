@@ -7,15 +7,74 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
+use prometheus::{Histogram, HistogramVec, IntCounterVec, Registry};
 use tower::{Layer, Service};
 
-use crate::edge::response::{Body, CacheOutcome};
-use crate::ops::metrics::RequestMetrics;
+use crate::cache::CacheOutcome;
+use crate::edge::response::Body;
+use crate::ops::metrics::family::{ByCode, ByLabel, histogram_opts, opts, register};
+
+/// Client-side latency buckets (seconds): from a 25 µs hit to a 10 s upstream timeout.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// `plextera_gateway_requests_total` and `plextera_gateway_request_duration_seconds`.
+/// One `Arc` inside, so the per-request clone is a single reference-count increment.
+#[derive(Clone)]
+pub struct RequestMetrics(Arc<RequestTables>);
+
+struct RequestTables {
+    answered: ByLabel<CacheOutcome, ByCode>,
+    duration: ByLabel<CacheOutcome, Histogram>,
+}
+
+impl RequestMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let total = register(
+            registry,
+            IntCounterVec::new(
+                opts(
+                    "requests_total",
+                    "Client requests answered, by cache outcome and HTTP status.",
+                ),
+                &["cache", "code"],
+            )?,
+        )?;
+        let duration = register(
+            registry,
+            HistogramVec::new(
+                histogram_opts(
+                    "request_duration_seconds",
+                    "Time from a client request's head being read to its response head being ready, by cache outcome.",
+                    REQUEST_BUCKETS,
+                ),
+                &["cache"],
+            )?,
+        )?;
+        Ok(Self(Arc::new(RequestTables {
+            answered: ByLabel::new(|label| ByCode::new(total.clone(), vec![label])),
+            duration: ByLabel::new(|label| duration.with_label_values(&[label])),
+        })))
+    }
+
+    /// Records one answered client request.
+    pub fn observe(&self, outcome: CacheOutcome, code: StatusCode, elapsed: Duration) {
+        if let Some(answered) = self.0.answered.get(outcome) {
+            answered.get(code).inc();
+        }
+        if let Some(duration) = self.0.duration.get(outcome) {
+            duration.observe(elapsed.as_secs_f64());
+        }
+    }
+}
 
 /// Adds [`RecordMetrics`] around a service.
 #[derive(Clone)]

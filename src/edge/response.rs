@@ -15,6 +15,8 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 
+use crate::cache::CacheOutcome;
+
 /// The body of every response the gateway sends: complete bytes, and how they were produced.
 #[derive(Debug, Default)]
 pub struct Body {
@@ -73,51 +75,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 pub const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-
-/// How a response was produced. The same value names the `x-cache` header, the `cache` metric
-/// label and the access log's `cache` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheOutcome {
-    /// Served from memory; upstream was not contacted.
-    Hit,
-    /// Fetched from upstream and stored for later requests.
-    Miss,
-    /// Fetched from upstream and deliberately not stored (a run still going, an upstream error, …).
-    Pass,
-    /// Shared another request's upstream call; keeps that response's `x-cache` (MISS or PASS).
-    Coalesced,
-    /// The gateway answered with its own error (bad input, upstream unreachable, …).
-    Error,
-}
-
-impl CacheOutcome {
-    /// The `x-cache` value this outcome sets, if it sets one: gateway errors say what happened in
-    /// their body, and coalesced answers keep the shared response's value.
-    pub fn header_value(self) -> Option<HeaderValue> {
-        match self {
-            Self::Hit => Some(HeaderValue::from_static("HIT")),
-            Self::Miss => Some(HeaderValue::from_static("MISS")),
-            Self::Pass => Some(HeaderValue::from_static("PASS")),
-            Self::Coalesced | Self::Error => None,
-        }
-    }
-
-    /// Lower-case name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-            Self::Pass => "pass",
-            Self::Coalesced => "coalesced",
-            Self::Error => "error",
-        }
-    }
-
-    /// Position in per-outcome tables (declaration order).
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
 
 /// A run body with its content type, `x-cache` and `cache-control`; the outcome rides in the body.
 pub fn run_response(

@@ -12,9 +12,9 @@
 use http::{HeaderValue, StatusCode};
 
 use super::budget::{self, Budget, Refusal};
+use super::budget_metrics::{BudgetMetrics, RefusalReason};
 use super::{Upstream, UpstreamError, UpstreamResponse};
 use crate::edge::error::GatewayError;
-use crate::ops::metrics::{BudgetMetrics, RefusalReason};
 use crate::run::id::RunId;
 
 /// The upstream client behind its budget. Cheap to clone.

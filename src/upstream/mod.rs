@@ -17,9 +17,11 @@
 //! `request_timeout`, covers connect, head and body; bodies are read whole up to `max_body_size`.
 
 pub mod budget;
+pub mod budget_metrics;
 pub mod credentials;
 pub mod fetcher;
 pub mod key_echo;
+pub mod metrics;
 pub mod pool;
 
 use std::path::Path;
@@ -38,9 +40,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use self::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::edge::response::{APPLICATION_JSON, X_REQUEST_ID};
-use crate::ops::metrics::{UpstreamMetrics, UpstreamOutcome};
 use crate::run::id::RunId;
 use crate::upstream::credentials::ApiKey;
 use crate::upstream::key_echo::EchoFinder;

@@ -11,6 +11,7 @@
 pub mod breaker;
 pub mod envelope;
 pub mod lock;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,9 +21,9 @@ use redis::{IntoConnectionInfo, Script};
 
 use self::breaker::Breaker;
 pub use self::lock::{Election, Lock};
+pub use self::metrics::{RedisMetrics, RedisOp, RedisWait};
 use crate::cache::CachedRun;
 use crate::config::{ConfigError, SharedCacheConfig};
-use crate::ops::metrics::{SharedCacheMetrics as RedisMetrics, SharedOp as RedisOp, SharedWait as RedisWait};
 use crate::run::id::RunId;
 use crate::run::status::RunStatuses;
 

@@ -27,6 +27,7 @@
 //! (`max_connections`) is given back only when the last of its work has ended.
 
 pub mod io;
+pub mod metrics;
 pub mod track;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +37,8 @@ use std::time::Duration;
 use slab::Slab;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use crate::ops::metrics::family::Label;
 
 /// How long a graceful close may take (an HTTP/2 client acknowledging GOAWAY, an HTTP/1 answer
 /// finishing) before the connection is cut.
@@ -72,12 +75,12 @@ pub enum CloseReason {
     Drain,
 }
 
-impl CloseReason {
-    /// Every reason the connection's own behaviour causes, for metric tables.
-    pub const ALL: [CloseReason; 4] = [Self::Idle, Self::WriteTimeout, Self::Resets, Self::Shed];
+impl Label for CloseReason {
+    /// Every reason the connection's own behaviour causes: a drain is not counted.
+    const ALL: &'static [Self] = &[Self::Idle, Self::WriteTimeout, Self::Resets, Self::Shed];
 
     /// The `reason` label.
-    pub fn as_str(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Self::Idle => "idle",
             Self::WriteTimeout => "write_timeout",
@@ -86,10 +89,13 @@ impl CloseReason {
             Self::Drain => "drain",
         }
     }
+}
 
+impl CloseReason {
     fn from_u8(value: u8) -> Option<Self> {
-        Self::ALL
-            .into_iter()
+        <Self as Label>::ALL
+            .iter()
+            .copied()
             .chain([Self::Drain])
             .find(|reason| *reason as u8 == value)
     }
