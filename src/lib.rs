@@ -33,5 +33,6 @@ pub mod upstream;
 
 pub use app::App;
 pub use config::Config;
+pub use config::secrets::Secrets;
 pub use serve::{Gateway, StartError};
-pub use upstream::credentials::{ApiKey, Secrets};
+pub use upstream::credentials::ApiKey;

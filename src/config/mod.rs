@@ -10,6 +10,7 @@
 
 mod fields;
 pub mod report;
+pub mod secrets;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;

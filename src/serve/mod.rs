@@ -40,13 +40,13 @@ use tower::Service;
 
 use crate::app::{App, AppError};
 use crate::config::Config;
+use crate::config::secrets::Secrets;
 use crate::edge::response::Body;
 use crate::serve::connection::io::WatchedIo;
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::serve::connection::track::Track;
 use crate::serve::connection::{CLOSE_GRACE, CloseReason, Connection, Limits, idlest};
 use crate::upstream::KeyRotation;
-use crate::upstream::credentials::Secrets;
 
 /// Connections the admin port serves at once (probes and scrapes need few).
 const ADMIN_MAX_CONNECTIONS: usize = 64;

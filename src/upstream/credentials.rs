@@ -1,5 +1,4 @@
-//! The upstream API key, in a wrapper that cannot be printed by accident, and the other secrets
-//! read at start-up.
+//! The upstream API key, in a wrapper that cannot be printed by accident.
 //!
 //! `Debug` and `Display` both print `[redacted]`, so a key that slips into a log macro, an error or a
 //! panic message shows nothing. The only way to the bytes is [`ApiKey::authorization`], which builds
@@ -10,50 +9,6 @@ use std::fmt;
 
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
-
-use crate::config::{Config, ConfigError};
-use crate::edge::client_auth::ClientTokens;
-
-/// Everything start-up reads from the environment rather than the config file.
-#[derive(Debug, Clone)]
-pub struct Secrets {
-    pub api_key: ApiKey,
-    /// `Some` when `[server] client_tokens_env` turns client authentication on.
-    pub client_tokens: Option<ClientTokens>,
-    /// The Redis password, when `[cache.shared] password_env` names one.
-    pub redis_password: Option<SecretString>,
-}
-
-impl Secrets {
-    /// Reads the key (from `api_key_env` or `api_key_file`), the client tokens (from
-    /// `client_tokens_env`) and the Redis password (from `password_env`). `env` looks up an
-    /// environment variable.
-    pub fn load(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let api_key = config.upstream.load_api_key(&env)?;
-        let client_tokens = config
-            .server
-            .load_client_tokens(&env)?
-            .map(|tokens| ClientTokens::new(&tokens));
-        let redis_password = match &config.cache.shared {
-            Some(shared) => shared.load_password(&env)?.map(SecretString::from),
-            None => None,
-        };
-        Ok(Self {
-            api_key,
-            client_tokens,
-            redis_password,
-        })
-    }
-
-    /// Just a key, no client authentication.
-    pub fn key_only(api_key: ApiKey) -> Self {
-        Self {
-            api_key,
-            client_tokens: None,
-            redis_password: None,
-        }
-    }
-}
 
 /// The server-side Plextera key. Cloning shares nothing mutable; dropping zeroes the memory.
 #[derive(Clone)]
