@@ -7,7 +7,6 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -15,7 +14,7 @@ use http::header::HOST;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
-use plextera_gateway::upstream::pool::Pool;
+use plextera_gateway::upstream::pool::{Pool, PoolSettings};
 use prometheus::IntCounter;
 use support::{TestGateway, run_body, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -249,7 +248,7 @@ fn plain_pool(addr: std::net::SocketAddr, retries: &IntCounter) -> Pool {
         .enable_http1()
         .wrap_connector(http);
     let origin = format!("http://{addr}/").parse().expect("origin");
-    Pool::new(connector, origin, Duration::from_secs(90), retries.clone())
+    Pool::new(connector, origin, PoolSettings::default(), retries.clone())
 }
 
 fn get_run(addr: std::net::SocketAddr, id: &str) -> Request<Empty<Bytes>> {

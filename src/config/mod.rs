@@ -144,6 +144,20 @@ pub struct UpstreamConfig {
     /// How long a call may wait for the budget above before the client gets a 429.
     #[serde(with = "fields::duration")]
     pub queue_timeout: Duration,
+    /// An upstream connection unused this long is closed.
+    #[serde(with = "fields::duration")]
+    pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1.1 upstream connections kept at most (0: none kept).
+    pub pool_max_idle: usize,
+    /// An upstream connection this old takes no new request, so DNS changes are picked up.
+    #[serde(with = "fields::duration")]
+    pub pool_max_connection_age: Duration,
+    /// A PING on the upstream HTTP/2 connection this often, idle too; `0s` turns it off.
+    #[serde(with = "fields::duration")]
+    pub http2_keepalive_interval: Duration,
+    /// A PING unanswered this long closes the upstream HTTP/2 connection.
+    #[serde(with = "fields::duration")]
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -158,6 +172,11 @@ impl Default for UpstreamConfig {
             max_requests_per_second: None,
             max_concurrent_requests: None,
             queue_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 128,
+            pool_max_connection_age: Duration::from_secs(300),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -367,6 +386,18 @@ impl Config {
         let upstream = &self.upstream;
         upstream.runs_url_prefix()?;
         positive("upstream.request_timeout", upstream.request_timeout)?;
+        positive("upstream.pool_idle_timeout", upstream.pool_idle_timeout)?;
+        positive(
+            "upstream.pool_max_connection_age",
+            upstream.pool_max_connection_age,
+        )?;
+        at_most("upstream.pool_max_idle", upstream.pool_max_idle, MAX_CONNECTIONS)?;
+        if !upstream.http2_keepalive_interval.is_zero() {
+            positive(
+                "upstream.http2_keepalive_timeout",
+                upstream.http2_keepalive_timeout,
+            )?;
+        }
         if let Some(concurrent) = upstream.max_concurrent_requests {
             at_most(
                 "upstream.max_concurrent_requests",

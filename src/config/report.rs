@@ -30,6 +30,11 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("upstream.max_requests_per_second", "10"),
     ("upstream.max_concurrent_requests", "16"),
     ("upstream.queue_timeout", "\"1s\""),
+    ("upstream.pool_idle_timeout", "\"90s\""),
+    ("upstream.pool_max_idle", "128"),
+    ("upstream.pool_max_connection_age", "\"5m\""),
+    ("upstream.http2_keepalive_interval", "\"30s\""),
+    ("upstream.http2_keepalive_timeout", "\"10s\""),
     ("cache.ttl", "\"24h\""),
     ("cache.max_size", "\"256MiB\""),
     (

@@ -46,10 +46,7 @@ use crate::edge::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run::id::RunId;
 use crate::upstream::credentials::ApiKey;
 use crate::upstream::key_echo::EchoFinder;
-use crate::upstream::pool::{Pool, PoolError, describe_chain, error_chain};
-
-/// How long an idle pooled connection is kept before it is closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+use crate::upstream::pool::{Pool, PoolError, PoolSettings, describe_chain, error_chain};
 
 /// What upstream answered, read whole.
 #[derive(Debug)]
@@ -124,7 +121,13 @@ impl Upstream {
             pool: Arc::new(Pool::new(
                 connector,
                 origin,
-                POOL_IDLE_TIMEOUT,
+                PoolSettings {
+                    idle_timeout: config.pool_idle_timeout,
+                    max_idle: config.pool_max_idle,
+                    max_connection_age: config.pool_max_connection_age,
+                    http2_keepalive_interval: config.http2_keepalive_interval,
+                    http2_keepalive_timeout: config.http2_keepalive_timeout,
+                },
                 metrics.retries.clone(),
             )),
             credentials: Arc::new(ArcSwap::from_pointee(Credentials::new(key, None))),

@@ -8,8 +8,17 @@
 //! connector as before (TCP, then TLS for `https`).
 //!
 //! A connection goes back on the stack only after its answer was read whole ([`Pool::put`]); one
-//! that failed is dropped, and dropping it closes it. Connections idle longer than the idle
-//! timeout are closed when the pool next meets them.
+//! that failed is dropped, and dropping it closes it. Idle HTTP/1.1 connections past
+//! `pool_idle_timeout` (or beyond `pool_max_idle`) are closed when the pool next meets them. The
+//! HTTP/2 connection is PINGed every `http2_keepalive_interval`, idle too, so one that died
+//! silently is closed within the keep-alive timeout instead of costing a call its whole timeout;
+//! its driver task retires it once it has been idle for `pool_idle_timeout`. No connection of
+//! either kind takes a new request once it is `pool_max_connection_age` old, so a DNS change is
+//! picked up.
+//!
+//! Concurrent calls that find no connection share one connect while the upstream may speak
+//! HTTP/2 (until the first connection says otherwise): they wait for it and multiplex on it,
+//! rather than each opening a connection of its own; if it fails, they all get its failure.
 //!
 //! An upstream closes idle connections on its own schedule, so a request can meet a stacked
 //! connection the upstream has just closed. If the gateway learns of the close before writing,
@@ -19,7 +28,8 @@
 //! on a fresh connection (as nginx and Go's HTTP client do for a kept-alive connection). A fresh
 //! connection that fails is not retried: that upstream is failing, not closing idle connections.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,8 +46,32 @@ use tower::ServiceExt;
 
 type RequestBody = Empty<Bytes>;
 
-/// Idle HTTP/1.1 connections kept beyond this many are closed.
-const MAX_IDLE: usize = 128;
+/// The pool's limits: `[upstream]`'s `pool_*` and `http2_keepalive_*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// A connection unused this long is closed.
+    pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept beyond this many are closed.
+    pub max_idle: usize,
+    /// A connection this old takes no new request.
+    pub max_connection_age: Duration,
+    /// A PING on the HTTP/2 connection this often, idle or not; zero: none.
+    pub http2_keepalive_interval: Duration,
+    /// A PING unanswered this long closes the HTTP/2 connection.
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 128,
+            max_connection_age: Duration::from_secs(300),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Why a request got no response head.
 #[derive(Debug)]
@@ -49,7 +83,7 @@ pub enum PoolError {
 }
 
 /// Why no connection could be made, for the log: a short cause and the whole error chain.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConnectFailure {
     /// `dns`, `refused`, `timeout`, `tls` or `other`.
     pub cause: &'static str,
@@ -118,25 +152,63 @@ pub fn describe_chain(chain: &[&(dyn std::error::Error + 'static)]) -> String {
 }
 
 /// A connection lent for one exchange; give it back with [`Pool::put`] once the body is read.
-pub struct Lease(Option<http1::SendRequest<RequestBody>>);
+pub struct Lease(Option<(http1::SendRequest<RequestBody>, Instant)>);
 
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     origin: Uri,
+    settings: PoolSettings,
     idle: Mutex<Vec<IdleConnection>>,
-    multiplexed: Mutex<Option<http2::SendRequest<RequestBody>>>,
-    idle_timeout: Duration,
+    /// The HTTP/2 connection, shared with its driver task (which retires it when idle).
+    multiplexed: Arc<Mutex<Option<Multiplexed>>>,
+    /// What the upstream speaks, as far as the pool knows: [`UNKNOWN`], [`HTTP1`] or [`HTTP2`].
+    protocol: AtomicU8,
+    /// Held by the one connect that concurrent cold calls share while HTTP/2 is possible.
+    connect_turn: tokio::sync::Mutex<()>,
+    /// Shared connects finished so far, and the failure of the last one if it failed.
+    connects: AtomicU64,
+    last_connect_failure: Mutex<Option<ConnectFailure>>,
     /// Counts requests sent a second time after a kept-alive connection closed under them.
     retries: IntCounter,
 }
 
+const UNKNOWN: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
+
 struct IdleConnection {
     sender: http1::SendRequest<RequestBody>,
+    born: Instant,
     since: Instant,
 }
 
+struct Multiplexed {
+    sender: http2::SendRequest<RequestBody>,
+    use_times: Arc<UseTimes>,
+}
+
+/// When an HTTP/2 connection was made and last used, read by its driver task.
+struct UseTimes {
+    born: Instant,
+    /// Milliseconds from `born` to the last use.
+    last_used_ms: AtomicU64,
+}
+
+impl UseTimes {
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection stops taking requests, unless it is used before then.
+    fn retires_at(&self, settings: &PoolSettings) -> Instant {
+        let last_used = self.born + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
+        (last_used + settings.idle_timeout).min(self.born + settings.max_connection_age)
+    }
+}
+
 enum Fresh {
-    Http1(http1::SendRequest<RequestBody>),
+    Http1(http1::SendRequest<RequestBody>, Instant),
     Http2(http2::SendRequest<RequestBody>),
 }
 
@@ -145,15 +217,25 @@ impl Pool {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
-        idle_timeout: Duration,
+        settings: PoolSettings,
         retries: IntCounter,
     ) -> Self {
+        // HTTP/2 is negotiated by ALPN, so only over TLS.
+        let protocol = if origin.scheme_str() == Some("https") {
+            UNKNOWN
+        } else {
+            HTTP1
+        };
         Self {
             connector,
             origin,
+            settings,
             idle: Mutex::default(),
-            multiplexed: Mutex::default(),
-            idle_timeout,
+            multiplexed: Arc::default(),
+            protocol: AtomicU8::new(protocol),
+            connect_turn: tokio::sync::Mutex::new(()),
+            connects: AtomicU64::new(0),
+            last_connect_failure: Mutex::default(),
             retries,
         }
     }
@@ -177,9 +259,9 @@ impl Pool {
             }
         }
         let mut request = build();
-        while let Some(mut sender) = self.checkout().await {
+        while let Some((mut sender, born)) = self.checkout().await {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Lease(Some(sender)))),
+                Ok(response) => return Ok((response, Lease(Some((sender, born))))),
                 Err(mut error) => match error.take_message() {
                     // Not written: the upstream had closed it. Try the next one, or a fresh one.
                     Some(unsent) => request = unsent,
@@ -194,10 +276,15 @@ impl Pool {
             }
         }
         // Boxed: a connect's state (TLS handshake included) is large and rarely needed.
-        match Box::pin(self.connect()).await? {
-            Fresh::Http1(mut sender) => {
+        let fresh = if self.protocol.load(Ordering::Relaxed) == HTTP1 {
+            Box::pin(self.connect()).await?
+        } else {
+            Box::pin(self.connect_shared()).await?
+        };
+        match fresh {
+            Fresh::Http1(mut sender, born) => {
                 let response = sender.send_request(request).await.map_err(PoolError::Request)?;
-                Ok((response, Lease(Some(sender))))
+                Ok((response, Lease(Some((sender, born)))))
             }
             Fresh::Http2(mut sender) => {
                 let response = sender
@@ -211,45 +298,110 @@ impl Pool {
 
     /// Takes back a connection whose answer was read whole.
     pub fn put(&self, lease: Lease) {
-        let Some(sender) = lease.0 else { return };
+        let Some((sender, born)) = lease.0 else { return };
         let now = Instant::now();
+        if now.duration_since(born) >= self.settings.max_connection_age {
+            return;
+        }
         let mut idle = self.lock_idle();
         // The oldest are at the bottom: close those idle too long, and any beyond the cap.
         let stale = idle
             .iter()
-            .take_while(|connection| now.duration_since(connection.since) >= self.idle_timeout)
+            .take_while(|connection| now.duration_since(connection.since) >= self.settings.idle_timeout)
             .count()
-            .max((idle.len() + 1).saturating_sub(MAX_IDLE));
+            .max((idle.len() + 1).saturating_sub(self.settings.max_idle));
+        let stale = stale.min(idle.len());
         idle.drain(..stale);
-        idle.push(IdleConnection { sender, since: now });
+        if self.settings.max_idle > 0 {
+            idle.push(IdleConnection {
+                sender,
+                born,
+                since: now,
+            });
+        }
     }
 
-    /// The most recently used idle connection that is still open, once it is ready for a request.
-    async fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+    /// The most recently used idle connection that is still open and young enough, once it is
+    /// ready for a request.
+    async fn checkout(&self) -> Option<(http1::SendRequest<RequestBody>, Instant)> {
         loop {
             let connection = self.lock_idle().pop()?;
-            if connection.since.elapsed() >= self.idle_timeout || connection.sender.is_closed() {
+            if connection.since.elapsed() >= self.settings.idle_timeout
+                || connection.born.elapsed() >= self.settings.max_connection_age
+                || connection.sender.is_closed()
+            {
                 continue;
             }
             let mut sender = connection.sender;
             // Ready at once unless hyper is still finishing the previous exchange's bookkeeping.
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, connection.born));
             }
         }
     }
 
+    /// The HTTP/2 connection, if there is one still open and not due to retire.
     fn shared_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let multiplexed = self.lock_multiplexed();
-        multiplexed.as_ref().filter(|sender| !sender.is_closed()).cloned()
+        let mut multiplexed = self.lock_multiplexed();
+        let usable = multiplexed.as_ref().is_some_and(|connection| {
+            !connection.sender.is_closed() && Instant::now() < connection.use_times.retires_at(&self.settings)
+        });
+        if !usable {
+            // Dropped: it closes once the requests still on it end.
+            *multiplexed = None;
+            return None;
+        }
+        let connection = multiplexed.as_ref()?;
+        connection.use_times.touch();
+        Some(connection.sender.clone())
     }
 
     /// Drops the shared HTTP/2 connection once it is closed (a newer one made meanwhile stays).
     fn forget_closed_http2(&self) {
         let mut multiplexed = self.lock_multiplexed();
-        if multiplexed.as_ref().is_some_and(http2::SendRequest::is_closed) {
+        if multiplexed
+            .as_ref()
+            .is_some_and(|connection| connection.sender.is_closed())
+        {
             *multiplexed = None;
         }
+    }
+
+    /// A connect shared by concurrent calls while the upstream may speak HTTP/2: the first call
+    /// connects, the others wait for its connection (or its failure) instead of connecting too.
+    async fn connect_shared(&self) -> Result<Fresh, PoolError> {
+        let seen = self.connects.load(Ordering::Acquire);
+        let turn = self.connect_turn.lock().await;
+        if let Some(sender) = self.shared_http2() {
+            return Ok(Fresh::Http2(sender));
+        }
+        if self.connects.load(Ordering::Acquire) != seen {
+            let failure = self
+                .last_connect_failure
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            if let Some(failure) = failure {
+                return Err(PoolError::Connect(failure));
+            }
+            if self.protocol.load(Ordering::Relaxed) == HTTP1 {
+                // The connect waited for spoke HTTP/1.1: one connection per exchange, in parallel.
+                drop(turn);
+                return self.connect().await;
+            }
+        }
+        let result = self.connect().await;
+        let failure = match &result {
+            Ok(_) => None,
+            Err(PoolError::Connect(failure)) => Some(failure.clone()),
+            Err(PoolError::Request(error)) => Some(ConnectFailure::of(error)),
+        };
+        *self
+            .last_connect_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = failure;
+        self.connects.fetch_add(1, Ordering::Release);
+        result
     }
 
     async fn connect(&self) -> Result<Fresh, PoolError> {
@@ -259,27 +411,42 @@ impl Pool {
             .oneshot(self.origin.clone())
             .await
             .map_err(|error| PoolError::Connect(ConnectFailure::of(error.as_ref())))?;
+        let born = Instant::now();
         if io.connected().is_negotiated_h2() {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(PoolError::Request)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
-                }
+            self.protocol.store(HTTP2, Ordering::Relaxed);
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new());
+            if !self.settings.http2_keepalive_interval.is_zero() {
+                builder
+                    .keep_alive_interval(self.settings.http2_keepalive_interval)
+                    .keep_alive_timeout(self.settings.http2_keepalive_timeout)
+                    .keep_alive_while_idle(true);
+            }
+            let (sender, connection) = builder.handshake(io).await.map_err(PoolError::Request)?;
+            let use_times = Arc::new(UseTimes {
+                born,
+                last_used_ms: AtomicU64::new(0),
             });
-            *self.lock_multiplexed() = Some(sender.clone());
+            tokio::spawn(drive_http2(
+                connection,
+                Arc::clone(&use_times),
+                Arc::clone(&self.multiplexed),
+                self.settings,
+            ));
+            *self.lock_multiplexed() = Some(Multiplexed {
+                sender: sender.clone(),
+                use_times,
+            });
             Ok(Fresh::Http2(sender))
         } else {
+            self.protocol.store(HTTP1, Ordering::Relaxed);
             let (sender, connection) = http1::handshake(io).await.map_err(PoolError::Request)?;
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "upstream HTTP/1.1 connection ended");
                 }
             });
-            Ok(Fresh::Http1(sender))
+            Ok(Fresh::Http1(sender, born))
         }
     }
 
@@ -297,10 +464,51 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_multiplexed(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<RequestBody>>> {
+    fn lock_multiplexed(&self) -> std::sync::MutexGuard<'_, Option<Multiplexed>> {
         self.multiplexed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Drives an HTTP/2 connection; once it is due to retire (idle, or too old), takes it out of the
+/// pool, so it closes as soon as the requests still on it end.
+async fn drive_http2<T>(
+    connection: http2::Connection<T, RequestBody, TokioExecutor>,
+    use_times: Arc<UseTimes>,
+    slot: Arc<Mutex<Option<Multiplexed>>>,
+    settings: PoolSettings,
+) where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::pin!(connection);
+    loop {
+        let retires_at = use_times.retires_at(&settings);
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(retires_at.into()) => {
+                if Instant::now() >= use_times.retires_at(&settings) {
+                    break;
+                }
+            }
+        }
+    }
+    {
+        let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(&current.use_times, &use_times))
+        {
+            *slot = None;
+        }
+    }
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "upstream HTTP/2 connection ended");
     }
 }
 
