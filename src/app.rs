@@ -23,9 +23,10 @@ use crate::proxy::RunService;
 use crate::run::status::RunStatuses;
 use crate::serve::admin::{AdminState, Readiness};
 use crate::serve::connection::WorkSlots;
+use crate::upstream::Upstream;
 use crate::upstream::budget::Budget;
+use crate::upstream::credentials::KeyRotation;
 use crate::upstream::fetcher::Fetcher;
-use crate::upstream::{KeyRotation, Upstream};
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
 

@@ -8,7 +8,7 @@ use clap::Parser;
 use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH, UpstreamConfig};
 use plextera_gateway::ops::health_check;
 use plextera_gateway::ops::telemetry::{self, LogFormat};
-use plextera_gateway::upstream::KeyRotation;
+use plextera_gateway::upstream::credentials::KeyRotation;
 use plextera_gateway::{ApiKey, Gateway, Secrets, demo};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on

@@ -7,6 +7,11 @@
 //! from a place that could hold a secret (the key, the names of the variables and the file that
 //! hold secrets, a line of the file) ever appears in a message. The environment is read through a
 //! closure so tests never call `set_var`.
+//!
+//! Why one long module: it is the schema, one struct per TOML table with its defaults beside it,
+//! and `Config::validate` reads the whole file's rules in one place (several rules span tables).
+//! Reading values (`fields.rs`), the wording of errors ([`report`]) and the secrets
+//! ([`secrets`]) are split out; half the file is its tests.
 
 mod fields;
 pub mod report;

@@ -16,6 +16,10 @@
 //! connection arrives, the longest-idle connection is closed to make room; with none idle, the
 //! newcomer waits (and the kernel queues those after it). So connections that send nothing can
 //! neither hold the public port nor keep the admin port from answering its probes.
+//!
+//! Why one long module: binding, the accept loops of both ports, making room when full and the
+//! drain are one lifecycle whose steps hand state to each other (the connection table, the drain
+//! signal, readiness); each connection's own rules live in [`connection`].
 
 pub mod admin;
 pub mod connection;
@@ -46,7 +50,7 @@ use crate::serve::connection::io::WatchedIo;
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::serve::connection::track::Track;
 use crate::serve::connection::{CLOSE_GRACE, CloseReason, Connection, Limits, idlest};
-use crate::upstream::KeyRotation;
+use crate::upstream::credentials::KeyRotation;
 
 /// Connections the admin port serves at once (probes and scrapes need few).
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -129,7 +133,7 @@ impl Gateway {
         self.public.local_addr().expect("a bound listener has an address")
     }
 
-    /// Replaces the upstream key while serving (see `upstream::KeyRotation`).
+    /// Replaces the upstream key while serving (see `upstream::credentials::KeyRotation`).
     pub fn key_rotation(&self) -> KeyRotation {
         self.app.key_rotation.clone()
     }

@@ -23,8 +23,8 @@ pub mod fetcher;
 pub mod key_echo;
 pub mod metrics;
 pub mod pool;
+pub mod tls;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,15 +37,14 @@ use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
+use self::credentials::{Credentials, KeyRotation};
 use self::metrics::{UpstreamMetrics, UpstreamOutcome};
+use self::tls::tls_config;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::edge::response::{APPLICATION_JSON, X_REQUEST_ID};
 use crate::run::id::RunId;
 use crate::upstream::credentials::ApiKey;
-use crate::upstream::key_echo::EchoFinder;
 use crate::upstream::pool::{Pool, PoolError, PoolSettings, describe_chain, error_chain};
 
 /// What upstream answered, read whole.
@@ -304,146 +303,9 @@ impl Upstream {
     }
 }
 
-/// Replaces the upstream key at run time (SIGHUP re-reads `api_key_file`).
-#[derive(Clone)]
-pub struct KeyRotation(Arc<ArcSwap<Credentials>>);
-
-impl KeyRotation {
-    /// `text` with every echo of the key (current or, during a rotation, previous) replaced by
-    /// `[redacted]`; `None` when it holds none. For log lines (see `telemetry::redact_with`).
-    pub fn redact(&self, text: &[u8]) -> Option<Vec<u8>> {
-        let credentials = self.0.load();
-        credentials
-            .appears_in(text)
-            .then(|| credentials.replace_echoes(text))
-    }
-
-    /// Starts sending `key` instead of the current one. Requests already sent finish with the
-    /// old key; bodies that echo either key are still scrubbed.
-    pub fn replace(&self, key: &ApiKey) {
-        let previous = self.0.load();
-        self.0
-            .store(Arc::new(Credentials::new(key, Some(&previous.current))));
-    }
-}
-
-/// The key as sent, and as searched for in what comes back. Deliberately not `Debug`.
-struct Credentials {
-    authorization: HeaderValue,
-    /// Finds the current key in upstream bytes, in any spelling ([`EchoFinder`]).
-    current: EchoFinder,
-    /// Finds the key it replaced (requests in flight during a rotation still carry it).
-    previous: Option<EchoFinder>,
-}
-
-impl Credentials {
-    fn new(key: &ApiKey, previous: Option<&EchoFinder>) -> Self {
-        Self {
-            authorization: key.authorization(),
-            current: EchoFinder::new(key.expose().as_bytes()),
-            previous: previous.cloned(),
-        }
-    }
-
-    fn finders(&self) -> impl Iterator<Item = &EchoFinder> {
-        std::iter::once(&self.current).chain(self.previous.as_ref())
-    }
-
-    fn appears_in(&self, bytes: &[u8]) -> bool {
-        self.finders().any(|finder| finder.find(bytes).is_some())
-    }
-
-    /// `body` with every echo of the key, in any spelling, replaced by `[redacted]`; untouched (and
-    /// not copied) when there is none, which is always, unless upstream echoes credentials back.
-    fn scrub(&self, body: Bytes) -> Bytes {
-        if !self.appears_in(&body) {
-            return body;
-        }
-        tracing::warn!("upstream echoed the API key in a response body: scrubbed before forwarding");
-        Bytes::from(self.replace_echoes(&body))
-    }
-
-    /// `text` with every echo of either key replaced by `[redacted]`.
-    fn replace_echoes(&self, text: &[u8]) -> Vec<u8> {
-        let mut scrubbed = text.to_vec();
-        for finder in self.finders() {
-            scrubbed = replace_all(&scrubbed, finder, b"[redacted]");
-        }
-        scrubbed
-    }
-}
-
-fn replace_all(haystack: &[u8], finder: &EchoFinder, replacement: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut copied = 0;
-    for echo in finder.echoes(haystack) {
-        out.extend_from_slice(&haystack[copied..echo.start]);
-        out.extend_from_slice(replacement);
-        copied = echo.end;
-    }
-    out.extend_from_slice(&haystack[copied..]);
-    out
-}
-
-/// rustls with the ring provider, the webpki roots and, if configured, the CAs in `ca_file`.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let invalid = |why: String| {
-            ConfigError::Invalid(format!(
-                "upstream.ca_file {}: {why}",
-                crate::config::report::shown(&path.display().to_string())
-            ))
-        };
-        let certificates = CertificateDer::pem_file_iter(path)
-            .map_err(|error| invalid(error.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| invalid(error.to_string()))?;
-        if certificates.is_empty() {
-            return Err(invalid("holds no PEM certificate".to_owned()));
-        }
-        for certificate in certificates {
-            roots
-                .add(certificate)
-                .map_err(|error| invalid(error.to_string()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| ConfigError::Invalid(format!("TLS setup: {error}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn echoed_keys_are_scrubbed_and_clean_bodies_untouched() {
-        let old = ApiKey::new("old-key-123").expect("key");
-        let new = ApiKey::new("new-key-456").expect("key");
-        let first = Credentials::new(&old, None);
-        let rotated = Credentials::new(&new, Some(&first.current));
-
-        let clean = Bytes::from_static(b"{\"id\":\"r1\"}");
-        assert_eq!(
-            rotated.scrub(clean.clone()).as_ptr(),
-            clean.as_ptr(),
-            "not copied"
-        );
-
-        let echo = Bytes::from_static(b"bad key new-key-456 / old-key-123 / new-key-456!");
-        assert_eq!(
-            rotated.scrub(echo),
-            Bytes::from_static(b"bad key [redacted] / [redacted] / [redacted]!")
-        );
-        assert!(rotated.appears_in(b"api-key old-key-123"));
-        assert!(!first.appears_in(b"new-key-456"));
-    }
 
     #[test]
     fn the_host_header_names_a_port_only_when_it_is_not_the_default() {

@@ -25,6 +25,10 @@
 //! ends, even after the client reset the stream or closed the connection, so a connection never
 //! has more upstream calls in flight than it may have streams, and the connection's own slot
 //! (`max_connections`) is given back only when the last of its work has ended.
+//!
+//! Why one long module: the watchdog's rules read the same counters and decide together (idle and
+//! shed both mean "nothing in flight"), so they stay side by side; the per-request bookkeeping
+//! ([`track`]), the socket wrapper ([`io`]) and the series ([`metrics`]) are split out.
 
 pub mod io;
 pub mod metrics;

@@ -27,6 +27,10 @@
 //! only sends GETs, which are safe to repeat, so it builds the request again and sends it once more
 //! on a fresh connection (as nginx and Go's HTTP client do for a kept-alive connection). A fresh
 //! connection that fails is not retried: that upstream is failing, not closing idle connections.
+//!
+//! Why one long module: `send`'s branches (shared HTTP/2, stacked HTTP/1.1, retry, shared connect)
+//! only make sense read together; the HTTP/2 connection's upkeep (`http2_connection.rs`) and the
+//! reading of errors (`failure.rs`) are split out.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +47,13 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounter;
 use tower::ServiceExt;
+
+use self::failure::closed_without_answer;
+pub use self::failure::{ConnectFailure, describe_chain, error_chain};
+use self::http2_connection::{Multiplexed, UseTimes, drive_http2};
+
+mod failure;
+mod http2_connection;
 
 type RequestBody = Empty<Bytes>;
 
@@ -82,75 +93,6 @@ pub enum PoolError {
     Request(hyper::Error),
 }
 
-/// Why no connection could be made, for the log: a short cause and the whole error chain.
-#[derive(Debug, Clone)]
-pub struct ConnectFailure {
-    /// `dns`, `refused`, `timeout`, `tls` or `other`.
-    pub cause: &'static str,
-    /// Every error in the chain, outermost first, joined by `: `.
-    pub detail: String,
-}
-
-impl ConnectFailure {
-    /// Reads the cause off the connector's error chain (hyper-util's `ConnectError` names DNS
-    /// failures; the I/O error says refused or timed out; rustls errors mean TLS).
-    fn of(error: &(dyn std::error::Error + 'static)) -> Self {
-        let chain = error_chain(error);
-        let is_tls = |error: &(dyn std::error::Error + 'static)| error.is::<rustls::Error>();
-        let io_kind = chain
-            .iter()
-            .find_map(|error| error.downcast_ref::<std::io::Error>())
-            .map(std::io::Error::kind);
-        let cause = if chain
-            .iter()
-            .any(|error| error.to_string().starts_with("dns error"))
-        {
-            "dns"
-        } else if chain.iter().any(|error| is_tls(*error)) {
-            "tls"
-        } else if io_kind == Some(std::io::ErrorKind::ConnectionRefused) {
-            "refused"
-        } else if io_kind == Some(std::io::ErrorKind::TimedOut) {
-            "timeout"
-        } else {
-            "other"
-        };
-        Self {
-            cause,
-            detail: describe_chain(&chain),
-        }
-    }
-}
-
-/// `error` and the errors under it. An `io::Error` wrapping another error reports that error's
-/// source as its own, skipping the wrapped error itself (hyper-rustls wraps rustls's error in two
-/// of them), so the wrapped one is followed instead.
-pub fn error_chain<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Vec<&'a (dyn std::error::Error + 'static)> {
-    let mut chain = Vec::new();
-    let mut next = Some(error);
-    while let Some(error) = next {
-        chain.push(error);
-        next = match error
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-        {
-            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
-            None => error.source(),
-        };
-    }
-    chain
-}
-
-/// The chain's messages joined by `: `, each said once (a wrapping `io::Error` repeats the
-/// message of the error it wraps).
-pub fn describe_chain(chain: &[&(dyn std::error::Error + 'static)]) -> String {
-    let mut messages: Vec<String> = chain.iter().map(ToString::to_string).collect();
-    messages.dedup();
-    messages.join(": ")
-}
-
 /// A connection lent for one exchange; give it back with [`Pool::put`] once the body is read.
 pub struct Lease(Option<(http1::SendRequest<RequestBody>, Instant)>);
 
@@ -180,31 +122,6 @@ struct IdleConnection {
     sender: http1::SendRequest<RequestBody>,
     born: Instant,
     since: Instant,
-}
-
-struct Multiplexed {
-    sender: http2::SendRequest<RequestBody>,
-    use_times: Arc<UseTimes>,
-}
-
-/// When an HTTP/2 connection was made and last used, read by its driver task.
-struct UseTimes {
-    born: Instant,
-    /// Milliseconds from `born` to the last use.
-    last_used_ms: AtomicU64,
-}
-
-impl UseTimes {
-    fn touch(&self) {
-        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_used_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// When the connection stops taking requests, unless it is used before then.
-    fn retires_at(&self, settings: &PoolSettings) -> Instant {
-        let last_used = self.born + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
-        (last_used + settings.idle_timeout).min(self.born + settings.max_connection_age)
-    }
 }
 
 enum Fresh {
@@ -468,113 +385,5 @@ impl Pool {
         self.multiplexed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Drives an HTTP/2 connection; once it is due to retire (idle, or too old), takes it out of the
-/// pool, so it closes as soon as the requests still on it end.
-async fn drive_http2<T>(
-    connection: http2::Connection<T, RequestBody, TokioExecutor>,
-    use_times: Arc<UseTimes>,
-    slot: Arc<Mutex<Option<Multiplexed>>>,
-    settings: PoolSettings,
-) where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    tokio::pin!(connection);
-    loop {
-        let retires_at = use_times.retires_at(&settings);
-        tokio::select! {
-            ended = connection.as_mut() => {
-                if let Err(error) = ended {
-                    tracing::debug!(%error, "upstream HTTP/2 connection ended");
-                }
-                return;
-            }
-            () = tokio::time::sleep_until(retires_at.into()) => {
-                if Instant::now() >= use_times.retires_at(&settings) {
-                    break;
-                }
-            }
-        }
-    }
-    {
-        let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if slot
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(&current.use_times, &use_times))
-        {
-            *slot = None;
-        }
-    }
-    if let Err(error) = connection.await {
-        tracing::debug!(%error, "upstream HTTP/2 connection ended");
-    }
-}
-
-/// The connection ended before any answer: closed (EOF) or reset, rather than a malformed or
-/// refused exchange.
-fn closed_without_answer(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() {
-        return true;
-    }
-    let io_error =
-        std::error::Error::source(error).and_then(|source| source.downcast_ref::<std::io::Error>());
-    io_error.is_some_and(|io_error| {
-        matches!(
-            io_error.kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::UnexpectedEof
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// A resolver that never finds anything, as when a host name does not exist.
-    #[derive(Clone)]
-    struct NoSuchHost;
-
-    impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for NoSuchHost {
-        type Response = std::vec::IntoIter<std::net::SocketAddr>;
-        type Error = std::io::Error;
-        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
-            Box::pin(async { Err(std::io::Error::other("no such host")) })
-        }
-    }
-
-    #[tokio::test]
-    async fn a_failed_name_lookup_is_a_dns_cause() {
-        let mut connector = HttpConnector::new_with_resolver(NoSuchHost);
-        connector.enforce_http(false);
-        let uri: Uri = "http://plextera.invalid/".parse().expect("uri");
-        let error = connector.oneshot(uri).await.expect_err("no address");
-        let failure = ConnectFailure::of(&error);
-        assert_eq!(failure.cause, "dns", "{}", failure.detail);
-        assert!(failure.detail.contains("no such host"), "{}", failure.detail);
-    }
-
-    #[test]
-    fn wrapped_io_errors_are_followed_to_what_they_wrap() {
-        let tls = rustls::Error::General("bad certificate".to_owned());
-        let wrapped = std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
-        let failure = ConnectFailure::of(&wrapped);
-        assert_eq!(failure.cause, "tls");
-        assert_eq!(failure.detail, "unexpected error: bad certificate");
-        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(ConnectFailure::of(&refused).cause, "refused");
     }
 }
