@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use prometheus::{Histogram, HistogramVec, IntCounterVec, Registry};
+use prometheus::{Histogram, IntCounterVec, Registry};
 use tower::{Layer, Service};
 
 use crate::cache::CacheOutcome;
 use crate::edge::response::Body;
-use crate::ops::metrics::family::{ByCode, ByLabel, histogram_opts, opts, register};
+use crate::ops::metrics::family::{ByCode, ByLabel, histograms, opts, register};
 
 /// Client-side latency buckets (seconds): from a 25 µs hit to a 10 s upstream timeout.
 const REQUEST_BUCKETS: &[f64] = &[
@@ -48,16 +48,12 @@ impl RequestMetrics {
                 &["cache", "code"],
             )?,
         )?;
-        let duration = register(
+        let duration = histograms(
             registry,
-            HistogramVec::new(
-                histogram_opts(
-                    "request_duration_seconds",
-                    "Time from a client request's head being read to its response head being ready, by cache outcome.",
-                    REQUEST_BUCKETS,
-                ),
-                &["cache"],
-            )?,
+            "request_duration_seconds",
+            "Time from a client request's head being read to its response head being ready, by cache outcome.",
+            REQUEST_BUCKETS,
+            &["cache"],
         )?;
         Ok(Self(Arc::new(RequestTables {
             answered: ByLabel::new(|label| ByCode::new(total.clone(), vec![label])),

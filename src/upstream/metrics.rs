@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
 
 use super::UpstreamError;
-use crate::ops::metrics::family::{ByCode, ByLabel, Label, histogram_opts, opts, register};
+use crate::ops::metrics::family::{ByCode, ByLabel, Label, histograms, opts, register};
 
 /// Upstream latency buckets (seconds): a nearby upstream answers in a millisecond, the internet in
 /// tens to hundreds, a struggling one in seconds. The Redis tier's calls use them too.
@@ -64,16 +64,12 @@ impl UpstreamMetrics {
                 &["code"],
             )?,
         )?;
-        let duration = register(
+        let duration = histograms(
             registry,
-            HistogramVec::new(
-                histogram_opts(
-                    "upstream_request_duration_seconds",
-                    "Upstream call latency, request sent to body read, by outcome (status class or failure kind).",
-                    UPSTREAM_BUCKETS,
-                ),
-                &["outcome"],
-            )?,
+            "upstream_request_duration_seconds",
+            "Upstream call latency, request sent to body read, by outcome (status class or failure kind).",
+            UPSTREAM_BUCKETS,
+            &["outcome"],
         )?;
         let retries = register(
             registry,

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramVec, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, IntCounter, IntGauge, Registry};
 
-use crate::ops::metrics::family::{ByLabel, Label, counters, histogram_opts, opts, register};
+use crate::ops::metrics::family::{ByLabel, Label, counters, histograms, opts, register};
 use crate::upstream::metrics::UPSTREAM_BUCKETS;
 
 /// A Redis operation, for the latency histogram.
@@ -64,16 +64,12 @@ pub struct RedisMetrics {
 impl RedisMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let counter = |name: &str, help: &str| register(registry, IntCounter::with_opts(opts(name, help))?);
-        let duration = register(
+        let duration = histograms(
             registry,
-            HistogramVec::new(
-                histogram_opts(
-                    "shared_cache_duration_seconds",
-                    "Redis call latency, by operation (get, set, lock).",
-                    UPSTREAM_BUCKETS,
-                ),
-                &["op"],
-            )?,
+            "shared_cache_duration_seconds",
+            "Redis call latency, by operation (get, set, lock).",
+            UPSTREAM_BUCKETS,
+            &["op"],
         )?;
         Ok(Self {
             hits: counter(

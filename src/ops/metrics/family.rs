@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::StatusCode;
 use prometheus::core::Collector;
-use prometheus::{HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 /// Prefix of every series.
 pub const NAMESPACE: &str = "plextera_gateway";
@@ -103,6 +103,20 @@ pub fn histogram_opts(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts 
     HistogramOpts::new(name, help)
         .namespace(NAMESPACE)
         .buckets(buckets.to_vec())
+}
+
+/// Registers the histogram family `plextera_gateway_<name>` with these labels and buckets.
+pub fn histograms(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    label_names: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    register(
+        registry,
+        HistogramVec::new(histogram_opts(name, help, buckets), label_names)?,
+    )
 }
 
 /// Registers a counter family with one label, `label_name`, whose values are `L`'s.
