@@ -11,7 +11,8 @@
 //! 6. **fill** the tiers ([`Tiers::fill`]), and only then let go of the run id;
 //! 7. **render**: everyone who waited gets the same answer, as a response of its own.
 //!
-//! [`RunService::resolve`] is steps 2 to 6, for any caller that needs a run's current answer.
+//! [`RunService::resolve`] is steps 2 to 6 on their own, for a caller that needs a run's current
+//! answer without being a client request (the per-run watcher that push will add).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -168,7 +169,7 @@ impl Proxy {
             Lookup::Found(entry) => return Answer::Cached { entry, fresh: false },
             Lookup::Missing(claim) => claim,
         };
-        let response = match self.fetcher.fetch(&id, &request_id).await {
+        let mut response = match self.fetcher.fetch(&id, &request_id).await {
             Ok(response) => response,
             Err(error) => {
                 self.tiers.fill(&id, claim, None).await;
@@ -176,10 +177,14 @@ impl Proxy {
             }
         };
         let (entry, run_status) = self.decide(&id, &response);
-        if let Some(entry) = entry
-            && self.tiers.fill(&id, claim, Some(&entry)).await
-        {
-            return Answer::Cached { entry, fresh: true };
+        // Always handed back, stored or not: it holds the run's Redis fetch lock.
+        let stored = self.tiers.fill(&id, claim, entry.as_ref()).await;
+        match entry {
+            Some(entry) if stored => return Answer::Cached { entry, fresh: true },
+            // Storable but not stored (larger than the cache, or declined by a full one): it is
+            // forwarded as the run it is, without upstream's `Retry-After`.
+            Some(_) => response.retry_after = None,
+            None => {}
         }
         Answer::Uncached(Arc::new(Uncached { response, run_status }))
     }

@@ -92,12 +92,18 @@ async fn runs_still_going_are_never_written() {
     let mock = MockUpstream::start().await;
     mock.set("live", Reply::run("live", "PROCESSING"));
     mock.set("gone", Reply::status(StatusCode::NOT_FOUND, "{}"));
-    let gateway = replica(&mock, &redis).await;
+    let shared = shared(&redis);
+    // A lock left behind would live request_timeout + 1 s: far longer than `eventually` waits.
+    let gateway = TestGateway::start(&mock, move |config| {
+        config.cache.shared = Some(shared);
+        config.upstream.request_timeout = Duration::from_secs(60);
+    })
+    .await;
     for _ in 0..3 {
         gateway.get_run("live").await;
         gateway.get_run("gone").await;
     }
-    // The fetch locks are released in the background once each call is done.
+    // The fetch locks are released in the background once each call is done, stored or not.
     eventually("the fetch locks are released", || async {
         let mut client = redis.client().await;
         let locks: Vec<String> = client.keys(format!("{PREFIX}lock:*")).await.expect("KEYS");

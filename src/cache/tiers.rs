@@ -2,10 +2,12 @@
 //!
 //! Lookups go memory → Redis; a run found in Redis fills memory. A run missing from both is
 //! claimed ([`Claim`]): with Redis, replicas that want it at once elect one fetcher through the
-//! fetch lock and the others wait briefly for its copy. Filling stores an ended run in memory now
-//! and writes it to Redis in the background (the answer never waits for Redis); the fetch lock is
-//! released only after that write, so replicas waiting for the run find it rather than fetching
-//! it themselves. Runs still going are never stored anywhere.
+//! fetch lock and the others wait briefly for its copy. Filling stores what the policy allows (an
+//! ended run, or a 404 when `cache.not_found_ttl` is set) in memory now, and an ended run in Redis
+//! in the background (the answer never waits for Redis); the fetch lock is released only after
+//! that write, so replicas waiting for the run find it rather than fetching it themselves. Runs
+//! still going are never stored anywhere. Every claim must be handed back to [`Tiers::fill`],
+//! whatever the fetch gave, even nothing: that is what releases the lock.
 
 use super::redis::{self, Election, Lock, RedisTier};
 use super::{CachedRun, RunStore};
