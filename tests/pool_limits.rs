@@ -418,3 +418,62 @@ async fn a_silently_dead_http2_connection_is_closed_by_its_keepalive_pings() {
     assert_eq!(status.expect("answered"), StatusCode::OK);
     assert_eq!(relay.accepted(), 2);
 }
+
+#[tokio::test]
+async fn a_caller_that_gives_up_does_not_cancel_the_connect_others_wait_for() {
+    let (acceptor, ca_pem) = support::tls::localhost_acceptor(&[b"h2"]);
+    let (reached_tx, mut reached) = mpsc::unbounded_channel();
+    let (open, opened) = watch::channel(false);
+    // Holds each connection before the TLS handshake until the test opens the gate.
+    let upstream = Upstream::start(move |stream, _| {
+        let (acceptor, reached, mut opened) = (acceptor.clone(), reached_tx.clone(), opened.clone());
+        async move {
+            let _ = reached.send(());
+            if opened.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
+                    "run_1",
+                    "PROCESSING",
+                    0,
+                ))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    let pool = Arc::new(http2_pool(upstream.addr, &ca_pem, PoolSettings::default()));
+    let host = format!("localhost:{}", upstream.addr.port());
+    let first = tokio::spawn({
+        let (pool, host) = (Arc::clone(&pool), host.clone());
+        async move { exchange(&pool, &host).await.map_err(|error| format!("{error:?}")) }
+    });
+    reached
+        .recv()
+        .await
+        .expect("the first caller's connect reached the upstream");
+    let second = tokio::spawn({
+        let (pool, host) = (Arc::clone(&pool), host.clone());
+        async move { exchange(&pool, &host).await.map_err(|error| format!("{error:?}")) }
+    });
+    // The first caller gives up, as its timeout would make it.
+    first.abort();
+    assert!(first.await.expect_err("cancelled").is_cancelled());
+    open.send_replace(true);
+    let status = tokio::time::timeout(WITHIN, second)
+        .await
+        .expect("answered")
+        .expect("the task ran");
+    assert_eq!(status.expect("answered"), StatusCode::OK);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "the connect outlived the caller that started it"
+    );
+}

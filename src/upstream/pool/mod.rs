@@ -18,7 +18,9 @@
 //!
 //! Concurrent calls that find no connection share one connect while the upstream may speak
 //! HTTP/2 (until the first connection says otherwise): they wait for it and multiplex on it,
-//! rather than each opening a connection of its own; if it fails, they all get its failure.
+//! rather than each opening a connection of its own; if it fails, they all get its failure. The
+//! connect runs in a task of its own, so a caller that gives up does not cancel it for the others.
+//! A retired HTTP/2 connection is replaced by the next call (which pays one handshake).
 //!
 //! An upstream closes idle connections on its own schedule, so a request can meet a stacked
 //! connection the upstream has just closed. If the gateway learns of the close before writing,
@@ -97,21 +99,27 @@ pub enum PoolError {
 pub struct Lease(Option<(http1::SendRequest<RequestBody>, Instant)>);
 
 pub struct Pool {
+    settings: PoolSettings,
+    idle: Mutex<Vec<IdleConnection>>,
+    dialer: Arc<Dialer>,
+    /// Counts requests sent a second time after a kept-alive connection closed under them.
+    retries: IntCounter,
+}
+
+/// What makes connections, shared with the connect a task runs for concurrent cold calls.
+struct Dialer {
     connector: HttpsConnector<HttpConnector>,
     origin: Uri,
     settings: PoolSettings,
-    idle: Mutex<Vec<IdleConnection>>,
     /// The HTTP/2 connection, shared with its driver task (which retires it when idle).
     multiplexed: Arc<Mutex<Option<Multiplexed>>>,
     /// What the upstream speaks, as far as the pool knows: [`UNKNOWN`], [`HTTP1`] or [`HTTP2`].
     protocol: AtomicU8,
     /// Held by the one connect that concurrent cold calls share while HTTP/2 is possible.
-    connect_turn: tokio::sync::Mutex<()>,
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// Shared connects finished so far, and the failure of the last one if it failed.
     connects: AtomicU64,
-    last_connect_failure: Mutex<Option<ConnectFailure>>,
-    /// Counts requests sent a second time after a kept-alive connection closed under them.
-    retries: IntCounter,
+    last_failure: Mutex<Option<ConnectFailure>>,
 }
 
 const UNKNOWN: u8 = 0;
@@ -144,15 +152,18 @@ impl Pool {
             HTTP1
         };
         Self {
-            connector,
-            origin,
             settings,
             idle: Mutex::default(),
-            multiplexed: Arc::default(),
-            protocol: AtomicU8::new(protocol),
-            connect_turn: tokio::sync::Mutex::new(()),
-            connects: AtomicU64::new(0),
-            last_connect_failure: Mutex::default(),
+            dialer: Arc::new(Dialer {
+                connector,
+                origin,
+                settings,
+                multiplexed: Arc::default(),
+                protocol: AtomicU8::new(protocol),
+                turn: Arc::default(),
+                connects: AtomicU64::new(0),
+                last_failure: Mutex::default(),
+            }),
             retries,
         }
     }
@@ -193,8 +204,8 @@ impl Pool {
             }
         }
         // Boxed: a connect's state (TLS handshake included) is large and rarely needed.
-        let fresh = if self.protocol.load(Ordering::Relaxed) == HTTP1 {
-            Box::pin(self.connect()).await?
+        let fresh = if self.dialer.protocol.load(Ordering::Relaxed) == HTTP1 {
+            Box::pin(self.dialer.connect()).await?
         } else {
             Box::pin(self.connect_shared()).await?
         };
@@ -286,41 +297,56 @@ impl Pool {
 
     /// A connect shared by concurrent calls while the upstream may speak HTTP/2: the first call
     /// connects, the others wait for its connection (or its failure) instead of connecting too.
+    /// The connect runs in a task of its own, holding the turn, so a caller that gives up (its
+    /// timeout) does not cancel the connect the others wait for.
     async fn connect_shared(&self) -> Result<Fresh, PoolError> {
-        let seen = self.connects.load(Ordering::Acquire);
-        let turn = self.connect_turn.lock().await;
+        let dialer = &self.dialer;
+        let seen = dialer.connects.load(Ordering::Acquire);
+        let turn = Arc::clone(&dialer.turn).lock_owned().await;
         if let Some(sender) = self.shared_http2() {
             return Ok(Fresh::Http2(sender));
         }
-        if self.connects.load(Ordering::Acquire) != seen {
-            let failure = self
-                .last_connect_failure
+        if dialer.connects.load(Ordering::Acquire) != seen {
+            let failure = dialer
+                .last_failure
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .clone();
             if let Some(failure) = failure {
                 return Err(PoolError::Connect(failure));
             }
-            if self.protocol.load(Ordering::Relaxed) == HTTP1 {
+            if dialer.protocol.load(Ordering::Relaxed) == HTTP1 {
                 // The connect waited for spoke HTTP/1.1: one connection per exchange, in parallel.
                 drop(turn);
-                return self.connect().await;
+                return dialer.connect().await;
             }
         }
-        let result = self.connect().await;
-        let failure = match &result {
-            Ok(_) => None,
-            Err(PoolError::Connect(failure)) => Some(failure.clone()),
-            Err(PoolError::Request(error)) => Some(ConnectFailure::of(error)),
-        };
-        *self
-            .last_connect_failure
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = failure;
-        self.connects.fetch_add(1, Ordering::Release);
-        result
+        let dialer = Arc::clone(dialer);
+        let connecting = tokio::spawn(async move {
+            let _turn = turn;
+            let result = dialer.connect().await;
+            let failure = match &result {
+                Ok(_) => None,
+                Err(PoolError::Connect(failure)) => Some(failure.clone()),
+                Err(PoolError::Request(error)) => Some(ConnectFailure::of(error)),
+            };
+            *dialer
+                .last_failure
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = failure;
+            dialer.connects.fetch_add(1, Ordering::Release);
+            result
+        });
+        connecting.await.unwrap_or_else(|failed| {
+            Err(PoolError::Connect(ConnectFailure {
+                cause: "other",
+                detail: failed.to_string(),
+            }))
+        })
     }
+}
 
+impl Dialer {
     async fn connect(&self) -> Result<Fresh, PoolError> {
         let io = self
             .connector
@@ -367,9 +393,17 @@ impl Pool {
         }
     }
 
+    fn lock_multiplexed(&self) -> std::sync::MutexGuard<'_, Option<Multiplexed>> {
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Pool {
     /// HTTP/2 carries scheme and authority as pseudo-headers: the origin's, with the request's path.
     fn absolute_form(&self, mut request: Request<RequestBody>) -> Request<RequestBody> {
-        let mut parts = self.origin.clone().into_parts();
+        let mut parts = self.dialer.origin.clone().into_parts();
         parts.path_and_query = request.uri().path_and_query().cloned();
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
@@ -382,8 +416,6 @@ impl Pool {
     }
 
     fn lock_multiplexed(&self) -> std::sync::MutexGuard<'_, Option<Multiplexed>> {
-        self.multiplexed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.dialer.lock_multiplexed()
     }
 }
