@@ -259,25 +259,27 @@ async fn idle_connections_beyond_the_maximum_are_closed() {
     assert_eq!(upstream.accepted(), 2);
 }
 
+/// Serves one connection as an HTTP/2 (by ALPN) upstream over TLS answering every run as still
+/// going.
+async fn serve_http2(acceptor: &tokio_rustls::TlsAcceptor, stream: TcpStream) {
+    let Ok(stream) = acceptor.accept(stream).await else {
+        return;
+    };
+    let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body("run_1", "PROCESSING", 0))))
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 /// An HTTP/2 (by ALPN) upstream over TLS answering every run as still going.
 async fn http2_upstream() -> (Upstream, String) {
     let (acceptor, certificate_pem) = support::tls::localhost_acceptor(&[b"h2"]);
     let upstream = Upstream::start(move |stream, _| {
         let acceptor = acceptor.clone();
         async move {
-            let Ok(stream) = acceptor.accept(stream).await else {
-                return;
-            };
-            let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
-                    "run_1",
-                    "PROCESSING",
-                    0,
-                ))))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            serve_http2(&acceptor, stream).await;
         }
     })
     .await;
@@ -432,19 +434,7 @@ async fn a_caller_that_gives_up_does_not_cancel_the_connect_others_wait_for() {
             if opened.wait_for(|open| *open).await.is_err() {
                 return;
             }
-            let Ok(stream) = acceptor.accept(stream).await else {
-                return;
-            };
-            let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
-                    "run_1",
-                    "PROCESSING",
-                    0,
-                ))))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            serve_http2(&acceptor, stream).await;
         }
     })
     .await;
