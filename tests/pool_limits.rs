@@ -467,3 +467,38 @@ async fn a_caller_that_gives_up_does_not_cancel_the_connect_others_wait_for() {
         "the connect outlived the caller that started it"
     );
 }
+
+#[tokio::test]
+async fn a_connect_that_never_completes_gives_up_at_the_connect_timeout() {
+    let (acceptor, ca_pem) = support::tls::localhost_acceptor(&[b"h2"]);
+    let (open, opened) = watch::channel(false);
+    // Accepts TCP, then says nothing until the test opens the gate.
+    let upstream = Upstream::start(move |stream, _| {
+        let (acceptor, mut opened) = (acceptor.clone(), opened.clone());
+        async move {
+            if opened.wait_for(|open| *open).await.is_ok() {
+                serve_http2(&acceptor, stream).await;
+            }
+        }
+    })
+    .await;
+    let settings = PoolSettings {
+        connect_timeout: Duration::from_millis(200),
+        ..PoolSettings::default()
+    };
+    let pool = http2_pool(upstream.addr, &ca_pem, settings);
+    let host = format!("localhost:{}", upstream.addr.port());
+    let failed = tokio::time::timeout(WITHIN, exchange(&pool, &host))
+        .await
+        .expect("the connect gave up on its own");
+    match failed {
+        Err(PoolError::Connect(failure)) => assert_eq!(failure.cause, "timeout", "{}", failure.detail),
+        other => panic!("{other:?}"),
+    }
+    // The connect let go of its turn: the next call connects.
+    open.send_replace(true);
+    let status = tokio::time::timeout(WITHIN, exchange(&pool, &host))
+        .await
+        .expect("answered");
+    assert_eq!(status.expect("answered"), StatusCode::OK);
+}

@@ -126,6 +126,7 @@ impl Upstream {
                     max_connection_age: config.pool_max_connection_age,
                     http2_keepalive_interval: config.http2_keepalive_interval,
                     http2_keepalive_timeout: config.http2_keepalive_timeout,
+                    connect_timeout: config.request_timeout,
                 },
                 metrics.retries.clone(),
             )),

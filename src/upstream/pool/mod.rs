@@ -72,6 +72,8 @@ pub struct PoolSettings {
     pub http2_keepalive_interval: Duration,
     /// A PING unanswered this long closes the HTTP/2 connection.
     pub http2_keepalive_timeout: Duration,
+    /// Bound on one connect, TLS and HTTP/2 handshakes included (`upstream.request_timeout`).
+    pub connect_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -82,6 +84,7 @@ impl Default for PoolSettings {
             max_connection_age: Duration::from_secs(300),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -347,7 +350,21 @@ impl Pool {
 }
 
 impl Dialer {
+    /// A new connection, within `connect_timeout`: the shared connect runs in a task no caller's
+    /// own timeout can cancel, and holds the turn the other callers wait for.
     async fn connect(&self) -> Result<Fresh, PoolError> {
+        let timeout = self.settings.connect_timeout;
+        tokio::time::timeout(timeout, self.handshake())
+            .await
+            .unwrap_or_else(|_| {
+                Err(PoolError::Connect(ConnectFailure {
+                    cause: "timeout",
+                    detail: format!("no connection within {timeout:?}"),
+                }))
+            })
+    }
+
+    async fn handshake(&self) -> Result<Fresh, PoolError> {
         let io = self
             .connector
             .clone()
