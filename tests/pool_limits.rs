@@ -207,7 +207,7 @@ async fn a_malformed_answer_on_a_kept_connection_is_not_retried() {
 async fn a_connection_idle_past_the_idle_timeout_is_not_reused() {
     let mut upstream = Upstream::start(|stream, _| answer_every_request(stream)).await;
     let settings = PoolSettings {
-        idle_timeout: Duration::from_millis(50),
+        idle_timeout: Duration::from_millis(500),
         ..PoolSettings::default()
     };
     let (pool, _) = http1_pool(upstream.addr, settings);
@@ -216,7 +216,7 @@ async fn a_connection_idle_past_the_idle_timeout_is_not_reused() {
     exchange(&pool, &host).await.expect("reused at once");
     assert_eq!(upstream.accepted(), 1);
     // The timeout is what is under test: let it pass.
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     exchange(&pool, &host).await.expect("after the idle timeout");
     assert_eq!(upstream.accepted(), 2, "the idle connection was replaced");
     upstream.wait_ended(0).await;
@@ -404,7 +404,7 @@ async fn a_silently_dead_http2_connection_is_closed_by_its_keepalive_pings() {
     let (mut relay, swallow) = black_hole_relay(upstream.addr).await;
     let settings = PoolSettings {
         http2_keepalive_interval: Duration::from_millis(100),
-        http2_keepalive_timeout: Duration::from_millis(100),
+        http2_keepalive_timeout: Duration::from_millis(300),
         ..PoolSettings::default()
     };
     let pool = http2_pool(relay.addr, &ca_pem, settings);
