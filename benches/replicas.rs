@@ -46,6 +46,7 @@ async fn start_replicas(mock: &MockUpstream, count: usize, redis: Option<&RedisS
             timeout: Duration::from_millis(100),
             key_prefix: "bench:".to_owned(),
             lock_wait: Duration::from_secs(2),
+            circuit_open_for: plextera_gateway::config::default_circuit_open_for(),
         });
         replicas.push(TestGateway::start(mock, move |config| config.cache.shared = shared).await);
     }

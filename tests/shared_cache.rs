@@ -23,6 +23,7 @@ fn shared(redis: &RedisServer) -> SharedCacheConfig {
         timeout: Duration::from_millis(200),
         key_prefix: PREFIX.to_owned(),
         lock_wait: Duration::from_secs(5),
+        circuit_open_for: plextera_gateway::config::default_circuit_open_for(),
     }
 }
 
@@ -167,7 +168,12 @@ async fn redis_going_away_never_fails_a_request_and_shared_hits_resume_when_it_r
         mock.set(&id, Reply::run(&id, "COMPLETED"));
     }
     mock.set("live", Reply::run("live", "PROCESSING"));
-    let gateway = replica(&mock, &redis).await;
+    // A short pause, so the test waits for the breaker's own rule rather than for the clock.
+    let shared = SharedCacheConfig {
+        circuit_open_for: Duration::from_millis(300),
+        ..shared(&redis)
+    };
+    let gateway = TestGateway::start(&mock, move |config| config.cache.shared = Some(shared)).await;
     assert_eq!(gateway.get_run("run_0").await.status, StatusCode::OK);
 
     redis.kill();

@@ -227,6 +227,9 @@ pub struct SharedCacheConfig {
     /// fetches the run itself.
     #[serde(default = "default_lock_wait", with = "fields::duration")]
     pub lock_wait: Duration,
+    /// After repeated Redis failures, how long the gateway stops calling Redis before trying again.
+    #[serde(default = "default_circuit_open_for", with = "fields::duration")]
+    pub circuit_open_for: Duration,
 }
 
 fn default_shared_timeout() -> Duration {
@@ -239,6 +242,11 @@ fn default_key_prefix() -> String {
 
 fn default_lock_wait() -> Duration {
     Duration::from_secs(1)
+}
+
+/// `cache.shared.circuit_open_for`'s default.
+pub fn default_circuit_open_for() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for CacheConfig {
@@ -554,6 +562,12 @@ impl SharedCacheConfig {
         }
         if self.timeout.is_zero() {
             return Err(invalid("cache.shared.timeout", "is 0s: it must be more than 0s"));
+        }
+        if self.circuit_open_for.is_zero() {
+            return Err(invalid(
+                "cache.shared.circuit_open_for",
+                "is 0s: it must be more than 0s",
+            ));
         }
         if self.ttl.is_some_and(|ttl| ttl.is_zero()) {
             return Err(invalid("cache.shared.ttl", "is 0s: it must be more than 0s"));

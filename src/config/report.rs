@@ -48,6 +48,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("cache.shared.timeout", "\"50ms\""),
     ("cache.shared.key_prefix", "\"plextera-gateway:\""),
     ("cache.shared.lock_wait", "\"1s\""),
+    ("cache.shared.circuit_open_for", "\"5s\""),
 ];
 
 /// Longest bad value repeated whole in a message; a longer one (an API key pasted in the wrong

@@ -94,7 +94,7 @@ impl RedisTier {
                 release: Script::new(
                     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
                 ),
-                breaker: Breaker::new(breaker::OPEN_FOR),
+                breaker: Breaker::new(config.circuit_open_for),
                 metrics,
                 statuses,
             }),
