@@ -157,6 +157,14 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let in_flight = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
     mock.wait_for_requests(1).await;
     gateway.send_sigterm();
+    let readyz = format!("http://{}/readyz", gateway.admin);
+    support::eventually("/readyz says 503 once draining starts", || {
+        let readyz = readyz.clone();
+        async move {
+            TestClient::new().send(Method::GET, &readyz, &[]).await.status == StatusCode::SERVICE_UNAVAILABLE
+        }
+    })
+    .await;
     // The gateway is now draining: the request it holds completes once upstream answers.
     gate.open();
     let response = in_flight.await.expect("client task");

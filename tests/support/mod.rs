@@ -558,6 +558,9 @@ pub struct GatewayProcess {
     pub public: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr: joined once the process has exited, so every line
+    /// it printed is in `logs`.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl GatewayProcess {
@@ -592,8 +595,10 @@ impl GatewayProcess {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("stdout piped");
         let stderr = child.stderr.take().expect("stderr piped");
-        spawn_line_reader(stdout, Arc::clone(&logs), Some(ready_tx));
-        spawn_line_reader(stderr, Arc::clone(&logs), None);
+        let readers = vec![
+            spawn_line_reader(stdout, Arc::clone(&logs), Some(ready_tx)),
+            spawn_line_reader(stderr, Arc::clone(&logs), None),
+        ];
         let ready: serde_json::Value = ready_rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
             panic!(
                 "gateway did not become ready; output:\n{}",
@@ -611,6 +616,7 @@ impl GatewayProcess {
             admin: addr("admin_addr"),
             child,
             logs,
+            readers,
         }
     }
 
@@ -636,10 +642,15 @@ impl GatewayProcess {
         self.wait()
     }
 
+    /// Waits for the exit status; then every line the process printed is in [`Self::logs`].
     pub fn wait(&mut self) -> ExitStatus {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the gateway") {
+                // The pipes are at their end: the readers finish with the last lines.
+                for reader in self.readers.drain(..) {
+                    reader.join().expect("a log reader thread");
+                }
                 return status;
             }
             assert!(
@@ -678,7 +689,7 @@ fn spawn_line_reader(
     output: impl std::io::Read + Send + 'static,
     logs: Arc<Mutex<Vec<String>>>,
     ready: Option<std::sync::mpsc::Sender<serde_json::Value>>,
-) {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(output).lines() {
             let Ok(line) = line else { break };
@@ -690,7 +701,7 @@ fn spawn_line_reader(
             }
             logs.lock().expect("logs").push(line);
         }
-    });
+    })
 }
 
 /// Runs the binary to completion (for start-up failures) and returns status, stdout and stderr.
