@@ -133,6 +133,7 @@ async fn upstream_404s_are_remembered_only_when_configured() {
     );
     assert_eq!(mock.count_for("ghost"), 1);
     let remembered = gateway.get_run("ghost").await;
+    assert_eq!(mock.count_for("ghost"), 1, "answered from memory");
     assert_eq!(remembered.header("cache-control"), Some("no-store"));
     assert!(remembered.header("etag").is_none());
     assert_eq!(

@@ -22,20 +22,34 @@ async fn request_smuggling_attempts_are_refused_by_the_http_layer() {
     let gateway = TestGateway::start(&mock, |_| {}).await;
     mock.set("run_1", Reply::run("run_1", "COMPLETED"));
     let path = runs_path("run_1");
+    // Each attempt, and whether the gateway itself refuses it (`INVALID_REQUEST`, connection
+    // closed) or hyper does before the gateway sees a request (its own bare 400).
     let attempts = [
         // Transfer-Encoding and Content-Length together (CL.TE / TE.CL desync). hyper follows
         // Transfer-Encoding as RFC 9112 allows; the gateway refuses any body framing on Get-run.
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: g\r\n\r\n"
+        (
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: g\r\n\r\n"
+            ),
+            true,
         ),
         // Two different Content-Lengths.
-        format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n"),
+        (
+            format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n"),
+            false,
+        ),
         // obs-fold: a header continued on the next line.
-        format!("GET {path} HTTP/1.1\r\nHost: g\r\nX-Folded: a\r\n b\r\n\r\n"),
+        (
+            format!("GET {path} HTTP/1.1\r\nHost: g\r\nX-Folded: a\r\n b\r\n\r\n"),
+            false,
+        ),
         // A transfer coding that is not chunked last.
-        format!("GET {path} HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked, identity\r\n\r\n"),
+        (
+            format!("GET {path} HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked, identity\r\n\r\n"),
+            false,
+        ),
     ];
-    for attempt in &attempts {
+    for (attempt, by_the_gateway) in &attempts {
         let response = raw_exchange(gateway.public, attempt.as_bytes()).await;
         assert!(
             status_of(&response).contains(" 400 "),
@@ -47,9 +61,15 @@ async fn request_smuggling_attempts_are_refused_by_the_http_layer() {
             1,
             "nothing after the refusal was answered"
         );
-        // Whoever refused it (hyper, or the gateway's INVALID_REQUEST), nothing after it was
-        // answered; when it is the gateway, it says it closes the connection.
-        if response.contains("INVALID_REQUEST") {
+        assert_eq!(
+            response.contains("INVALID_REQUEST"),
+            *by_the_gateway,
+            "refused by {}: {response}",
+            if *by_the_gateway { "the gateway" } else { "hyper" }
+        );
+        // Either way the connection is closed: hyper closes after a parse error, and the gateway
+        // says so when it refuses a body.
+        if *by_the_gateway {
             assert!(
                 response.to_ascii_lowercase().contains("connection: close"),
                 "a refused body closes the connection: {response}"
@@ -117,11 +137,24 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
     })
     .await;
     let mut client = TcpStream::connect(gateway.public).await.expect("connect");
+    let asked = Instant::now();
     client
         .write_all(format!("GET {} HTTP/1.1\r\nHost: g\r\n\r\n", runs_path("run_1")).as_bytes())
         .await
         .expect("write");
     let mut everything = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let answered = loop {
+        let read = tokio::time::timeout(PATIENCE, client.read(&mut chunk))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(read > 0, "closed before the answer");
+        everything.extend_from_slice(&chunk[..read]);
+        if complete_answer(&everything) {
+            break Instant::now();
+        }
+    };
     tokio::time::timeout(PATIENCE, client.read_to_end(&mut everything))
         .await
         .expect("closed once idle")
@@ -130,6 +163,35 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
         String::from_utf8_lossy(&everything).starts_with("HTTP/1.1 200"),
         "answered first"
     );
+    // The idle clock starts at the answer: no sooner than 300 ms after the request was sent, and
+    // not at some other timeout (the default is 10 s): within the 300 ms plus the 1 s close grace.
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "not before the timeout"
+    );
+    assert!(
+        answered.elapsed() < Duration::from_millis(300) + Duration::from_secs(2),
+        "closed after {:?}, not at the configured 300 ms",
+        answered.elapsed()
+    );
+}
+
+/// Whether `bytes` hold one whole HTTP/1.1 answer with a `content-length` body.
+fn complete_answer(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some(head_end) = text.find("\r\n\r\n") else {
+        return false;
+    };
+    let length = text[..head_end]
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    bytes.len() >= head_end + 4 + length
 }
 
 #[tokio::test]

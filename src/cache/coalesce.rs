@@ -252,10 +252,42 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_is_shared_and_the_key_released() {
-        let coalescer = coalescer();
-        let (result, _) = coalescer.run("k", || async { panic!("boom") }).await;
-        assert_eq!(result, Err(Panicked));
+        let coalescer = Arc::new(coalescer());
+        let (release, released) = oneshot::channel::<()>();
+        let leader = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", move || async move {
+                        let _ = released.await;
+                        panic!("boom")
+                    })
+                    .await
+            })
+        };
+        while coalescer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let coalescer = Arc::clone(&coalescer);
+                tokio::spawn(async move { coalescer.run("k", || async { 9 }).await })
+            })
+            .collect();
+        while coalescer.waiting.get() < 3 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("the work is waiting");
+        assert_eq!(leader.await.expect("leader"), (Err(Panicked), Role::Leader));
+        for waiter in waiters {
+            assert_eq!(
+                waiter.await.expect("waiter"),
+                (Err(Panicked), Role::Waiter),
+                "every waiter shares the panic, none runs its own work"
+            );
+        }
         assert_eq!(coalescer.in_flight(), 0);
+        assert_eq!(coalescer.waiting.get(), 0);
         assert_eq!(coalescer.run("k", || async { 3 }).await.0, Ok(3));
     }
 
