@@ -74,6 +74,9 @@ struct Proxy {
     metrics: Metrics,
     /// `cache-control` for terminal runs (from `cache.ttl`), formatted once.
     terminal_cache_control: HeaderValue,
+    /// Tests only: the call for this run waits for the signal, then panics.
+    #[cfg(test)]
+    fault: Option<(RunId, Arc<tokio::sync::Notify>)>,
 }
 
 impl RunService {
@@ -87,6 +90,8 @@ impl RunService {
                 coalescer: Coalescer::new(metrics.coalesced_waiters.clone()),
                 metrics,
                 terminal_cache_control: terminal_cache_control(ttl),
+                #[cfg(test)]
+                fault: None,
             }),
         }
     }
@@ -165,6 +170,13 @@ impl RunService {
 impl Proxy {
     /// The one call for a run, run by the coalescer in a task of its own.
     async fn call(&self, id: RunId, request_id: HeaderValue) -> Answer {
+        #[cfg(test)]
+        if let Some((faulty, signal)) = &self.fault
+            && *faulty == id
+        {
+            signal.notified().await;
+            panic!("injected fault");
+        }
         let claim = match self.tiers.lookup(&id).await {
             Lookup::Found(entry) => return Answer::Cached { entry, fresh: false },
             Lookup::Missing(claim) => claim,
@@ -276,5 +288,76 @@ impl Proxy {
             response.headers_mut().insert(RETRY_AFTER, retry_after.clone());
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, StatusCode};
+    use http_body_util::{BodyExt, Empty};
+    use tower::{Service, ServiceExt};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::upstream::credentials::ApiKey;
+    use crate::{App, Secrets};
+
+    /// The gateway's parts, with the call for `faulty` made to panic once `signal` fires.
+    fn app_with_fault(faulty: &str, signal: &Arc<tokio::sync::Notify>) -> App {
+        let mut config = Config::default();
+        // Never called: the faulty run's call panics before it would fetch.
+        config.upstream.base_url = "http://127.0.0.1:9".to_owned();
+        let key = ApiKey::new("test-key").expect("key");
+        let mut app = App::new(&config, &Secrets::key_only(key)).expect("app");
+        let proxy = Arc::get_mut(&mut app.runs.proxy).expect("the only handle yet");
+        proxy.fault = Some((RunId::parse(faulty).expect("id"), Arc::clone(signal)));
+        app
+    }
+
+    async fn get(
+        service: impl Service<Request<Empty<Bytes>>, Response = Response<Body>, Error = Infallible>,
+        id: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let request = Request::get(format!("/api/public/v1/workflow-runs/{id}"))
+            .header(http::header::HOST, "gateway")
+            .body(Empty::new())
+            .expect("request");
+        let response = service.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&body).expect("a JSON body"))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_call_is_a_500_internal_shared_by_everyone_waiting_on_it() {
+        let signal = Arc::new(tokio::sync::Notify::new());
+        let app = app_with_fault("run_boom", &signal);
+        let requests: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(get(app.public_service::<Empty<Bytes>>(None), "run_boom")))
+            .collect();
+        // One leads the call; the other three wait on it.
+        let waiters = async {
+            while app.admin.metrics.coalesced_waiters.get() < 3 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiters)
+            .await
+            .expect("three requests wait on the leader's call");
+        signal.notify_one();
+        for request in requests {
+            let (status, body) = request.await.expect("the request task");
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(body["error"]["code"], "INTERNAL", "{body}");
+        }
+        assert_eq!(
+            app.admin.metrics.coalesced_requests.get(),
+            3,
+            "the waiters shared it"
+        );
+        assert_eq!(app.admin.metrics.coalesced_waiters.get(), 0);
     }
 }

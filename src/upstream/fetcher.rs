@@ -1,7 +1,7 @@
 //! One fetch of a run from upstream, within the budget, read into one typed answer.
 //!
-//! The budget admits the call first (or refuses it: 429 `RATE_LIMITED` when it is spent, 503
-//! `UPSTREAM_COOLING_DOWN` while upstream's 429 pause runs). Then upstream's status is given its
+//! The budget admits the call first (or refuses it: 429 `GATEWAY_RATE_LIMITED` when it is spent,
+//! 429 `UPSTREAM_RATE_LIMITED` while upstream's 429 pause runs). Then upstream's status is given its
 //! meaning for the gateway: 401/403 say the gateway's own key is wrong, not the client's request,
 //! so they become 502 `UPSTREAM_AUTH`, logged at ERROR; 1xx/3xx become 502
 //! `UPSTREAM_BAD_RESPONSE`, and so does a body sent with a `Content-Encoding` the gateway never
