@@ -24,6 +24,7 @@ async fn terminal_runs_are_stored_and_served_byte_identical_without_upstream() {
         assert_eq!(first.status, StatusCode::OK);
         assert_eq!(first.x_cache(), Some("MISS"), "{id}");
         assert_eq!(first.body, body.as_bytes());
+        let upstream_calls = mock.request_count();
 
         for _ in 0..3 {
             let again = gateway.get_run(id).await;
@@ -37,6 +38,11 @@ async fn terminal_runs_are_stored_and_served_byte_identical_without_upstream() {
             );
         }
         assert_eq!(mock.count_for(id), 1, "{id}: upstream called once");
+        assert_eq!(
+            mock.request_count(),
+            upstream_calls,
+            "{id}: a hit makes no upstream call at all, for this run or any other path"
+        );
     }
 }
 

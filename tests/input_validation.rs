@@ -2,8 +2,12 @@
 
 mod support;
 
+use std::net::SocketAddr;
+
 use http::{Method, StatusCode};
-use support::{MockUpstream, Reply, TestGateway, raw_exchange, runs_path};
+use support::{MockUpstream, PATIENCE, Reply, TestGateway, raw_exchange, runs_path};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Sends each raw request target and returns the status line and body of the answer.
 async fn raw_get(gateway: &TestGateway, target: &str) -> (String, String) {
@@ -46,6 +50,7 @@ async fn hostile_run_ids_are_refused_before_upstream() {
     assert_eq!(mock.request_count(), 0, "nothing reached upstream");
 }
 
+/// Includes the admin port's paths: `/metrics`, `/healthz` and `/readyz` are not on the public one.
 #[tokio::test]
 async fn other_paths_are_404_and_never_forwarded() {
     let mock = MockUpstream::start().await;
@@ -67,6 +72,8 @@ async fn other_paths_are_404_and_never_forwarded() {
         let (status, body) = raw_get(&gateway, target).await;
         assert!(status.contains(" 404 "), "{target}: {status}");
         assert!(body.contains("\"NOT_FOUND\""), "{target}: {body}");
+        // Nothing of the admin port shows through, `/metrics` least of all.
+        assert!(!body.contains("plextera_gateway_"), "{target}: {body}");
     }
     assert_eq!(mock.request_count(), 0);
 }
@@ -170,16 +177,136 @@ async fn a_method_that_is_not_allowed_is_405_whatever_its_body_and_the_body_is_n
             "nothing else was answered"
         );
     }
-    // A GET that frames a body is still 400 and closes too.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\nabcd");
-    let response = raw_exchange(gateway.public, request.as_bytes()).await;
-    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
-    assert!(response.contains("INVALID_REQUEST"), "{response}");
-    assert!(
-        response.to_ascii_lowercase().contains("connection: close"),
-        "{response}"
-    );
+    // A GET that frames a body: `a_get_that_frames_a_body_is_400_and_ends_its_connection`.
     assert_eq!(mock.request_count(), 0, "nothing reached upstream");
+}
+
+/// The length of the first complete answer in `bytes` (head and `Content-Length` body), if it is
+/// all there.
+fn complete_answer_len(bytes: &[u8]) -> Option<usize> {
+    let head_end = bytes.windows(4).position(|window| window == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|value| value.trim().parse().expect("a numeric content-length"))
+        .unwrap_or_else(|| panic!("the answer declares its length: {head}"));
+    (bytes.len() >= head_end + length).then_some(head_end + length)
+}
+
+/// How a connection ended after its first answer.
+struct AfterAnswer {
+    /// The first answer, head and body.
+    answer: String,
+    /// Every byte received after the first answer.
+    rest: String,
+    /// The read after the answer ended in EOF (`Ok`), or in an error such as a reset.
+    ended: std::io::Result<usize>,
+}
+
+/// Writes `request` on a fresh connection and reads one complete answer; then writes `next`, if
+/// any, at once, and reads until the server closes the connection (failing after `PATIENCE`).
+async fn answer_and_what_follows(addr: SocketAddr, request: &str, next: Option<&str>) -> AfterAnswer {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut received = Vec::new();
+    let answer_len = loop {
+        if let Some(length) = complete_answer_len(&received) {
+            break length;
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .expect("read the answer");
+        assert!(
+            read > 0,
+            "closed before a complete answer: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&chunk[..read]);
+    };
+    let mut rest = received.split_off(answer_len);
+    if let Some(next) = next {
+        // After the gateway's close this write may fail, or be answered by a reset: either way,
+        // only what is read next matters.
+        let _ = stream.write_all(next.as_bytes()).await;
+    }
+    let ended = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not closed in time");
+    AfterAnswer {
+        answer: String::from_utf8_lossy(&received).into_owned(),
+        rest: String::from_utf8_lossy(&rest).into_owned(),
+        ended,
+    }
+}
+
+#[tokio::test]
+async fn a_get_that_frames_a_body_is_400_and_ends_its_connection() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let path = runs_path("run_1");
+    let second = format!("GET {path} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n");
+    for (framing, request) in [
+        (
+            "content-length",
+            format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\nabcd"),
+        ),
+        (
+            "chunked",
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+            ),
+        ),
+    ] {
+        // The answer, then a clean end of stream with nothing after it.
+        let after = answer_and_what_follows(gateway.public, &request, None).await;
+        let answer = &after.answer;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{framing}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+            "{framing}: the answer announces the close: {answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|error| panic!("{framing}: {error}: {body:?}"));
+        assert_eq!(json["error"]["code"], "INVALID_REQUEST", "{framing}: {body}");
+        assert!(
+            after.ended.is_ok(),
+            "{framing}: EOF after the answer, got {:?}",
+            after.ended
+        );
+        assert_eq!(after.rest, "", "{framing}: nothing after the answer");
+
+        // A second request written as soon as the answer is read is never answered: the
+        // connection ends (EOF, or a reset when the request lands on the closed socket).
+        let after = answer_and_what_follows(gateway.public, &request, Some(&second)).await;
+        assert!(
+            after.answer.starts_with("HTTP/1.1 400 "),
+            "{framing}: {}",
+            after.answer
+        );
+        assert_eq!(
+            after.rest, "",
+            "{framing}: the request after the refused one was answered"
+        );
+    }
+    assert_eq!(mock.request_count(), 0, "nothing reached upstream");
+
+    // The control: with `Content-Length: 0` the same GET is served, the connection stays open,
+    // and the second request is answered; so an answer to it above would have been seen.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\n\r\n");
+    let after = answer_and_what_follows(gateway.public, &request, Some(&second)).await;
+    assert!(after.answer.starts_with("HTTP/1.1 200 "), "{}", after.answer);
+    assert!(
+        !after.answer.to_ascii_lowercase().contains("connection: close"),
+        "{}",
+        after.answer
+    );
+    assert!(after.rest.starts_with("HTTP/1.1 200 "), "{:?}", after.rest);
+    assert_eq!(mock.count_for("run_1"), 1, "the second was a hit");
 }
 
 #[tokio::test]

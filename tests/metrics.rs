@@ -1,10 +1,12 @@
 //! `/metrics`: exact values after a known sequence of requests, bounded labels, valid exposition.
+//! That it is served on the admin port only: `other_paths_are_404_and_never_forwarded` in
+//! tests/input_validation.rs.
 
 mod support;
 
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use support::{MockUpstream, Reply, TestGateway, run_body};
 
 const REQUESTS: &str = "plextera_gateway_requests_total";
@@ -242,14 +244,4 @@ async fn expired_entries_are_counted_and_leave_the_gauges() {
             && scrape.expect("plextera_gateway_cache_entries", &[]) == 0.0
     })
     .await;
-}
-
-#[tokio::test]
-async fn metrics_are_not_on_the_public_port() {
-    let mock = MockUpstream::start().await;
-    let gateway = TestGateway::start(&mock, |_| {}).await;
-    let response = gateway.send(Method::GET, "/metrics", &[]).await;
-    assert_eq!(response.status, StatusCode::NOT_FOUND);
-    assert!(!String::from_utf8_lossy(&response.body).contains("plextera_gateway_"));
-    assert_eq!(mock.request_count(), 0);
 }
