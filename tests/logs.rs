@@ -68,6 +68,32 @@ async fn the_upstream_is_logged_by_its_origin_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_refusing_the_key_is_logged_at_error_level() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", support::Reply::status(StatusCode::UNAUTHORIZED, "{}"));
+    mock.set("run_2", support::Reply::status(StatusCode::FORBIDDEN, "{}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    for (id, status) in [("run_1", 401), ("run_2", 403)] {
+        let response = gateway.get_run(id).await;
+        assert_eq!(response.error_code(), "UPSTREAM_AUTH");
+        eventually("the refusal is logged", || async {
+            lines_saying(&gateway, "upstream refused the gateway's API key")
+                .iter()
+                .any(|line| line["fields"]["upstream_status"] == status)
+        })
+        .await;
+    }
+    let lines = lines_saying(&gateway, "upstream refused the gateway's API key");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in lines {
+        assert_eq!(line["level"], "ERROR", "an operator must act: {line}");
+        assert!(!line.to_string().contains(TEST_KEY));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_is_logged_with_its_origin_and_the_cause() {
     let refused = refused_addr().await;
     // A plain-HTTP server spoken to in TLS: the handshake fails.

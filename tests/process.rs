@@ -334,6 +334,25 @@ async fn sighup_rotates_a_key_file_without_dropping_requests() {
         last_key().as_deref() == Some("api-key second-key-bbbb")
     })
     .await;
+    // An upstream that still echoes the previous key (requests in flight during a rotation carry
+    // it) gets it scrubbed, as it does the current one.
+    mock.set(
+        "echo",
+        Reply::ok(r#"{"id":"echo","status":"PROCESSING","seen":["first-key-aaaa","second-key-bbbb"]}"#),
+    );
+    let echoed = client
+        .send(
+            Method::GET,
+            &format!("http://{}{}", gateway.public, runs_path("echo")),
+            &[],
+        )
+        .await;
+    let body = String::from_utf8_lossy(&echoed.body).into_owned();
+    assert!(
+        !body.contains("first-key-aaaa") && !body.contains("second-key-bbbb"),
+        "{body}"
+    );
+    assert_eq!(body.matches("[redacted]").count(), 2, "{body}");
 
     // A key file that cannot be used keeps the current key.
     std::fs::write(&key_file, "").expect("empty the key file");

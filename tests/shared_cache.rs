@@ -225,6 +225,45 @@ async fn redis_going_away_never_fails_a_request_and_shared_hits_resume_when_it_r
 }
 
 #[tokio::test]
+async fn redis_never_holds_the_key() {
+    let redis = RedisServer::start(&[]);
+    let mock = MockUpstream::start().await;
+    mock.set("done", Reply::run("done", "COMPLETED"));
+    mock.set("failed", Reply::run("failed", "FAILED"));
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    // An ended run whose body echoes the key: scrubbed before it is stored anywhere.
+    mock.set(
+        "echo",
+        Reply::ok(format!(
+            r#"{{"id":"echo","status":"COMPLETED","note":"{TEST_KEY}"}}"#
+        )),
+    );
+    let gateway = replica(&mock, &redis).await;
+    for id in ["done", "failed", "live", "echo", "missing"] {
+        gateway.get_run(id).await;
+    }
+    for id in ["done", "failed", "echo"] {
+        wait_until_stored(&redis, id).await;
+    }
+    let mut client = redis.client().await;
+    let keys: Vec<Vec<u8>> = client.keys("*").await.expect("KEYS");
+    assert!(keys.len() >= 3, "the ended runs are in Redis: {keys:?}");
+    for key in keys {
+        assert!(!contains(&key, TEST_KEY.as_bytes()), "a key name holds it");
+        let value: Vec<u8> = client.get(&key).await.expect("GET");
+        assert!(
+            !contains(&value, TEST_KEY.as_bytes()),
+            "{} holds the key",
+            String::from_utf8_lossy(&key)
+        );
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[tokio::test]
 async fn a_password_from_the_environment_is_used() {
     let redis = RedisServer::start(&["--requirepass", "s3cret-redis"]);
     let mock = MockUpstream::start().await;
