@@ -64,6 +64,11 @@ fn sniffing(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("quick_scan", name), &body, |b, body| {
             b.iter(|| scan_status(black_box(body)))
         });
+        // Every 200 passed through gets its version computed once per upstream call.
+        let running = run_body("run_1", "PROCESSING", size);
+        group.bench_with_input(BenchmarkId::new("weak_etag", name), &running, |b, body| {
+            b.iter(|| plextera_gateway::cache::version::weak_etag(black_box(body)))
+        });
     }
     group.finish();
 }

@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::cache::CacheOutcome;
 use crate::cache::coalesce::{Coalescer, Role};
 use crate::cache::tiers::{Lookup, Tiers};
-use crate::cache::{CachedRun, Decision, Policy, etag};
+use crate::cache::{CachedRun, Decision, Policy, etag, version};
 use crate::edge::error::GatewayError;
 use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response, terminal_cache_control};
 use crate::edge::routes::RunRequest;
@@ -58,6 +58,9 @@ pub struct Uncached {
     pub response: UpstreamResponse,
     /// Set for 200 answers: the run's status, `other` when the body has none.
     pub run_status: Option<RunStatus>,
+    /// Set for 200 answers: the run's version, computed once for everyone who waited: weak for a
+    /// run still going ([`version::weak_etag`]), strong for one that ended.
+    pub etag: Option<HeaderValue>,
 }
 
 /// The innermost service of the public stack. Cheap to clone: all state is shared.
@@ -198,7 +201,12 @@ impl Proxy {
             Some(_) => response.retry_after = None,
             None => {}
         }
-        Answer::Uncached(Arc::new(Uncached { response, run_status }))
+        let etag = run_status.map(|status| self.version(status, &response.body));
+        Answer::Uncached(Arc::new(Uncached {
+            response,
+            run_status,
+            etag,
+        }))
     }
 
     /// What to store of an upstream answer, if anything, and the run status it carries (for 200s:
@@ -231,7 +239,7 @@ impl Proxy {
                 };
                 self.render_cached(&entry, outcome, request)
             }
-            Answer::Uncached(uncached) => self.render_uncached(&uncached),
+            Answer::Uncached(uncached) => self.render_uncached(&uncached, request),
             Answer::Failed(error) => error.into_response(Some(&request.request_id)),
         }
     }
@@ -272,20 +280,47 @@ impl Proxy {
         response
     }
 
-    fn render_uncached(&self, uncached: &Uncached) -> Response<Body> {
+    /// A run's version: strong for an ended run (the tag it gets when stored), weak for one still
+    /// going (unchanged by a ticking `computedDurationMs`).
+    fn version(&self, status: RunStatus, body: &[u8]) -> HeaderValue {
+        if self.policy.statuses().is_terminal(status) {
+            HeaderValue::from_bytes(&etag::strong_etag(body))
+                .expect("hex digits in quotes make a valid header value")
+        } else {
+            version::weak_etag(body)
+        }
+    }
+
+    /// An answer passed through, or 304 when the client already holds its version.
+    fn render_uncached(&self, uncached: &Uncached, request: &RunRequest) -> Response<Body> {
         if let Some(run_status) = uncached.run_status {
             self.metrics.runs.served(run_status);
         }
         let upstream = &uncached.response;
+        let not_modified = match (&uncached.etag, &request.if_none_match) {
+            (Some(etag), Some(if_none_match)) => etag::names(if_none_match, etag),
+            _ => false,
+        };
+        let (status, body) = if not_modified {
+            (StatusCode::NOT_MODIFIED, Bytes::new())
+        } else {
+            (upstream.status, upstream.body.clone())
+        };
         let mut response = run_response(
-            upstream.status,
+            status,
             upstream.content_type.clone().unwrap_or(APPLICATION_JSON),
             NO_STORE,
             CacheOutcome::Pass,
-            upstream.body.clone(),
+            body,
         );
+        if let Some(etag) = &uncached.etag {
+            response.headers_mut().insert(ETAG, etag.clone());
+        }
         if let Some(retry_after) = &upstream.retry_after {
             response.headers_mut().insert(RETRY_AFTER, retry_after.clone());
+        }
+        if not_modified {
+            response.headers_mut().remove(CONTENT_TYPE);
         }
         response
     }

@@ -94,20 +94,47 @@ async fn the_etag_is_the_same_on_every_replica() {
 }
 
 #[tokio::test]
-async fn runs_still_going_get_no_store_and_no_validator() {
+async fn runs_still_going_get_no_store_and_a_weak_version_that_ignores_the_ticking_duration() {
     let mock = MockUpstream::start().await;
     let gateway = TestGateway::start(&mock, |_| {}).await;
-    mock.set("live", Reply::run("live", "PROCESSING"));
-    let response = gateway
+    let live = |status: &str, duration: u32| {
+        Reply::ok(format!(
+            r#"{{"id":"live","status":"{status}","computedDurationMs":{duration},"steps":[{{"computedDurationMs":{duration}}}]}}"#
+        ))
+    };
+    mock.set("live", live("PROCESSING", 100));
+    let first = gateway
         .send(Method::GET, &runs_path("live"), &[("if-none-match", "*")])
         .await;
     assert_eq!(
-        response.status,
+        first.status,
         StatusCode::OK,
-        "never a 304 for a run still going"
+        "`*` names no version of a run still going"
     );
-    assert_eq!(response.header("cache-control"), Some("no-store"));
-    assert!(response.header("etag").is_none());
+    assert_eq!(first.header("cache-control"), Some("no-store"));
+    let version = first.header("etag").expect("a version").to_owned();
+    assert!(version.starts_with("W/\""), "{version}");
+
+    // Only the duration ticked: the same version, a 304 without a body, still fetched upstream.
+    mock.set("live", live("PROCESSING", 1100));
+    let same = gateway
+        .send(Method::GET, &runs_path("live"), &[("if-none-match", &version)])
+        .await;
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+    assert!(same.body.is_empty());
+    assert_eq!(same.header("etag"), Some(version.as_str()));
+    assert_eq!(same.header("cache-control"), Some("no-store"));
+    assert_eq!(same.x_cache(), Some("PASS"));
+    assert_eq!(mock.count_for("live"), 2, "never answered from memory");
+
+    // Anything else changed: a new version, answered whole.
+    mock.set("live", live("QUEUED", 1200));
+    let changed = gateway
+        .send(Method::GET, &runs_path("live"), &[("if-none-match", &version)])
+        .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_ne!(changed.header("etag"), Some(version.as_str()));
+    assert_eq!(changed.json()["status"], "QUEUED");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use http::StatusCode;
 use plextera_gateway::cache::policy;
 use plextera_gateway::cache::scan::{Scan, scan_status};
 use plextera_gateway::cache::sniff::sniff_run;
+use plextera_gateway::cache::version::weak_etag;
 use plextera_gateway::run::id::{MAX_RUN_ID_LEN, RunId};
 use plextera_gateway::run::status::RunStatuses;
 use proptest::prelude::*;
@@ -27,7 +28,9 @@ fn json_value() -> impl Strategy<Value = Value> {
             Just("PROCESSING"),
             Just("QUEUED"),
             Just("FAILED"),
-            Just("r1")
+            Just("r1"),
+            Just("computedDurationMs"),
+            Just("\\\"computedDurationMs\\\":")
         ]
         .prop_map(|status| Value::String(status.to_owned())),
     ];
@@ -45,6 +48,7 @@ fn json_key() -> impl Strategy<Value = String> {
         Just("id".to_owned()),
         Just("status".to_owned()),
         Just("steps".to_owned()),
+        Just("computedDurationMs".to_owned()),
         ".{0,8}"
     ]
 }
@@ -80,6 +84,42 @@ fn json_object_text() -> impl Strategy<Value = (Map<String, Value>, String)> {
         .expect("serializes");
         (object, text)
     })
+}
+
+/// `value` with every `computedDurationMs`, at any depth, set to `duration`.
+fn with_duration(value: &Value, duration: i64) -> Value {
+    match value {
+        Value::Object(members) => Value::Object(
+            members
+                .iter()
+                .map(|(key, member)| {
+                    let member = if key == "computedDurationMs" {
+                        Value::from(duration)
+                    } else {
+                        with_duration(member, duration)
+                    };
+                    (key.clone(), member)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|item| with_duration(item, duration)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// `value` with every `computedDurationMs` taken out, for comparing what the version covers.
+fn without_duration(value: &Value) -> Value {
+    match value {
+        Value::Object(members) => Value::Object(
+            members
+                .iter()
+                .filter(|(key, _)| *key != "computedDurationMs")
+                .map(|(key, member)| (key.clone(), without_duration(member)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_duration).collect()),
+        other => other.clone(),
+    }
 }
 
 proptest! {
@@ -167,4 +207,39 @@ fn the_object_strategy_produces_storable_runs_often_enough_to_matter() {
         stored >= 20,
         "only {stored} of 2000 generated objects are storable runs"
     );
+}
+
+#[test]
+fn two_bodies_are_the_same_version_exactly_when_they_differ_only_in_the_duration() {
+    let mut runner = proptest::test_runner::TestRunner::default();
+    let inputs = (json_value(), json_value(), any::<i64>(), any::<i64>());
+    runner
+        .run(&inputs, |(first, second, early_tick, late_tick)| {
+            // The same document with the duration ticking: one version, in any layout serde writes.
+            let (early, late) = (
+                with_duration(&first, early_tick),
+                with_duration(&first, late_tick),
+            );
+            prop_assert_eq!(
+                weak_etag(early.to_string().as_bytes()),
+                weak_etag(late.to_string().as_bytes())
+            );
+            prop_assert_eq!(
+                weak_etag(serde_json::to_string_pretty(&early).expect("json").as_bytes()),
+                weak_etag(serde_json::to_string_pretty(&late).expect("json").as_bytes())
+            );
+            // Two documents that differ in anything else: two versions.
+            let other = with_duration(&second, early_tick);
+            if without_duration(&early) != without_duration(&other) {
+                prop_assert_ne!(
+                    weak_etag(early.to_string().as_bytes()),
+                    weak_etag(other.to_string().as_bytes()),
+                    "{} vs {}",
+                    early,
+                    other
+                );
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
 }

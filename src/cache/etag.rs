@@ -24,12 +24,20 @@ pub fn strong_etag(body: &[u8]) -> [u8; STRONG_ETAG_LEN] {
 /// Whether `If-None-Match` matches `etag` (weak comparison, as RFC 9110 §13.1.2 prescribes):
 /// `*`, or any listed tag equal to it once a `W/` prefix is ignored.
 pub fn none_match(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
+    if_none_match.as_bytes().trim_ascii() == b"*" || names(if_none_match, etag)
+}
+
+/// Whether `If-None-Match` lists `etag` itself (weak comparison; a `W/` prefix on either side is
+/// ignored). `*` does not name a version: for a run still going, only the version the client holds
+/// earns a 304.
+pub fn names(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
     let Ok(list) = if_none_match.to_str() else {
         return false;
     };
     let etag = etag.as_bytes();
+    let etag = etag.strip_prefix(b"W/").unwrap_or(etag);
     list.split(',').map(str::trim).any(|candidate| {
-        candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate).as_bytes() == etag
+        candidate != "*" && candidate.strip_prefix("W/").unwrap_or(candidate).as_bytes() == etag
     })
 }
 
@@ -68,5 +76,23 @@ mod tests {
                 "{header}"
             );
         }
+    }
+
+    #[test]
+    fn names_matches_listed_versions_weak_or_not_but_not_the_wildcard() {
+        let weak = HeaderValue::from_static("W/\"abc\"");
+        for header in ["W/\"abc\"", "\"abc\"", "\"x\", W/\"abc\""] {
+            assert!(
+                names(&HeaderValue::from_str(header).expect("header"), &weak),
+                "{header}"
+            );
+        }
+        for header in ["*", "W/\"abd\"", ""] {
+            assert!(
+                !names(&HeaderValue::from_str(header).expect("header"), &weak),
+                "{header}"
+            );
+        }
+        assert!(none_match(&HeaderValue::from_static(" * "), &weak));
     }
 }

@@ -13,6 +13,7 @@ pub mod scan;
 pub mod sniff;
 pub mod store;
 pub mod tiers;
+pub mod version;
 
 pub use outcome::CacheOutcome;
 pub use policy::{Decision, PassReason, Policy, Verdict};

@@ -68,9 +68,10 @@ pub fn scan_status(body: &[u8]) -> Scan<'_> {
     }
 }
 
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// A position in a body, with the few moves the scanners need.
+pub(super) struct Cursor<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -84,13 +85,13 @@ impl<'a> Cursor<'a> {
         Some(byte)
     }
 
-    fn eat(&mut self, expected: u8) -> bool {
+    pub(super) fn eat(&mut self, expected: u8) -> bool {
         let matched = self.peek() == Some(expected);
         self.at += usize::from(matched);
         matched
     }
 
-    fn skip_blanks(&mut self) {
+    pub(super) fn skip_blanks(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
         }
@@ -111,7 +112,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Moves past one string whose opening quote has been consumed; false if it never ends.
-    fn skip_string_body(&mut self) -> bool {
+    pub(super) fn skip_string_body(&mut self) -> bool {
         loop {
             let Some(found) = memchr2(b'"', b'\\', &self.bytes[self.at..]) else {
                 return false;
@@ -125,7 +126,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Moves past one value of any kind; false if the body ends first.
-    fn skip_value(&mut self) -> bool {
+    pub(super) fn skip_value(&mut self) -> bool {
         match self.next() {
             Some(b'"') => self.skip_string_body(),
             Some(b'{' | b'[') => {
