@@ -174,26 +174,38 @@ mod tests {
         Coalescer::new(IntGauge::new("waiting", "test").expect("gauge"))
     }
 
+    /// Leads the work for `"k"` in a task of its own; the work waits for `released`, then ends
+    /// with `finish`. Returns once the key is in flight.
+    async fn held_leader(
+        coalescer: &Arc<Coalescer<&'static str, usize>>,
+        released: oneshot::Receiver<()>,
+        finish: impl FnOnce() -> usize + Send + 'static,
+    ) -> tokio::task::JoinHandle<(Result<usize, Panicked>, Role)> {
+        let coalescer_for_leader = Arc::clone(coalescer);
+        let leader = tokio::spawn(async move {
+            coalescer_for_leader
+                .run("k", move || async move {
+                    let _ = released.await;
+                    finish()
+                })
+                .await
+        });
+        while coalescer.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        leader
+    }
+
     #[tokio::test]
     async fn concurrent_callers_share_one_run_of_the_work() {
         let coalescer = Arc::new(coalescer());
         let runs = Arc::new(AtomicUsize::new(0));
         let (release, released) = oneshot::channel::<()>();
-        let leader = {
-            let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
-            tokio::spawn(async move {
-                coalescer
-                    .run("k", move || async move {
-                        let _ = released.await;
-                        runs.fetch_add(1, Ordering::SeqCst) + 41
-                    })
-                    .await
-            })
-        };
-        // The leader has registered once the key is in flight.
-        while coalescer.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let leader_runs = Arc::clone(&runs);
+        let leader = held_leader(&coalescer, released, move || {
+            leader_runs.fetch_add(1, Ordering::SeqCst) + 41
+        })
+        .await;
         let waiters: Vec<_> = (0..10)
             .map(|_| {
                 let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
@@ -229,21 +241,11 @@ mod tests {
         let coalescer = Arc::new(coalescer());
         let (release, released) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
-        let leader = {
-            let coalescer = Arc::clone(&coalescer);
-            tokio::spawn(async move {
-                coalescer
-                    .run("k", move || async move {
-                        let _ = released.await;
-                        let _ = done_tx.send(());
-                        7
-                    })
-                    .await
-            })
-        };
-        while coalescer.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let leader = held_leader(&coalescer, released, move || {
+            let _ = done_tx.send(());
+            7
+        })
+        .await;
         leader.abort();
         let _ = leader.await;
         release.send(()).expect("work still waiting");
@@ -254,20 +256,7 @@ mod tests {
     async fn a_panic_is_shared_and_the_key_released() {
         let coalescer = Arc::new(coalescer());
         let (release, released) = oneshot::channel::<()>();
-        let leader = {
-            let coalescer = Arc::clone(&coalescer);
-            tokio::spawn(async move {
-                coalescer
-                    .run("k", move || async move {
-                        let _ = released.await;
-                        panic!("boom")
-                    })
-                    .await
-            })
-        };
-        while coalescer.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let leader = held_leader(&coalescer, released, || panic!("boom")).await;
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let coalescer = Arc::clone(&coalescer);
@@ -295,20 +284,7 @@ mod tests {
     async fn a_waiter_lets_go_of_what_its_work_would_have_held_as_it_joins() {
         let coalescer = Arc::new(coalescer());
         let (release, released) = oneshot::channel::<()>();
-        let leader = {
-            let coalescer = Arc::clone(&coalescer);
-            tokio::spawn(async move {
-                coalescer
-                    .run("k", move || async move {
-                        let _ = released.await;
-                        1
-                    })
-                    .await
-            })
-        };
-        while coalescer.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let leader = held_leader(&coalescer, released, || 1).await;
         // What the waiter's unused work captured (in the proxy: a connection's work slot).
         let held = Arc::new(());
         let captured = Arc::clone(&held);

@@ -112,7 +112,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Moves past one string whose opening quote has been consumed; false if it never ends.
-    pub(super) fn skip_string_body(&mut self) -> bool {
+    fn skip_string_body(&mut self) -> bool {
         loop {
             let Some(found) = memchr2(b'"', b'\\', &self.bytes[self.at..]) else {
                 return false;

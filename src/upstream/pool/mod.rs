@@ -102,7 +102,6 @@ pub enum PoolError {
 pub struct Lease(Option<(http1::SendRequest<RequestBody>, Instant)>);
 
 pub struct Pool {
-    settings: PoolSettings,
     idle: Mutex<Vec<IdleConnection>>,
     dialer: Arc<Dialer>,
     /// Counts requests sent a second time after a kept-alive connection closed under them.
@@ -155,7 +154,6 @@ impl Pool {
             HTTP1
         };
         Self {
-            settings,
             idle: Mutex::default(),
             dialer: Arc::new(Dialer {
                 connector,
@@ -231,19 +229,21 @@ impl Pool {
     pub fn put(&self, lease: Lease) {
         let Some((sender, born)) = lease.0 else { return };
         let now = Instant::now();
-        if now.duration_since(born) >= self.settings.max_connection_age {
+        if now.duration_since(born) >= self.dialer.settings.max_connection_age {
             return;
         }
         let mut idle = self.lock_idle();
         // The oldest are at the bottom: close those idle too long, and any beyond the cap.
         let stale = idle
             .iter()
-            .take_while(|connection| now.duration_since(connection.since) >= self.settings.idle_timeout)
+            .take_while(|connection| {
+                now.duration_since(connection.since) >= self.dialer.settings.idle_timeout
+            })
             .count()
-            .max((idle.len() + 1).saturating_sub(self.settings.max_idle));
+            .max((idle.len() + 1).saturating_sub(self.dialer.settings.max_idle));
         let stale = stale.min(idle.len());
         idle.drain(..stale);
-        if self.settings.max_idle > 0 {
+        if self.dialer.settings.max_idle > 0 {
             idle.push(IdleConnection {
                 sender,
                 born,
@@ -257,8 +257,8 @@ impl Pool {
     async fn checkout(&self) -> Option<(http1::SendRequest<RequestBody>, Instant)> {
         loop {
             let connection = self.lock_idle().pop()?;
-            if connection.since.elapsed() >= self.settings.idle_timeout
-                || connection.born.elapsed() >= self.settings.max_connection_age
+            if connection.since.elapsed() >= self.dialer.settings.idle_timeout
+                || connection.born.elapsed() >= self.dialer.settings.max_connection_age
                 || connection.sender.is_closed()
             {
                 continue;
@@ -275,7 +275,8 @@ impl Pool {
     fn shared_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let mut multiplexed = self.lock_multiplexed();
         let usable = multiplexed.as_ref().is_some_and(|connection| {
-            !connection.sender.is_closed() && Instant::now() < connection.use_times.retires_at(&self.settings)
+            !connection.sender.is_closed()
+                && Instant::now() < connection.use_times.retires_at(&self.dialer.settings)
         });
         if !usable {
             // Dropped: it closes once the requests still on it end.
