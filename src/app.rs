@@ -27,12 +27,15 @@ use crate::upstream::Upstream;
 use crate::upstream::budget::Budget;
 use crate::upstream::credentials::KeyRotation;
 use crate::upstream::fetcher::Fetcher;
+use crate::watch::Watches;
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
 
 /// The gateway's parts, ready to be served.
 pub struct App {
     pub runs: RunService,
+    /// Held clients and run watchers, in front of `runs`.
+    pub watches: Watches,
     /// What the admin port reads: readiness, metrics, the store, the budget.
     pub admin: AdminState,
     /// CORS for the configured origins, built once; `None` when none are configured.
@@ -78,8 +81,16 @@ impl App {
             metrics.clone(),
             config.cache.ttl,
         );
+        let watches = Watches::new(
+            runs.clone(),
+            budget.clone(),
+            config.watch.clone(),
+            config.upstream.max_requests_per_second,
+            metrics.watch.clone(),
+        );
         Ok(Self {
             runs,
+            watches,
             admin: AdminState {
                 readiness: Readiness::default(),
                 metrics,
@@ -104,7 +115,7 @@ impl App {
     + 'static
     + use<B> {
         edge::public_service(
-            self.runs.clone(),
+            self.watches.clone(),
             self.admin.metrics.requests.clone(),
             self.cors.clone(),
             self.client_tokens.clone(),

@@ -3,8 +3,10 @@
 //!
 //! It behaves like the real endpoint where the gateway cares: it demands `Authorization: api-key
 //! demo-key`, answers runs shaped like the reference page, and runs move on in time. A run id seen
-//! for the first time starts QUEUED, is PROCESSING after 2 s and ends after 5 s (FAILED for about
-//! one id in five, COMPLETED otherwise). Ids starting `done-` are COMPLETED and `failed-` FAILED
+//! for the first time starts QUEUED, is PROCESSING after 2 s, completing one of its steps about
+//! every second (`progress.stepsCompleted`: a new version each time), and ends after 5 s (FAILED
+//! for about one id in five, COMPLETED otherwise). Like the real endpoint, every answer carries a
+//! `computedDurationMs` that ticks on every request without being a change. Ids starting `done-` are COMPLETED and `failed-` FAILED
 //! from the first request; ids starting `missing-` are 404. Each answer takes about 40 ms, like a
 //! call across the internet, so hits and misses look different. Benchmarks start it with other
 //! timings ([`DemoOptions`]) and read how many requests it answered.
@@ -133,10 +135,15 @@ async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Bo
         ));
     }
     let (first_seen, started_at) = state.first_seen(id);
-    let status = status_of(id, first_seen.elapsed(), &state.options);
+    let age = first_seen.elapsed();
+    let status = status_of(id, age, &state.options);
+    let progress = Progress {
+        steps_done: steps_done(status, age, &state.options),
+        age,
+    };
     Ok(json(
         StatusCode::OK,
-        run_body(id, status, started_at, state.options.finishes_after),
+        run_body(id, status, started_at, state.options.finishes_after, progress),
     ))
 }
 
@@ -175,19 +182,83 @@ fn status_of(id: &str, age: Duration, options: &DemoOptions) -> &'static str {
     }
 }
 
-fn run_body(id: &str, status: &str, started_at: SystemTime, run_time: Duration) -> Bytes {
+/// The run's steps, done one after the other while it is PROCESSING.
+const STEPS: [(&str, &str, &str); 4] = [
+    ("step_ocr", "Read document", "ocr"),
+    ("step_classify", "Classify document", "classification"),
+    ("step_extract", "Extract fields", "extraction"),
+    ("step_validate", "Validate totals", "validation"),
+];
+
+/// Where a run is: steps done, and its age (which `computedDurationMs` reports).
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    steps_done: usize,
+    age: Duration,
+}
+
+/// Steps done: none while QUEUED, one at the start of PROCESSING and one more for each equal
+/// share of its time, all once ended.
+fn steps_done(status: &str, age: Duration, options: &DemoOptions) -> usize {
+    match status {
+        "QUEUED" => 0,
+        "PROCESSING" => {
+            let processing = options.finishes_after.saturating_sub(options.queued_for);
+            let into = age.saturating_sub(options.queued_for);
+            let share = processing.as_secs_f64() / (STEPS.len() - 1) as f64;
+            let done = if share > 0.0 {
+                (into.as_secs_f64() / share) as usize
+            } else {
+                0
+            };
+            (1 + done).min(STEPS.len() - 1)
+        }
+        _ => STEPS.len(),
+    }
+}
+
+/// How long after its start a run last changed (its `updatedAt`), with the default timings'
+/// shape: QUEUED from the start, a step done at each equal share of PROCESSING, ended at `run_time`.
+fn last_change(status: &str, steps_done: usize, run_time: Duration) -> Duration {
+    let queued_for = DemoOptions::default().queued_for.min(run_time);
+    match status {
+        "QUEUED" => Duration::ZERO,
+        "PROCESSING" => {
+            let share = run_time.saturating_sub(queued_for) / (STEPS.len() - 1) as u32;
+            queued_for + share * (steps_done.saturating_sub(1)) as u32
+        }
+        _ => run_time,
+    }
+}
+
+fn run_body(id: &str, status: &str, started_at: SystemTime, run_time: Duration, progress: Progress) -> Bytes {
     let finished = matches!(status, "COMPLETED" | "FAILED");
     let timestamp = |time: SystemTime| humantime::format_rfc3339_seconds(time).to_string();
-    let steps_done = match status {
-        "QUEUED" => 0,
-        "PROCESSING" => 1,
-        _ => 2,
-    };
+    let steps_done = progress.steps_done;
+    let last = STEPS.len() - 1;
+    let steps: Vec<_> = STEPS
+        .iter()
+        .enumerate()
+        .map(|(index, (step_id, name, kind))| {
+            let step_status = if index < steps_done {
+                if index == last { status } else { "COMPLETED" }
+            } else if index == steps_done && status == "PROCESSING" {
+                "PROCESSING"
+            } else {
+                "QUEUED"
+            };
+            json!({
+                "id": step_id, "name": name, "type": kind, "status": step_status, "message": null,
+                "output": (index == last && status == "COMPLETED").then(|| json!({ "total": 1234.5, "currency": "EUR" })),
+                "nestedRuns": { "count": 0, "data": [] }
+            })
+        })
+        .collect();
     let body = json!({
         "id": id,
         "status": status,
         "createdAt": timestamp(started_at),
-        "updatedAt": timestamp(SystemTime::now()),
+        "updatedAt": timestamp(started_at + last_change(status, progress.steps_done, run_time)),
         "startedAt": timestamp(started_at),
         "completedAt": if finished { Some(timestamp(started_at + run_time)) } else { None },
         "error": (status == "FAILED").then(|| json!({
@@ -195,17 +266,10 @@ fn run_body(id: &str, status: &str, started_at: SystemTime, run_time: Duration) 
             "message": "The document could not be processed by Document Insights."
         })),
         "workflow": { "id": "wf_demo_invoices", "name": "Invoice extraction (demo)" },
-        "progress": { "stepsCompleted": steps_done, "stepsTotal": 2 },
+        "progress": { "stepsCompleted": steps_done, "stepsTotal": STEPS.len() },
         "durationMs": if finished { Some(u64::try_from(run_time.as_millis()).unwrap_or(u64::MAX)) } else { None },
-        "steps": [
-            { "id": "step_ocr", "name": "Read document", "type": "ocr",
-              "status": if steps_done >= 1 { "COMPLETED" } else { "QUEUED" }, "message": null, "output": null,
-              "nestedRuns": { "count": 0, "data": [] } },
-            { "id": "step_extract", "name": "Extract fields", "type": "extraction",
-              "status": if steps_done >= 2 { status } else { "QUEUED" }, "message": null,
-              "output": if status == "COMPLETED" { Some(json!({ "total": 1234.5, "currency": "EUR" })) } else { None },
-              "nestedRuns": { "count": 0, "data": [] } }
-        ]
+        "computedDurationMs": u64::try_from(progress.age.as_millis()).unwrap_or(u64::MAX),
+        "steps": steps
     });
     Bytes::from(body.to_string())
 }
@@ -228,8 +292,32 @@ mod tests {
     }
 
     #[test]
+    fn processing_runs_complete_their_steps_one_by_one() {
+        let options = DemoOptions::default();
+        let at = |millis| {
+            let age = Duration::from_millis(millis);
+            steps_done(status_of("r1", age, &options), age, &options)
+        };
+        assert_eq!(at(0), 0);
+        assert_eq!(at(2_000), 1);
+        assert_eq!(at(3_100), 2);
+        assert_eq!(at(4_100), 3);
+        assert_eq!(at(6_000), STEPS.len());
+    }
+
+    #[test]
     fn bodies_are_runs_the_gateway_can_sniff() {
-        let body = run_body("r1", "COMPLETED", SystemTime::now(), Duration::from_secs(5));
+        let progress = Progress {
+            steps_done: STEPS.len(),
+            age: Duration::from_secs(6),
+        };
+        let body = run_body(
+            "r1",
+            "COMPLETED",
+            SystemTime::now(),
+            Duration::from_secs(5),
+            progress,
+        );
         let head = crate::cache::sniff::sniff_run(&body).expect("a run");
         assert_eq!(head.id.as_deref(), Some("r1"));
         assert_eq!(head.status.as_deref(), Some("COMPLETED"));

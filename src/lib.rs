@@ -16,6 +16,8 @@
 //! - [`cache`]: the store policy, the memory store, the Redis tier, the single flight, validators;
 //! - [`upstream`]: the client, its connection pool, the budget, the credentials and the scrubbing
 //!   of echoed keys;
+//! - [`watch`]: push instead of poll: long-polls and event streams held on a run, served by one
+//!   upstream watcher per run;
 //! - [`run`]: a run's id and status; [`config`]: the TOML file; [`ops`]: metrics, logs, health;
 //! - [`app`]: the parts wired from a config; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]
@@ -30,6 +32,7 @@ pub mod proxy;
 pub mod run;
 pub mod serve;
 pub mod upstream;
+pub mod watch;
 
 pub use app::App;
 pub use config::Config;

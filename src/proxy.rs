@@ -12,7 +12,9 @@
 //! 7. **render**: everyone who waited gets the same answer, as a response of its own.
 //!
 //! [`RunService::resolve`] is steps 2 to 6 on their own, for a caller that needs a run's current
-//! answer without being a client request (the per-run watcher that push will add).
+//! answer without being a client request (a run's watcher, [`crate::watch`]); [`RunService::hit`],
+//! [`RunService::answer`] and [`RunService::render`] are the other steps, for the held requests
+//! built on them.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,7 +38,7 @@ use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response, term
 use crate::edge::routes::RunRequest;
 use crate::ops::metrics::Metrics;
 use crate::run::id::RunId;
-use crate::run::status::RunStatus;
+use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::WorkSlot;
 use crate::upstream::UpstreamResponse;
 use crate::upstream::fetcher::Fetcher;
@@ -79,7 +81,7 @@ struct Proxy {
     terminal_cache_control: HeaderValue,
     /// Tests only: the call for this run waits for the signal, then panics.
     #[cfg(test)]
-    fault: Option<(RunId, Arc<tokio::sync::Notify>)>,
+    fault: std::sync::OnceLock<(RunId, Arc<tokio::sync::Notify>)>,
 }
 
 impl RunService {
@@ -94,7 +96,7 @@ impl RunService {
                 metrics,
                 terminal_cache_control: terminal_cache_control(ttl),
                 #[cfg(test)]
-                fault: None,
+                fault: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -140,8 +142,8 @@ impl Service<RunRequest> for RunService {
     fn call(&mut self, request: RunRequest) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
-            if let Some(entry) = service.proxy.tiers.get(request.id.as_str()).await {
-                return Ok(service.proxy.render_cached(&entry, CacheOutcome::Hit, &request));
+            if let Some(entry) = service.hit(&request.id).await {
+                return Ok(service.render_hit(&entry, &request));
             }
             // Boxed so the (large) miss path's state does not make every hit's future larger.
             Ok(Box::pin(service.miss(request)).await)
@@ -151,6 +153,22 @@ impl Service<RunRequest> for RunService {
 
 impl RunService {
     async fn miss(self, request: RunRequest) -> Response<Body> {
+        let (answer, role) = self.answer(&request).await;
+        self.render(answer, role, &request)
+    }
+
+    /// Step 1: the run, when memory holds it.
+    pub async fn hit(&self, id: &RunId) -> Option<CachedRun> {
+        self.proxy.tiers.get(id.as_str()).await
+    }
+
+    /// A hit, answered.
+    pub fn render_hit(&self, entry: &CachedRun, request: &RunRequest) -> Response<Body> {
+        self.proxy.render_cached(entry, CacheOutcome::Hit, request)
+    }
+
+    /// Steps 2 to 6 for a client request: its answer, and whether it led the call or joined one.
+    pub async fn answer(&self, request: &RunRequest) -> (Answer, Role) {
         // One of the client connection's work slots: a call this request leads keeps it until the
         // call ends, even if the client resets the stream or goes away; joining another's call
         // gives it back at once.
@@ -158,15 +176,24 @@ impl RunService {
             Some(work) => Some(work.acquire().await),
             None => None,
         };
-        let (answer, role) = self
-            .resolve(request.id.clone(), request.request_id.clone(), work)
-            .await;
-        let mut response = self.proxy.render(answer, &request);
+        self.resolve(request.id.clone(), request.request_id.clone(), work)
+            .await
+    }
+
+    /// Step 7: `answer` as a response to `request` (304 when the client holds its version); a
+    /// `Waiter`'s answer is marked as shared.
+    pub fn render(&self, answer: Answer, role: Role, request: &RunRequest) -> Response<Body> {
+        let mut response = self.proxy.render(answer, request);
         if role == Role::Waiter {
             self.proxy.metrics.coalesced_requests.inc();
             response.body_mut().set_outcome(CacheOutcome::Coalesced);
         }
         response
+    }
+
+    /// The configured run statuses: which of them mean a run has ended.
+    pub fn statuses(&self) -> &RunStatuses {
+        self.proxy.policy.statuses()
     }
 }
 
@@ -174,7 +201,7 @@ impl Proxy {
     /// The one call for a run, run by the coalescer in a task of its own.
     async fn call(&self, id: RunId, request_id: HeaderValue) -> Answer {
         #[cfg(test)]
-        if let Some((faulty, signal)) = &self.fault
+        if let Some((faulty, signal)) = self.fault.get()
             && *faulty == id
         {
             signal.notified().await;
@@ -346,9 +373,9 @@ mod tests {
         // Never called: the faulty run's call panics before it would fetch.
         config.upstream.base_url = "http://127.0.0.1:9".to_owned();
         let key = ApiKey::new("test-key").expect("key");
-        let mut app = App::new(&config, &Secrets::key_only(key)).expect("app");
-        let proxy = Arc::get_mut(&mut app.runs.proxy).expect("the only handle yet");
-        proxy.fault = Some((RunId::parse(faulty).expect("id"), Arc::clone(signal)));
+        let app = App::new(&config, &Secrets::key_only(key)).expect("app");
+        let fault = (RunId::parse(faulty).expect("id"), Arc::clone(signal));
+        assert!(app.runs.proxy.fault.set(fault).is_ok(), "set once");
         app
     }
 

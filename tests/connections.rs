@@ -38,6 +38,8 @@ async fn big_run_behind_a_short_write_timeout(size: usize) -> (MockUpstream, Tes
     mock.set("big", Reply::ok(run_body("big", "COMPLETED", size)));
     let gateway = TestGateway::start(&mock, |config| {
         config.server.write_timeout = Duration::from_millis(500);
+        // An event stream's keep-alive must come before a stalled answer is cut.
+        config.watch.sse_keepalive = Duration::from_millis(250);
     })
     .await;
     (mock, gateway)

@@ -49,6 +49,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
+    pub watch: WatchConfig,
 }
 
 /// `[server]`: the two listeners and how they stop.
@@ -203,6 +204,49 @@ pub struct CacheConfig {
     pub not_found_ttl: Duration,
     /// `[cache.shared]`: a Redis tier shared by replicas; absent means this process alone.
     pub shared: Option<SharedCacheConfig>,
+}
+
+/// `[watch]`: clients held on a run still going (long-poll and Server-Sent Events), and the one
+/// upstream watcher per run that serves them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Longest hold a client may ask for (`?wait=` or `Prefer: wait=`); longer asks are capped.
+    #[serde(with = "fields::duration")]
+    pub max_wait: Duration,
+    /// How often a run's watcher asks upstream while its run changes.
+    #[serde(with = "fields::duration")]
+    pub poll_interval: Duration,
+    /// The watcher's interval grows (×1.5) while nothing changes, up to this.
+    #[serde(with = "fields::duration")]
+    pub max_poll_interval: Duration,
+    /// Most clients held at once, long-polls and streams together; beyond, 503 `TOO_MANY_WAITERS`.
+    pub max_held: usize,
+    /// The `retry:` an event stream tells browsers to wait before reconnecting.
+    #[serde(with = "fields::duration")]
+    pub sse_retry: Duration,
+    /// A comment line this often on an event stream, so proxies keep it open and a client that
+    /// left is noticed; shorter than `server.write_timeout`.
+    #[serde(with = "fields::duration")]
+    pub sse_keepalive: Duration,
+    /// An event stream is closed after about this long (jittered), so clients reconnect with
+    /// `Last-Event-ID` and connections spread over replicas.
+    #[serde(with = "fields::duration")]
+    pub max_stream_duration: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            max_poll_interval: Duration::from_secs(10),
+            max_held: 10_000,
+            sse_retry: Duration::from_secs(3),
+            sse_keepalive: Duration::from_secs(15),
+            max_stream_duration: Duration::from_secs(5 * 60),
+        }
+    }
 }
 
 /// `[cache.shared]`: Redis (or Valkey, or a managed Redis) behind the in-memory cache.
@@ -463,6 +507,49 @@ impl Config {
                     "holds {}: a status is a non-empty word other than \"{OTHER_STATUS}\"",
                     report::shown(bad)
                 ),
+            ));
+        }
+        self.watch.validate(&self.server)
+    }
+}
+
+impl WatchConfig {
+    fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("watch.poll_interval", self.poll_interval),
+            ("watch.sse_retry", self.sse_retry),
+            ("watch.sse_keepalive", self.sse_keepalive),
+            ("watch.max_stream_duration", self.max_stream_duration),
+        ] {
+            if value < Duration::from_millis(1) {
+                return Err(invalid(
+                    key,
+                    format_args!("is {value:?}: it must be at least 1ms"),
+                ));
+            }
+        }
+        if self.max_poll_interval < self.poll_interval {
+            return Err(invalid(
+                "watch.max_poll_interval",
+                format_args!(
+                    "is {:?}, shorter than watch.poll_interval ({:?}): it must be at least that",
+                    self.max_poll_interval, self.poll_interval
+                ),
+            ));
+        }
+        if self.sse_keepalive >= server.write_timeout {
+            return Err(invalid(
+                "watch.sse_keepalive",
+                format_args!(
+                    "is {:?}: it must be shorter than server.write_timeout ({:?}), or a quiet stream is cut as stalled",
+                    self.sse_keepalive, server.write_timeout
+                ),
+            ));
+        }
+        if self.max_held > MAX_CONNECTIONS {
+            return Err(invalid(
+                "watch.max_held",
+                format_args!("is {}: at most {MAX_CONNECTIONS}", self.max_held),
             ));
         }
         Ok(())

@@ -49,6 +49,13 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("cache.shared.key_prefix", "\"plextera-gateway:\""),
     ("cache.shared.lock_wait", "\"1s\""),
     ("cache.shared.circuit_open_for", "\"5s\""),
+    ("watch.max_wait", "\"60s\""),
+    ("watch.poll_interval", "\"1s\""),
+    ("watch.max_poll_interval", "\"10s\""),
+    ("watch.max_held", "10000"),
+    ("watch.sse_retry", "\"3s\""),
+    ("watch.sse_keepalive", "\"15s\""),
+    ("watch.max_stream_duration", "\"5m\""),
 ];
 
 /// Longest bad value repeated whole in a message; a longer one (an API key pasted in the wrong

@@ -27,6 +27,10 @@ pub enum GatewayError {
     BadHost,
     #[error("invalid run id: 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'")]
     InvalidRunId,
+    #[error("invalid wait: a number of seconds (30, 0.5) or a duration (500ms, 30s, 2m)")]
+    InvalidWait,
+    #[error("too many clients are waiting on runs: retry after {retry_after_secs}s")]
+    TooManyWaiters { retry_after_secs: u64 },
     #[error("request URI too long")]
     UriTooLong,
     #[error("request headers too large")]
@@ -55,7 +59,10 @@ impl GatewayError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidRunId | Self::BodyNotAllowed | Self::BadHost => StatusCode::BAD_REQUEST,
+            Self::InvalidRunId | Self::BodyNotAllowed | Self::BadHost | Self::InvalidWait => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::TooManyWaiters { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamAuth
@@ -75,6 +82,8 @@ impl GatewayError {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidRunId => "INVALID_RUN_ID",
+            Self::InvalidWait => "INVALID_WAIT",
+            Self::TooManyWaiters { .. } => "TOO_MANY_WAITERS",
             Self::BodyNotAllowed | Self::BadHost => "INVALID_REQUEST",
             Self::UriTooLong => "URI_TOO_LONG",
             Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
@@ -97,6 +106,7 @@ impl GatewayError {
                 | Self::UpstreamTimeout
                 | Self::RateLimited { .. }
                 | Self::UpstreamCoolingDown { .. }
+                | Self::TooManyWaiters { .. }
                 | Self::Internal
         )
     }
@@ -112,7 +122,9 @@ impl GatewayError {
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             }
-            Self::RateLimited { retry_after_secs } | Self::UpstreamCoolingDown { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs }
+            | Self::UpstreamCoolingDown { retry_after_secs }
+            | Self::TooManyWaiters { retry_after_secs } => {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -3,7 +3,8 @@
 //!
 //! [`access_log`] (request id, span, access log) → [`framing`] (a request with a body closes its
 //! connection; HEAD answers carry none) → CORS → [`request_metrics`] → [`client_auth`] (optional)
-//! → [`routes`] (validation into a [`routes::RunRequest`]) → [`crate::proxy`]. [`error`] and
+//! → [`routes`] (validation into a [`routes::RunRequest`]) → [`crate::watch`] (held requests) →
+//! [`crate::proxy`]. [`error`] and
 //! [`response`] shape every answer a client gets.
 
 pub mod access_log;
@@ -28,9 +29,9 @@ use crate::edge::framing::FramingLayer;
 use crate::edge::request_metrics::RecordMetricsLayer;
 use crate::edge::request_metrics::RequestMetrics;
 use crate::edge::response::{Body, X_CACHE, X_REQUEST_ID};
-use crate::edge::routes::RouteLayer;
-use crate::proxy::RunService;
+use crate::edge::routes::{LAST_EVENT_ID, RouteLayer};
 use crate::serve::connection::WorkSlots;
+use crate::watch::{PREFERENCE_APPLIED, Watches};
 
 /// How long browsers may reuse a preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -38,7 +39,7 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 /// Builds the request path for the public port, for one client connection (`work`: its upstream
 /// work slots) or, with `None`, for driving the stack without a server.
 pub fn public_service<B>(
-    runs: RunService,
+    runs: Watches,
     metrics: RequestMetrics,
     cors: Option<CorsLayer>,
     client_tokens: Option<ClientTokens>,
@@ -66,7 +67,8 @@ where
         .option_layer(client_tokens.map(ClientAuthLayer::new))
         // Method, path, sizes and run id: bad input is answered here and goes no further.
         .layer(RouteLayer::new(work))
-        // Cache lookup, then upstream, then the store decision.
+        // Long-polls and event streams are held on the run's watcher; every other request goes
+        // on to the proxy: cache lookup, then upstream, then the store decision.
         .service(runs)
 }
 
@@ -88,12 +90,19 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH, AUTHORIZATION])
+            .allow_headers([
+                X_REQUEST_ID,
+                IF_NONE_MATCH,
+                AUTHORIZATION,
+                HeaderName::from_static("prefer"),
+                LAST_EVENT_ID,
+            ])
             .expose_headers([
                 X_CACHE,
                 X_REQUEST_ID,
                 ETAG,
                 RETRY_AFTER,
+                PREFERENCE_APPLIED,
                 HeaderName::from_static("age"),
             ])
             .max_age(CORS_MAX_AGE),

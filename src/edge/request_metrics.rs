@@ -51,7 +51,7 @@ impl RequestMetrics {
         let duration = histograms(
             registry,
             "request_duration_seconds",
-            "Time from a client request's head being read to its response head being ready, by cache outcome.",
+            "Time from a client request's head being read to its response head being ready, by cache outcome; held long-polls are not timed.",
             REQUEST_BUCKETS,
             &["cache"],
         )?;
@@ -61,12 +61,15 @@ impl RequestMetrics {
         })))
     }
 
-    /// Records one answered client request.
-    pub fn observe(&self, outcome: CacheOutcome, code: StatusCode, elapsed: Duration) {
+    /// Records one answered client request; `elapsed` is `None` for a held long-poll, whose time
+    /// is the client's wait, not the gateway's work.
+    pub fn observe(&self, outcome: CacheOutcome, code: StatusCode, elapsed: Option<Duration>) {
         if let Some(answered) = self.0.answered.get(outcome) {
             answered.get(code).inc();
         }
-        if let Some(duration) = self.0.duration.get(outcome) {
+        if let Some(elapsed) = elapsed
+            && let Some(duration) = self.0.duration.get(outcome)
+        {
             duration.observe(elapsed.as_secs_f64());
         }
     }
@@ -144,8 +147,8 @@ where
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
             let outcome = response.body().outcome().unwrap_or(CacheOutcome::Error);
-            this.metrics
-                .observe(outcome, response.status(), this.started.elapsed());
+            let elapsed = (!response.body().held()).then(|| this.started.elapsed());
+            this.metrics.observe(outcome, response.status(), elapsed);
         }
         Poll::Ready(result)
     }

@@ -1,35 +1,78 @@
 //! Building client responses: the header names the gateway adds, the cache outcome they report, and
 //! the body type every response uses.
 //!
-//! Bodies are always complete in memory: upstream bodies are bounded and had to be read whole to
-//! decide whether to cache them, so streaming would buy nothing. The body also carries the
-//! response's [`CacheOutcome`], so the logging and metrics layers read it without a per-response
-//! allocation (response extensions allocate a map on first insert).
+//! Bodies are complete in memory, with one exception: upstream bodies are bounded and had to be
+//! read whole to decide whether to cache them, so streaming them would buy nothing. The exception
+//! is an event stream ([`crate::watch`]), whose frames are written as a run changes. The body also
+//! carries the response's [`CacheOutcome`] and whether the client was held, so the logging and
+//! metrics layers read them without a per-response allocation (response extensions allocate a
+//! map on first insert).
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::Stream;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 
 use crate::cache::CacheOutcome;
 
-/// The body of every response the gateway sends: complete bytes, and how they were produced.
-#[derive(Debug, Default)]
+/// Frames written one after the other as they come (an event stream); ends when it returns `None`.
+pub type FrameStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// The body of every response the gateway sends: complete bytes or a stream of frames, and how
+/// they were produced.
+#[derive(Default)]
 pub struct Body {
     data: Option<Bytes>,
+    stream: Option<FrameStream>,
     outcome: Option<CacheOutcome>,
+    held: bool,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Body")
+            .field("data", &self.data)
+            .field("stream", &self.stream.is_some())
+            .field("outcome", &self.outcome)
+            .field("held", &self.held)
+            .finish()
+    }
 }
 
 impl Body {
     pub fn new(data: Bytes, outcome: Option<CacheOutcome>) -> Self {
         Self {
             data: (!data.is_empty()).then_some(data),
+            stream: None,
             outcome,
+            held: false,
         }
+    }
+
+    /// A body written frame by frame as `stream` yields them.
+    pub fn streaming(stream: FrameStream, outcome: CacheOutcome) -> Self {
+        Self {
+            data: None,
+            stream: Some(stream),
+            outcome: Some(outcome),
+            held: false,
+        }
+    }
+
+    /// Whether the answer waited for a run to change (a held long-poll): its latency is the
+    /// client's wait, not the gateway's work.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    pub fn set_held(&mut self) {
+        self.held = true;
     }
 
     /// How the response was produced; `None` for responses outside the runs path (CORS
@@ -54,16 +97,30 @@ impl http_body::Body for Body {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.get_mut().data.take().map(|data| Ok(Frame::data(data))))
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let Some(stream) = &mut this.stream else {
+            return Poll::Ready(None);
+        };
+        let next = std::task::ready!(stream.as_mut().poll_next(cx));
+        if next.is_none() {
+            this.stream = None;
+        }
+        Poll::Ready(next.map(|data| Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_none() && self.stream.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.stream.is_some() {
+            return SizeHint::default();
+        }
         SizeHint::with_exact(self.data.as_ref().map_or(0, |data| data.len() as u64))
     }
 }

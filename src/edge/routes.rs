@@ -1,11 +1,13 @@
 //! Routing and request validation: turns an HTTP request into a [`RunRequest`] or a 4xx.
 //!
 //! This is the edge where strings become types. Whatever passes is a GET or HEAD for one
-//! validated [`RunId`]; the query string is dropped here (Get-run takes none, and a client must
-//! not be able to spend the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
+//! validated [`RunId`], with what the client asks of a hold ([`crate::watch::wait`]); the rest of
+//! the query string is dropped here (Get-run takes none, and a client must not be able to spend
+//! the rate limit by appending `?x=1`, `?x=2`, …). Nothing refused here ever
 //! reaches the cache or upstream. Limits on URI and header size are set below hyper's own, so an
 //! oversized request still gets the JSON error shape. Checks run from the most general to the
-//! most specific: size (414, 431), Host (400), path (404), method (405), body (400), run id (400). A request
+//! most specific: size (414, 431), Host (400), path (404), method (405), body (400), run id (400),
+//! wait (400). A request
 //! that frames a body (any `Transfer-Encoding`, or a non-zero `Content-Length`) is never served:
 //! Get-run takes none, and framing is how request smuggling starts (its connection is closed by
 //! [`crate::edge::framing`], whoever answers it).
@@ -14,6 +16,7 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
+use http::header::HeaderName;
 use http::header::{CONTENT_LENGTH, HOST, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use tower::{Layer, Service};
@@ -22,6 +25,7 @@ use crate::edge::error::GatewayError;
 use crate::edge::response::{Body, X_REQUEST_ID};
 use crate::run::id::RunId;
 use crate::serve::connection::WorkSlots;
+use crate::watch::wait::{self, WaitAsk};
 
 /// The only path prefix served on the public port.
 pub const RUNS_PATH: &str = "/api/public/v1/workflow-runs/";
@@ -38,6 +42,12 @@ pub struct RunRequest {
     pub request_id: HeaderValue,
     /// The client's `If-None-Match`, answered with 304 when it names the stored run's ETag.
     pub if_none_match: Option<HeaderValue>,
+    /// How long the client asked to be held for a change (before the cap), if it asked.
+    pub wait: Option<WaitAsk>,
+    /// A GET asking for an event stream (`Accept: text/event-stream`).
+    pub stream: bool,
+    /// The client's `Last-Event-ID`: the version an event stream resumes from.
+    pub last_event_id: Option<HeaderValue>,
     /// The client connection's upstream work slots; `None` outside a server (benches).
     pub work: Option<WorkSlots>,
 }
@@ -88,14 +98,17 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let request_id = request.headers().get(X_REQUEST_ID).cloned();
         match route(&request) {
-            Ok(id) => {
+            Ok((id, wait)) => {
                 tracing::Span::current().record("run_id", id.as_str());
                 let request_id = request_id.unwrap_or_else(|| HeaderValue::from_static("-"));
-                let if_none_match = request.headers().get(IF_NONE_MATCH).cloned();
+                let headers = request.headers();
                 Either::Right(self.inner.call(RunRequest {
                     id,
                     request_id,
-                    if_none_match,
+                    if_none_match: headers.get(IF_NONE_MATCH).cloned(),
+                    wait,
+                    stream: request.method() == Method::GET && wait::wants_event_stream(headers),
+                    last_event_id: headers.get(LAST_EVENT_ID).cloned(),
                     work: self.work.clone(),
                 }))
             }
@@ -104,8 +117,11 @@ where
     }
 }
 
-/// Validates size, path, method, body framing and run id, in that order.
-pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
+/// `Last-Event-ID`: the id of the last event a reconnecting event stream received.
+pub const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// Validates size, path, method, body framing, run id and wait, in that order.
+pub fn route<B>(request: &Request<B>) -> Result<(RunId, Option<WaitAsk>), GatewayError> {
     let target_len = request
         .uri()
         .path_and_query()
@@ -132,7 +148,10 @@ pub fn route<B>(request: &Request<B>) -> Result<RunId, GatewayError> {
     if has_body_framing(request.headers()) {
         return Err(GatewayError::BodyNotAllowed);
     }
-    RunId::parse(raw_id).map_err(|_| GatewayError::InvalidRunId)
+    let id = RunId::parse(raw_id).map_err(|_| GatewayError::InvalidRunId)?;
+    let wait =
+        wait::wait_ask(request.uri().query(), request.headers()).map_err(|_| GatewayError::InvalidWait)?;
+    Ok((id, wait))
 }
 
 /// GET and HEAD carry no body here, so any framing header is either a mistake or an attempt to
@@ -187,10 +206,28 @@ mod tests {
 
     #[test]
     fn runs_path_yields_the_id_without_the_query() {
-        let id = route(&request(Method::GET, "/api/public/v1/workflow-runs/run_1?x=1")).expect("routed");
+        let (id, wait) =
+            route(&request(Method::GET, "/api/public/v1/workflow-runs/run_1?x=1")).expect("routed");
+        assert_eq!((id.as_str(), wait), ("run_1", None));
+        let (id, _) = route(&request(Method::HEAD, "/api/public/v1/workflow-runs/run_1")).expect("routed");
         assert_eq!(id.as_str(), "run_1");
-        let id = route(&request(Method::HEAD, "/api/public/v1/workflow-runs/run_1")).expect("routed");
-        assert_eq!(id.as_str(), "run_1");
+        let (_, wait) = route(&request(
+            Method::GET,
+            "/api/public/v1/workflow-runs/run_1?wait=2m",
+        ))
+        .expect("routed");
+        assert_eq!(
+            wait.map(|ask| ask.wait),
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(
+            route(&request(
+                Method::GET,
+                "/api/public/v1/workflow-runs/run_1?wait=-1"
+            ))
+            .err(),
+            Some(GatewayError::InvalidWait)
+        );
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl Gateway {
             admin.drain(ADMIN_GRACE).await;
         });
 
+        let watches = self.app.watches.clone();
         let app = self.app;
         let public_service =
             move |connection: &Arc<Connection>| app.public_service::<Incoming>(Some(connection.work_slots()));
@@ -187,7 +188,8 @@ impl Gateway {
             tracing::info!(delay = ?self.shutdown_delay, "shutting down: not ready, still serving");
             public.accept_until(tokio::time::sleep(self.shutdown_delay)).await;
         }
-        tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining in-flight requests");
+        tracing::info!(grace = ?self.shutdown_grace, held = watches.held(), "shutting down: answering held clients, draining in-flight requests");
+        watches.shut_down();
         if public.drain(self.shutdown_grace).await {
             tracing::info!("drained");
         } else {

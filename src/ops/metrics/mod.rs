@@ -5,7 +5,7 @@
 //! [`crate::edge::request_metrics`], upstream calls in [`crate::upstream::metrics`], the budget in
 //! [`crate::upstream::budget_metrics`], the memory store in [`crate::cache::metrics`], the Redis
 //! tier in [`crate::cache::redis::metrics`], client connections in
-//! [`crate::serve::connection::metrics`]. They are built from [`family`]'s blocks; [`Metrics`]
+//! [`crate::serve::connection::metrics`], held clients in [`crate::watch::metrics`]. They are built from [`family`]'s blocks; [`Metrics`]
 //! gathers them, with the few series that belong to no one concern, for wiring and `/metrics`.
 
 pub mod family;
@@ -22,6 +22,7 @@ use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::upstream::budget_metrics::BudgetMetrics;
 use crate::upstream::metrics::UpstreamMetrics;
+use crate::watch::metrics::WatchMetrics;
 
 pub use self::family::NAMESPACE;
 
@@ -39,6 +40,7 @@ pub struct Metrics {
     pub budget: BudgetMetrics,
     pub redis: RedisMetrics,
     pub connections: ConnectionMetrics,
+    pub watch: WatchMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
     /// `plextera_gateway_coalesced_waiters`.
@@ -84,6 +86,7 @@ impl Metrics {
             budget: BudgetMetrics::new(&registry)?,
             redis: RedisMetrics::new(&registry)?,
             connections: ConnectionMetrics::new(&registry)?,
+            watch: WatchMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
             registry,

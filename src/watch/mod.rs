@@ -1,0 +1,374 @@
+//! Push instead of poll: clients held on a run still going, and the one upstream watcher per run
+//! that serves them.
+//!
+//! A client may wait for a run to change instead of polling it: a **long-poll** (`?wait=` or
+//! `Prefer: wait=` with the `If-None-Match` of the version it holds, [`long_poll`]) or an
+//! **event stream** (`Accept: text/event-stream`, [`sse`]). While at least one client is held on
+//! a run, exactly one **watcher** ([`watcher`]) asks upstream for it every `watch.poll_interval`
+//! (backing off while nothing changes), through the proxy's single flight and budget
+//! ([`RunService::resolve`]), and publishes each new version to every held client at once
+//! ([`snapshot`]). Upstream calls per run so depend on how long the run lasts, not on how many
+//! clients watch it.
+//!
+//! [`Watches`] is the service between routing and the proxy: it sends held requests here and
+//! every other request straight to [`RunService`] (plain polls are never answered from a
+//! watcher's snapshot: a run that is going is never stale). It owns the table of watched runs
+//! (one std `Mutex`, held for a few map operations, never across an await), the count of held
+//! clients against `watch.max_held`, and the shutdown signal that answers every held client.
+
+pub mod long_poll;
+pub mod metrics;
+pub mod snapshot;
+pub mod sse;
+pub mod wait;
+mod watcher;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Response};
+use tokio::sync::{Notify, watch};
+use tower::Service;
+
+use self::metrics::{HeldKind, WatchMetrics};
+use self::snapshot::Snapshot;
+use crate::config::WatchConfig;
+use crate::edge::error::GatewayError;
+use crate::edge::response::Body;
+use crate::edge::routes::RunRequest;
+use crate::proxy::{Answer, RunService};
+use crate::run::id::RunId;
+use crate::upstream::budget::Budget;
+
+/// `Preference-Applied` (RFC 7240): names the wait applied to a `Prefer: wait=` request.
+pub const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+/// `Retry-After` on 503 `TOO_MANY_WAITERS`, in seconds.
+const FULL_RETRY_AFTER_SECS: u64 = 1;
+
+/// The held clients and watchers, and the service that routes requests to them. Cheap to clone.
+#[derive(Clone)]
+pub struct Watches {
+    hub: Arc<Hub>,
+}
+
+struct Hub {
+    runs: RunService,
+    budget: Budget,
+    settings: WatchConfig,
+    /// `upstream.max_requests_per_second`: watchers stretch their intervals to share it.
+    rate: Option<f64>,
+    watched: Mutex<HashMap<RunId, Watched>>,
+    /// Clients held now, long-polls and streams together, against `settings.max_held`.
+    held: AtomicUsize,
+    /// Turns `true` once when the gateway starts draining.
+    shutdown: watch::Sender<bool>,
+    metrics: WatchMetrics,
+}
+
+/// A watched run: its watcher's channel and how many clients are held on it.
+struct Watched {
+    channel: Arc<Channel>,
+    clients: usize,
+}
+
+/// What a run's watcher shares with the clients held on it.
+struct Channel {
+    /// The run's latest state; `None` until the first answer.
+    snapshot: watch::Sender<Option<Snapshot>>,
+    /// Signalled when the last client leaves, so the watcher stops at once.
+    left: Notify,
+}
+
+impl Watches {
+    pub fn new(
+        runs: RunService,
+        budget: Budget,
+        settings: WatchConfig,
+        rate: Option<f64>,
+        metrics: WatchMetrics,
+    ) -> Self {
+        Self {
+            hub: Arc::new(Hub {
+                runs,
+                budget,
+                settings,
+                rate,
+                watched: Mutex::default(),
+                held: AtomicUsize::new(0),
+                shutdown: watch::Sender::new(false),
+                metrics,
+            }),
+        }
+    }
+
+    /// Answers every held client now (long-polls with what they have or the current version,
+    /// streams closed cleanly), stops the watchers, and holds no new client: the gateway drains.
+    pub fn shut_down(&self) {
+        self.hub.shutdown.send_replace(true);
+    }
+
+    /// Clients held right now.
+    pub fn held(&self) -> usize {
+        self.hub.held.load(Ordering::Acquire)
+    }
+}
+
+impl Service<RunRequest> for Watches {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: RunRequest) -> Self::Future {
+        let hub = Arc::clone(&self.hub);
+        if request.stream {
+            return Box::pin(async move { Ok(sse::serve(hub, request).await) });
+        }
+        let Some(ask) = request.wait else {
+            return hub.runs.clone().call(request);
+        };
+        let wait = ask.wait.min(hub.settings.max_wait);
+        Box::pin(async move {
+            let mut response = if wait.is_zero() {
+                let mut runs = hub.runs.clone();
+                runs.call(request).await?
+            } else {
+                long_poll::serve(hub, request, wait).await
+            };
+            if ask.preferred {
+                let applied = HeaderValue::from_str(&wait::format_applied(wait))
+                    .expect("digits, a dot and '=' are a valid header value");
+                response.headers_mut().insert(PREFERENCE_APPLIED, applied);
+            }
+            Ok(response)
+        })
+    }
+}
+
+impl Hub {
+    fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// The state of `id` its watcher last saw, if a watcher has seen one.
+    fn current(&self, id: &RunId) -> Option<Snapshot> {
+        let watched = self.lock();
+        watched.get(id)?.channel.snapshot.borrow().clone()
+    }
+
+    /// The run's state for a held request: its watcher's, or (with none, or none seen yet) the
+    /// answer of a call made now, which the watcher, if any, learns too. `Err` is an answer that
+    /// is no state at all (transient), for the client as it is.
+    async fn current_or_fetch(&self, request: &RunRequest) -> Result<(Snapshot, Fresh), Response<Body>> {
+        if let Some(snapshot) = self.current(&request.id) {
+            return Ok((snapshot, Fresh::FromWatcher));
+        }
+        let (answer, role) = self.runs.answer(request).await;
+        match Snapshot::of(answer.clone(), self.runs.statuses()) {
+            Some(snapshot) => {
+                self.offer(&request.id, &snapshot);
+                Ok((snapshot, Fresh::Fetched(role)))
+            }
+            None => Err(self.runs.render(answer, role, request)),
+        }
+    }
+
+    /// Hands a state learnt outside the watcher to the run's watcher, if it has one.
+    fn offer(&self, id: &RunId, snapshot: &Snapshot) {
+        let channel = self.lock().get(id).map(|watched| Arc::clone(&watched.channel));
+        if let Some(channel) = channel {
+            channel.publish(snapshot.clone());
+        }
+    }
+
+    /// Holds one more client on `id`, starting the run's watcher if it has none (`seed`: the state
+    /// the client was given). Refused with 503 `TOO_MANY_WAITERS` past `watch.max_held`.
+    fn hold(self: &Arc<Self>, id: &RunId, kind: HeldKind, seed: &Snapshot) -> Result<Held, GatewayError> {
+        let before = self.held.fetch_add(1, Ordering::AcqRel);
+        if before >= self.settings.max_held {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            return Err(GatewayError::TooManyWaiters {
+                retry_after_secs: FULL_RETRY_AFTER_SECS,
+            });
+        }
+        let channel = {
+            let mut watched = self.lock();
+            let entry = watched.entry(id.clone()).or_insert_with(|| {
+                let channel = Arc::new(Channel {
+                    snapshot: watch::Sender::new(Some(seed.clone())),
+                    left: Notify::new(),
+                });
+                self.metrics.watched_runs().inc();
+                tokio::spawn(watcher::watch(Arc::clone(self), id.clone(), Arc::clone(&channel)));
+                Watched { channel, clients: 0 }
+            });
+            entry.clients += 1;
+            Arc::clone(&entry.channel)
+        };
+        channel.snapshot.send_if_modified(|current| {
+            let unseen = current.is_none();
+            if unseen {
+                *current = Some(seed.clone());
+            }
+            unseen
+        });
+        if let Some(gauge) = self.metrics.held(kind) {
+            gauge.inc();
+        }
+        Ok(Held {
+            hub: Arc::clone(self),
+            id: id.clone(),
+            channel,
+            kind,
+        })
+    }
+
+    /// Removes `id`'s watch if it has no client left, its run is final, or the gateway is
+    /// draining; whether it was removed (or was no longer this watch).
+    fn release_if_done(&self, id: &RunId, channel: &Arc<Channel>) -> bool {
+        let mut watched = self.lock();
+        let Some(entry) = watched
+            .get(id)
+            .filter(|entry| Arc::ptr_eq(&entry.channel, channel))
+        else {
+            return true;
+        };
+        let done = entry.clients == 0
+            || self.is_shutting_down()
+            || channel.snapshot.borrow().as_ref().is_some_and(Snapshot::is_final);
+        if done {
+            watched.remove(id);
+            self.metrics.watched_runs().dec();
+        }
+        done
+    }
+
+    /// Runs watched right now.
+    fn watched_runs(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, Watched>> {
+        self.watched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Where a held request's first state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    /// The run's watcher: shared, no call made for this request.
+    FromWatcher,
+    /// A call this request led or joined.
+    Fetched(crate::cache::coalesce::Role),
+}
+
+impl Channel {
+    /// Publishes `snapshot` when it is a new state (a new version, the end, a stop); returns
+    /// whether it was.
+    fn publish(&self, snapshot: Snapshot) -> bool {
+        self.snapshot.send_if_modified(|current| {
+            let new = match current {
+                None => true,
+                // Nothing follows a final state.
+                Some(current) if current.is_final() => false,
+                Some(current) => current.state != snapshot.state,
+            };
+            if new {
+                *current = Some(snapshot);
+            }
+            new
+        })
+    }
+
+    fn is_final(&self) -> bool {
+        self.snapshot.borrow().as_ref().is_some_and(Snapshot::is_final)
+    }
+}
+
+/// One held client: counted against `watch.max_held` and on its run's watch until dropped, which
+/// happens when it is answered or the client goes away.
+pub struct Held {
+    hub: Arc<Hub>,
+    id: RunId,
+    channel: Arc<Channel>,
+    kind: HeldKind,
+}
+
+impl Held {
+    /// The run's states, from the latest on.
+    fn updates(&self) -> watch::Receiver<Option<Snapshot>> {
+        self.channel.snapshot.subscribe()
+    }
+
+    /// Resolves when the gateway starts draining.
+    fn shutdown(&self) -> watch::Receiver<bool> {
+        self.hub.shutdown.subscribe()
+    }
+
+    fn metrics(&self) -> &WatchMetrics {
+        &self.hub.metrics
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        {
+            let mut watched = self.hub.lock();
+            if let Some(entry) = watched
+                .get_mut(&self.id)
+                .filter(|entry| Arc::ptr_eq(&entry.channel, &self.channel))
+            {
+                entry.clients -= 1;
+                if entry.clients == 0 {
+                    self.channel.left.notify_one();
+                }
+            }
+        }
+        self.hub.held.fetch_sub(1, Ordering::AcqRel);
+        if let Some(gauge) = self.hub.metrics.held(self.kind) {
+            gauge.dec();
+        }
+    }
+}
+
+/// `wait` less a random part of up to a sixteenth of it, so clients held together do not all
+/// come back at once (Consul's blocking queries do the same).
+fn jittered_deadline(wait: Duration) -> Duration {
+    wait.saturating_sub((wait / 16).mul_f64(fastrand::f64()))
+}
+
+/// Answer to a held request as a response: marked as shared (the watcher's call, not its own)
+/// and, for a long-poll, as held (its time is the client's wait).
+fn shared(mut response: Response<Body>, held: bool) -> Response<Body> {
+    response
+        .body_mut()
+        .set_outcome(crate::cache::CacheOutcome::Coalesced);
+    if held {
+        response.body_mut().set_held();
+    }
+    response
+}
+
+/// What `answer` is for `request` when it came from the watcher (`fresh`): a shared answer.
+fn render(hub: &Hub, snapshot: &Snapshot, fresh: Fresh, request: &RunRequest) -> Response<Body> {
+    let answer: Answer = snapshot.answer.clone();
+    match fresh {
+        Fresh::Fetched(role) => hub.runs.render(answer, role, request),
+        Fresh::FromWatcher => shared(
+            hub.runs
+                .render(answer, crate::cache::coalesce::Role::Leader, request),
+            false,
+        ),
+    }
+}

@@ -1,0 +1,321 @@
+//! An event stream (Server-Sent Events) of one run: `Accept: text/event-stream` on the runs path.
+//!
+//! The stream opens with a `retry:` line (`watch.sse_retry`, in milliseconds as the spec says),
+//! then the run's current state as a frame (`id: <version>`, `event: run`, `data: <body>`; a body
+//! with line breaks becomes several `data:` lines), then one frame per new version from the run's
+//! watcher. The ended run is an `event: end` frame, after which the stream closes; a run that had
+//! already ended gets a stream of that one frame. A 404 or the gateway's key refused mid-stream is
+//! an `event: error` frame with the JSON error the plain request would get, then close. At the
+//! start, the same answers are the plain JSON responses (a stream of errors helps no one).
+//!
+//! `Last-Event-ID` naming the current version skips the first frame (a reconnect that saw it);
+//! naming the ended run's version gets 204, which tells browsers to stop reconnecting. A comment
+//! line every `watch.sse_keepalive` keeps proxies from timing the stream out and finds a client
+//! that left (the write fails). After `watch.max_stream_duration` (less up to a sixteenth, so
+//! streams opened together do not all reconnect together), or when the gateway drains, the stream
+//! ends cleanly and the client reconnects with `Last-Event-ID`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
+use http::{HeaderValue, Response, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::metrics::{HeldKind, HeldOutcome};
+use super::snapshot::{Snapshot, State};
+use super::{Fresh, Held, Hub, jittered_deadline, render};
+use crate::cache::CacheOutcome;
+use crate::cache::coalesce::Role;
+use crate::cache::etag;
+use crate::edge::response::{Body, NO_STORE, X_CACHE};
+use crate::edge::routes::RunRequest;
+use crate::proxy::Answer;
+
+const TEXT_EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
+/// `x-accel-buffering: no`: nginx (and proxies that follow it) pass each frame on at once.
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+/// The comment written every `watch.sse_keepalive`.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Answers `request` (a GET asking for `text/event-stream`).
+pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest) -> Response<Body> {
+    // Frames carry the run's body: never a 304 for the client's own If-None-Match.
+    let request = RunRequest {
+        if_none_match: None,
+        ..request
+    };
+    if let Some(entry) = hub.runs.hit(&request.id).await {
+        if !entry.is_terminal() {
+            // A remembered 404.
+            return hub.runs.render_hit(&entry, &request);
+        }
+        let state = State::Ended(entry.etag());
+        let snapshot = Snapshot {
+            answer: Answer::Cached { entry, fresh: false },
+            state,
+        };
+        return ended(&hub, &snapshot, &request, CacheOutcome::Hit);
+    }
+    let (current, fresh) = match hub.current_or_fetch(&request).await {
+        Ok(current) => current,
+        Err(response) => return response,
+    };
+    let outcome = stream_outcome(&current, fresh);
+    let version = match &current.state {
+        State::Stopped => return render(&hub, &current, fresh, &request),
+        State::Ended(_) => return ended(&hub, &current, &request, outcome),
+        State::Going(version) => version.clone(),
+    };
+    let mut first = prelude(hub.settings.sse_retry);
+    if !resumes(&request, &version) {
+        first.extend_from_slice(&frame("run", Some(&version), &body(&hub, &current, &request)));
+    }
+    if hub.is_shutting_down() {
+        return stream_response(Body::new(first.freeze(), Some(outcome)));
+    }
+    let held = match hub.hold(&request.id, HeldKind::Sse, &current) {
+        Ok(held) => held,
+        Err(refused) => return refused.into_response(Some(&request.request_id)),
+    };
+    let now = Instant::now();
+    let live = Live {
+        updates: held.updates(),
+        shutdown: held.shutdown(),
+        hub: Arc::clone(&hub),
+        held,
+        request,
+        last: version,
+        first: Some(first.freeze()),
+        keepalive: hub.settings.sse_keepalive,
+        next_keepalive: now,
+        closes_at: now + jittered_deadline(hub.settings.max_stream_duration),
+        done: false,
+    };
+    let frames = futures_util::stream::unfold(live, Live::next);
+    stream_response(Body::streaming(Box::pin(frames), outcome))
+}
+
+/// Why a stream waiting for its next piece woke up.
+enum Wake {
+    Shutdown,
+    Closing,
+    Changed,
+    KeepAlive,
+}
+
+/// An open stream: what it has sent and when it must write next.
+struct Live {
+    held: Held,
+    updates: watch::Receiver<Option<Snapshot>>,
+    shutdown: watch::Receiver<bool>,
+    hub: Arc<Hub>,
+    request: RunRequest,
+    /// The version of the last `run` frame.
+    last: HeaderValue,
+    first: Option<Bytes>,
+    keepalive: Duration,
+    next_keepalive: Instant,
+    closes_at: Instant,
+    done: bool,
+}
+
+impl Live {
+    /// The next piece of the stream, or `None` to close it.
+    async fn next(mut self) -> Option<(Bytes, Self)> {
+        if self.done {
+            return None;
+        }
+        if let Some(first) = self.first.take() {
+            return Some(self.written(first));
+        }
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|draining| *draining) => Wake::Shutdown,
+                () = tokio::time::sleep_until(self.closes_at) => Wake::Closing,
+                changed = self.updates.changed() => match changed {
+                    Ok(()) => Wake::Changed,
+                    Err(_) => Wake::Closing,
+                },
+                () = tokio::time::sleep_until(self.next_keepalive) => Wake::KeepAlive,
+            };
+            match wake {
+                Wake::Shutdown => {
+                    self.held.metrics().answered(HeldOutcome::Shutdown);
+                    return None;
+                }
+                Wake::Closing => {
+                    self.held.metrics().answered(HeldOutcome::Timeout);
+                    return None;
+                }
+                Wake::KeepAlive => return Some(self.written(Bytes::from_static(KEEPALIVE))),
+                Wake::Changed => {
+                    let latest = self.updates.borrow_and_update().clone();
+                    if let Some(frame) = latest.and_then(|snapshot| self.frame_for(&snapshot)) {
+                        return Some(self.written(frame));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The frame a new state makes, if it is new to this stream.
+    fn frame_for(&mut self, snapshot: &Snapshot) -> Option<Bytes> {
+        let (event, outcome, id) = match &snapshot.state {
+            State::Going(version) if *version == self.last => return None,
+            State::Going(version) => {
+                self.last = version.clone();
+                ("run", HeldOutcome::Changed, version.clone())
+            }
+            State::Ended(version) => {
+                self.done = true;
+                let id = version.clone().unwrap_or_else(|| self.last.clone());
+                ("end", HeldOutcome::Ended, id)
+            }
+            State::Stopped => {
+                self.done = true;
+                ("error", HeldOutcome::Error, self.last.clone())
+            }
+        };
+        self.held.metrics().answered(outcome);
+        Some(frame(event, Some(&id), &body(&self.hub, snapshot, &self.request)))
+    }
+
+    fn written(mut self, piece: Bytes) -> (Bytes, Self) {
+        self.next_keepalive = Instant::now() + self.keepalive;
+        (piece, self)
+    }
+}
+
+/// A run that has ended: 204 when the client's `Last-Event-ID` names it (it has it; browsers stop
+/// reconnecting on 204), otherwise a stream of its one `end` frame.
+fn ended(hub: &Hub, snapshot: &Snapshot, request: &RunRequest, outcome: CacheOutcome) -> Response<Body> {
+    if let Some(version) = snapshot.version()
+        && resumes(request, version)
+    {
+        let mut response = Response::new(Body::new(Bytes::new(), Some(outcome)));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
+        return response;
+    }
+    let mut stream = prelude(hub.settings.sse_retry);
+    stream.extend_from_slice(&frame("end", snapshot.version(), &body(hub, snapshot, request)));
+    stream_response(Body::new(stream.freeze(), Some(outcome)))
+}
+
+/// 200 `text/event-stream`, never stored, never buffered by a proxy in between.
+fn stream_response(body: Body) -> Response<Body> {
+    let outcome = body.outcome();
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, TEXT_EVENT_STREAM);
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+    if let Some(value) = outcome.and_then(CacheOutcome::header_value) {
+        headers.insert(X_CACHE, value);
+    }
+    response
+}
+
+/// How a stream's first state was produced, for `x-cache` and the request metrics.
+fn stream_outcome(current: &Snapshot, fresh: Fresh) -> CacheOutcome {
+    match (fresh, &current.answer) {
+        (Fresh::FromWatcher | Fresh::Fetched(Role::Waiter), _) => CacheOutcome::Coalesced,
+        (Fresh::Fetched(Role::Leader), Answer::Cached { fresh: true, .. }) => CacheOutcome::Miss,
+        (Fresh::Fetched(Role::Leader), Answer::Cached { fresh: false, .. }) => CacheOutcome::Hit,
+        (Fresh::Fetched(Role::Leader), _) => CacheOutcome::Pass,
+    }
+}
+
+/// Whether the client's `Last-Event-ID` names `version`: it has seen that frame.
+fn resumes(request: &RunRequest, version: &HeaderValue) -> bool {
+    request
+        .last_event_id
+        .as_ref()
+        .is_some_and(|last| etag::names(last, version))
+}
+
+/// The body a plain request would get for this state (the run, or the JSON error).
+fn body(hub: &Hub, snapshot: &Snapshot, request: &RunRequest) -> Bytes {
+    hub.runs
+        .render(snapshot.answer.clone(), Role::Leader, request)
+        .body_mut()
+        .take_data()
+}
+
+/// `retry: <ms>` and a blank line.
+fn prelude(retry: Duration) -> BytesMut {
+    let mut out = BytesMut::with_capacity(32);
+    out.put_slice(format!("retry: {}\n\n", retry.as_millis()).as_bytes());
+    out
+}
+
+/// One event: `id:` (when given), `event:`, one `data:` line per line of `data`, a blank line.
+pub fn frame(event: &str, id: Option<&HeaderValue>, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + event.len() + 64);
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b"event: ");
+    out.put_slice(event.as_bytes());
+    out.put_u8(b'\n');
+    for line in lines(data) {
+        out.put_slice(b"data: ");
+        out.put_slice(line);
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// `data` split at CRLF, LF and CR, the three line ends of the event-stream format.
+fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(data);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.iter().position(|&byte| byte == b'\n' || byte == b'\r') {
+            None => {
+                rest = None;
+                Some(text)
+            }
+            Some(end) => {
+                let skip = if text[end..].starts_with(b"\r\n") { 2 } else { 1 };
+                rest = Some(&text[end + skip..]);
+                Some(&text[..end])
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_has_its_id_event_and_one_data_line_per_line() {
+        let id = HeaderValue::from_static("W/\"abc\"");
+        let framed = frame("run", Some(&id), b"{\"a\":1,\n\"b\":2}\r\n\r{}");
+        assert_eq!(
+            &framed[..],
+            b"id: W/\"abc\"\nevent: run\ndata: {\"a\":1,\ndata: \"b\":2}\ndata: \ndata: {}\n\n"
+        );
+        assert_eq!(&frame("end", None, b"{}")[..], b"event: end\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn a_body_without_line_ends_is_one_line() {
+        assert_eq!(lines(b"{\"status\":\"QUEUED\"}").count(), 1);
+        assert_eq!(lines(b"").collect::<Vec<_>>(), [b"" as &[u8]]);
+        assert_eq!(lines(b"a\n").collect::<Vec<_>>(), [b"a" as &[u8], b""]);
+    }
+
+    #[test]
+    fn the_prelude_gives_the_retry_in_milliseconds() {
+        assert_eq!(&prelude(Duration::from_secs(3))[..], b"retry: 3000\n\n");
+    }
+}
