@@ -10,6 +10,10 @@
 //! from the first request; ids starting `missing-` are 404. Each answer takes about 40 ms, like a
 //! call across the internet, so hits and misses look different. Benchmarks start it with other
 //! timings ([`DemoOptions`]) and read how many requests it answered.
+//!
+//! It also serves the example page, `examples/watch-runs.html`, at `/` and `/watch-runs.html`,
+//! without a key and at once: an origin other than the gateway's, as a browser frontend would be
+//! ([`page_url`] is the address to open).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{Request, Response, StatusCode};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -34,6 +38,10 @@ use crate::edge::routes::RUNS_PATH;
 pub const DEMO_API_KEY: &str = "demo-key";
 /// The demo forgets every run once it has seen this many, so it cannot grow without bound.
 const MAX_TRACKED_RUNS: usize = 100_000;
+/// The example page: watches runs through the gateway with one `EventSource` per run.
+pub const EXAMPLE_PAGE: &str = include_str!("../examples/watch-runs.html");
+/// Where the demo upstream serves [`EXAMPLE_PAGE`] (besides `/`).
+pub const EXAMPLE_PAGE_PATH: &str = "/watch-runs.html";
 
 /// How the simulated runs behave.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +109,25 @@ pub async fn spawn() -> std::io::Result<SocketAddr> {
     Ok(DemoUpstream::start(DemoOptions::default()).await?.addr)
 }
 
+/// The origin of the example page served by the demo upstream at `page`: what
+/// `server.cors_allowed_origins` must hold for the page to read the gateway's answers.
+pub fn page_origin(page: SocketAddr) -> String {
+    format!("http://{page}")
+}
+
+/// The URL to open for the example page served at `page`, watching runs through the gateway
+/// listening on `gateway` (an unspecified address, `0.0.0.0` or `::`, is reached on loopback).
+pub fn page_url(page: SocketAddr, gateway: SocketAddr) -> String {
+    let mut gateway = gateway;
+    if gateway.ip().is_unspecified() {
+        gateway.set_ip(match gateway {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("{}/?gateway=http://{gateway}", page_origin(page))
+}
+
 struct State {
     options: DemoOptions,
     /// When each run was first asked for.
@@ -109,6 +136,10 @@ struct State {
 }
 
 async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
+    // The example page is not part of the simulated API: no key, no latency, not counted.
+    if request.method() == Method::GET && matches!(request.uri().path(), "/" | EXAMPLE_PAGE_PATH) {
+        return Ok(example_page());
+    }
     tokio::time::sleep(state.options.latency).await;
     state.answered.fetch_add(1, Ordering::Relaxed);
     let expected = format!("api-key {DEMO_API_KEY}");
@@ -145,6 +176,14 @@ async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Bo
         StatusCode::OK,
         run_body(id, status, started_at, state.options.finishes_after, progress),
     ))
+}
+
+fn example_page() -> Response<Body> {
+    let mut response = Response::new(Body::new(Bytes::from_static(EXAMPLE_PAGE.as_bytes()), None));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 impl State {
@@ -303,6 +342,65 @@ mod tests {
         assert_eq!(at(3_100), 2);
         assert_eq!(at(4_100), 3);
         assert_eq!(at(6_000), STEPS.len());
+    }
+
+    fn state() -> Arc<State> {
+        Arc::new(State {
+            options: DemoOptions {
+                latency: Duration::ZERO,
+                ..DemoOptions::default()
+            },
+            runs: Mutex::default(),
+            answered: Arc::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_example_page_needs_no_key_and_the_api_still_does() {
+        for path in ["/", EXAMPLE_PAGE_PATH] {
+            let request = Request::get(path).body(()).expect("request");
+            let mut response = answer(request, state()).await.expect("infallible");
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            assert_eq!(response.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+            assert_eq!(&response.body_mut().take_data()[..], EXAMPLE_PAGE.as_bytes());
+        }
+        let state = state();
+        let request = Request::get(format!("{RUNS_PATH}run-1"))
+            .body(())
+            .expect("request");
+        let response = answer(request, Arc::clone(&state)).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let request = Request::post("/").body(()).expect("request");
+        let response = answer(request, Arc::clone(&state)).await.expect("infallible");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "only GET serves the page"
+        );
+        assert_eq!(
+            state.answered.load(Ordering::Relaxed),
+            2,
+            "the page is not an API answer"
+        );
+    }
+
+    #[test]
+    fn the_page_url_names_the_gateway_on_loopback_when_it_listens_everywhere() {
+        let page: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let at = |gateway: &str| page_url(page, gateway.parse().expect("addr"));
+        assert_eq!(page_origin(page), "http://127.0.0.1:4000");
+        assert_eq!(
+            at("0.0.0.0:8080"),
+            "http://127.0.0.1:4000/?gateway=http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            at("[::]:8080"),
+            "http://127.0.0.1:4000/?gateway=http://[::1]:8080"
+        );
+        assert_eq!(
+            at("10.0.0.7:80"),
+            "http://127.0.0.1:4000/?gateway=http://10.0.0.7:80"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `plextera-gateway` binary: command line, logging, config, then the library does the rest.
 
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,14 +151,14 @@ fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runti
 }
 
 async fn run(cli: Cli, config: Config) -> ExitCode {
-    let (config, secrets) = if cli.demo {
+    let (config, secrets, demo_upstream) = if cli.demo {
         match demo_setup(config).await {
-            Ok(setup) => setup,
+            Ok((config, secrets, addr)) => (config, secrets, Some(addr)),
             Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
         }
     } else {
         match Secrets::load(&config, |name| std::env::var(name).ok()) {
-            Ok(secrets) => (config, secrets),
+            Ok(secrets) => (config, secrets, None),
             Err(error) => return refuse(error.to_string()),
         }
     };
@@ -170,6 +171,10 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => return refuse(error.to_string()),
     };
+    if let Some(page) = demo_upstream {
+        let url = demo::page_url(page, gateway.public_addr());
+        tracing::info!("example page: {url} (open it in a browser: it watches runs through the gateway)");
+    }
     // From here on every log line is searched for the key (current and, after a SIGHUP, previous).
     let rotation = gateway.key_rotation();
     telemetry::redact_with(Box::new(move |line| rotation.redact(line)));
@@ -235,13 +240,18 @@ fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigErro
     Config::load(&cli.config)
 }
 
-/// Starts the simulated upstream and points the gateway at it with the demo key.
-async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets)> {
+/// Starts the simulated upstream and points the gateway at it with the demo key; CORS allows the
+/// example page it serves (another origin). Returns the simulated upstream's address too.
+async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets, SocketAddr)> {
     let addr = demo::spawn().await?;
     tracing::info!(%addr, "demo mode: simulated upstream started; the configured base_url and key are not used");
     config.upstream.base_url = format!("http://{addr}");
+    let origins = &mut config.server.cors_allowed_origins;
+    if !origins.iter().any(|origin| origin == "*") {
+        origins.push(demo::page_origin(addr));
+    }
     let key = ApiKey::new(demo::DEMO_API_KEY).expect("the demo key is a valid key");
-    Ok((config, Secrets::key_only(key)))
+    Ok((config, Secrets::key_only(key), addr))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, ETAG, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, ETAG, RETRY_AFTER, VARY};
 use http::{HeaderValue, Response, StatusCode};
 use tower::Service;
 use tracing::Instrument;
@@ -42,6 +42,9 @@ use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::WorkSlot;
 use crate::upstream::UpstreamResponse;
 use crate::upstream::fetcher::Fetcher;
+
+/// `Vary: Accept` on answers clients may keep.
+const ACCEPT_VARIES: HeaderValue = HeaderValue::from_static("accept");
 
 /// What the one call for a run produced, shared by everyone who waited for it.
 #[derive(Clone)]
@@ -297,6 +300,11 @@ impl Proxy {
             NO_STORE
         };
         let mut response = run_response(status, entry.content_type(), cache_control, outcome, body);
+        if entry.is_terminal() {
+            // Kept by browsers, and the same URL answers an event stream for `Accept:
+            // text/event-stream`: a cache must not hand one for the other.
+            response.headers_mut().insert(VARY, ACCEPT_VARIES);
+        }
         if let Some(etag) = etag {
             response.headers_mut().insert(ETAG, etag);
         }

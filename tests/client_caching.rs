@@ -24,6 +24,8 @@ async fn ended_runs_carry_a_strong_etag_and_revalidate_to_304() {
         first.header("cache-control"),
         Some("private, max-age=86400, immutable")
     );
+    // The same URL answers an event stream to `Accept: text/event-stream`: kept copies vary by it.
+    assert_eq!(first.header("vary"), Some("accept"));
     assert_eq!(
         gateway.get_run("done").await.header("etag"),
         Some(etag.as_str()),

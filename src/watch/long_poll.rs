@@ -6,19 +6,25 @@
 //! run that is not there (404), or an upstream failure before the hold began. Once held, the
 //! client gets the first new state its run's watcher publishes (200 with the new version or the
 //! ended run; a 404 or `UPSTREAM_AUTH` that stopped the watch), or, at its deadline (up to
-//! wait/16 early, never late) or on shutdown, a 304 with the version it holds. Transient upstream
+//! wait/16 early, never late) or on shutdown, a 304 with the version it holds; so does a client
+//! whose wait runs out while the run's first call (no watcher yet) is still under way. Transient upstream
 //! failures publish nothing, so they never end a wait.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Response;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, ETAG};
+use http::{HeaderValue, Response, StatusCode};
 use tokio::time::Instant;
+use tower::Service;
 
 use super::metrics::{HeldKind, HeldOutcome};
 use super::snapshot::State;
 use super::{Fresh, Hub, jittered_deadline, render, shared};
-use crate::edge::response::Body;
+use crate::cache::CacheOutcome;
+use crate::edge::error::GatewayError;
+use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response};
 use crate::edge::routes::RunRequest;
 
 /// Answers `request`, holding it up to `wait` (already capped at `watch.max_wait`, non-zero).
@@ -26,32 +32,42 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest, wait: Duration) ->
     let deadline = Instant::now() + jittered_deadline(wait);
     let Some(if_none_match) = request.if_none_match.clone() else {
         // Nothing to compare with: answered as a plain request.
-        let (answer, role) = hub.runs.answer(&request).await;
-        return hub.runs.render(answer, role, &request);
+        let mut runs = hub.runs.clone();
+        return match runs.call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
     };
     if let Some(entry) = hub.runs.hit(&request.id).await {
         return hub.runs.render_hit(&entry, &request);
     }
-    let (current, fresh) = match hub.current_or_fetch(&request).await {
-        Ok(current) => current,
-        Err(response) => return response,
+    if !hub.has_room() {
+        return too_many(&request);
+    }
+    // The first call for a run nobody waits on yet may be slow; the answer never is late.
+    let current = hub.current_or_fetch(&request, Some(&if_none_match));
+    let (current, fresh) = match tokio::time::timeout_at(deadline, current).await {
+        Ok(Ok(current)) => current,
+        Ok(Err(response)) => return response,
+        Err(_) => {
+            hub.metrics.answered(HeldOutcome::Timeout);
+            return unchanged(&if_none_match);
+        }
     };
     if !current.is_held_by(&if_none_match) || hub.is_shutting_down() {
         return render(&hub, &current, fresh, &request);
     }
     let held = match hub.hold(&request.id, HeldKind::LongPoll, &current) {
         Ok(held) => held,
-        Err(refused) => return refused.into_response(Some(&request.request_id)),
+        Err(_) => return too_many(&request),
     };
     let mut updates = held.updates();
     let mut shutdown = held.shutdown();
-    let outcome = loop {
+    let (snapshot, outcome) = loop {
         let latest = updates.borrow_and_update().clone();
-        if let Some(snapshot) = latest
-            && !snapshot.is_held_by(&if_none_match)
-        {
-            let outcome = held_outcome(&snapshot.state);
-            break (snapshot, outcome);
+        if !latest.is_held_by(&if_none_match) {
+            let outcome = held_outcome(&latest.state);
+            break (latest, outcome);
         }
         let ended_by = tokio::select! {
             biased;
@@ -63,13 +79,47 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest, wait: Duration) ->
                 Err(_) => HeldOutcome::Timeout,
             },
         };
-        let latest = updates.borrow().clone().unwrap_or(current);
-        break (latest, ended_by);
+        // A change that landed with the deadline is still a change.
+        let latest = updates.borrow().clone();
+        let outcome = if latest.is_held_by(&if_none_match) {
+            ended_by
+        } else {
+            held_outcome(&latest.state)
+        };
+        break (latest, outcome);
     };
-    let (snapshot, outcome) = outcome;
     held.metrics().answered(outcome);
     drop(held);
     shared(render(&hub, &snapshot, Fresh::FromWatcher, &request), true)
+}
+
+/// 503 `TOO_MANY_WAITERS`: `watch.max_held` clients are held already.
+fn too_many(request: &RunRequest) -> Response<Body> {
+    GatewayError::TooManyWaiters {
+        retry_after_secs: super::FULL_RETRY_AFTER_SECS,
+    }
+    .into_response(Some(&request.request_id))
+}
+
+/// 304 when the wait ran out before the run's version was known: nothing is known to have
+/// changed. Its `ETag` is the client's own when it named one tag.
+fn unchanged(if_none_match: &HeaderValue) -> Response<Body> {
+    let mut response = run_response(
+        StatusCode::NOT_MODIFIED,
+        APPLICATION_JSON,
+        NO_STORE,
+        CacheOutcome::Coalesced,
+        Bytes::new(),
+    );
+    response.headers_mut().remove(CONTENT_TYPE);
+    let single = if_none_match
+        .to_str()
+        .is_ok_and(|tags| !tags.contains(',') && tags.trim() != "*");
+    if single {
+        response.headers_mut().insert(ETAG, if_none_match.clone());
+    }
+    response.body_mut().set_held();
+    response
 }
 
 /// How a state that differs from the client's answers its wait.

@@ -1,5 +1,5 @@
-//! The series of held clients and watchers: `held_requests{kind}`, `watched_runs` and
-//! `held_answers_total{outcome}`.
+//! The series of held clients and watchers: `held_requests{kind}`, `held_requests_limit`,
+//! `watched_runs` and `held_answers_total{outcome}`.
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
 
@@ -59,6 +59,7 @@ impl Label for HeldOutcome {
 #[derive(Clone)]
 pub struct WatchMetrics {
     held: ByLabel<HeldKind, IntGauge>,
+    limit: IntGauge,
     watched_runs: IntGauge,
     answers: ByLabel<HeldOutcome, IntCounter>,
 }
@@ -77,6 +78,13 @@ impl WatchMetrics {
         )?;
         Ok(Self {
             held: ByLabel::new(|label| held.with_label_values(&[label])),
+            limit: register(
+                registry,
+                IntGauge::with_opts(opts(
+                    "held_requests_limit",
+                    "watch.max_held: most clients held at once; beyond, 503 TOO_MANY_WAITERS.",
+                ))?,
+            )?,
             watched_runs: register(
                 registry,
                 IntGauge::with_opts(opts(
@@ -97,6 +105,11 @@ impl WatchMetrics {
 
     pub fn held(&self, kind: HeldKind) -> Option<&IntGauge> {
         self.held.get(kind)
+    }
+
+    /// Records `watch.max_held`.
+    pub fn set_limit(&self, max_held: usize) {
+        self.limit.set(i64::try_from(max_held).unwrap_or(i64::MAX));
     }
 
     pub fn watched_runs(&self) -> &IntGauge {

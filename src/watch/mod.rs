@@ -4,7 +4,7 @@
 //! A client may wait for a run to change instead of polling it: a **long-poll** (`?wait=` or
 //! `Prefer: wait=` with the `If-None-Match` of the version it holds, [`long_poll`]) or an
 //! **event stream** (`Accept: text/event-stream`, [`sse`]). While at least one client is held on
-//! a run, exactly one **watcher** ([`watcher`]) asks upstream for it every `watch.poll_interval`
+//! a run, exactly one **watcher** (`watcher.rs`) asks upstream for it every `watch.poll_interval`
 //! (backing off while nothing changes), through the proxy's single flight and budget
 //! ([`RunService::resolve`]), and publishes each new version to every held client at once
 //! ([`snapshot`]). Upstream calls per run so depend on how long the run lasts, not on how many
@@ -33,11 +33,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Response};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tower::Service;
 
 use self::metrics::{HeldKind, WatchMetrics};
 use self::snapshot::Snapshot;
+use crate::cache::etag;
 use crate::config::WatchConfig;
 use crate::edge::error::GatewayError;
 use crate::edge::response::Body;
@@ -79,10 +80,8 @@ struct Watched {
 
 /// What a run's watcher shares with the clients held on it.
 struct Channel {
-    /// The run's latest state; `None` until the first answer.
-    snapshot: watch::Sender<Option<Snapshot>>,
-    /// Signalled when the last client leaves, so the watcher stops at once.
-    left: Notify,
+    /// The run's latest state, seeded with the state its first client was given.
+    snapshot: watch::Sender<Snapshot>,
 }
 
 impl Watches {
@@ -93,6 +92,7 @@ impl Watches {
         rate: Option<f64>,
         metrics: WatchMetrics,
     ) -> Self {
+        metrics.set_limit(settings.max_held);
         Self {
             hub: Arc::new(Hub {
                 runs,
@@ -137,6 +137,7 @@ impl Service<RunRequest> for Watches {
             return hub.runs.clone().call(request);
         };
         let wait = ask.wait.min(hub.settings.max_wait);
+        let holds_a_version = request.if_none_match.is_some();
         Box::pin(async move {
             let mut response = if wait.is_zero() {
                 let mut runs = hub.runs.clone();
@@ -144,7 +145,8 @@ impl Service<RunRequest> for Watches {
             } else {
                 long_poll::serve(hub, request, wait).await
             };
-            if ask.preferred {
+            // The preference is applied when the request could be held (or asked for no hold).
+            if ask.preferred && (wait.is_zero() || holds_a_version) {
                 let applied = HeaderValue::from_str(&wait::format_applied(wait))
                     .expect("digits, a dot and '=' are a valid header value");
                 response.headers_mut().insert(PREFERENCE_APPLIED, applied);
@@ -159,18 +161,39 @@ impl Hub {
         *self.shutdown.borrow()
     }
 
-    /// The state of `id` its watcher last saw, if a watcher has seen one.
-    fn current(&self, id: &RunId) -> Option<Snapshot> {
-        let watched = self.lock();
-        watched.get(id)?.channel.snapshot.borrow().clone()
+    /// Whether one more client may be held (checked before anything is fetched for it, so a
+    /// client that will be refused spends no upstream call).
+    fn has_room(&self) -> bool {
+        self.held.load(Ordering::Acquire) < self.settings.max_held
     }
 
-    /// The run's state for a held request: its watcher's, or (with none, or none seen yet) the
-    /// answer of a call made now, which the watcher, if any, learns too. `Err` is an answer that
-    /// is no state at all (transient), for the client as it is.
-    async fn current_or_fetch(&self, request: &RunRequest) -> Result<(Snapshot, Fresh), Response<Body>> {
+    /// The latest state of `id` its watcher has, if it has a watcher.
+    fn current(&self, id: &RunId) -> Option<Snapshot> {
+        let watched = self.lock();
+        Some(watched.get(id)?.channel.snapshot.borrow().clone())
+    }
+
+    /// The run's state for a held request whose client holds version `known` (if any): its
+    /// watcher's, when that is final, or when the client holds no version or exactly that one;
+    /// otherwise (no watcher, or the client has a version the watcher has not seen, perhaps a
+    /// newer one from a plain request or another replica) the answer of a call made now, which
+    /// the watcher, if any, learns too. `Err` is an answer that is no state at all (transient),
+    /// for the client as it is.
+    async fn current_or_fetch(
+        &self,
+        request: &RunRequest,
+        known: Option<&HeaderValue>,
+    ) -> Result<(Snapshot, Fresh), Response<Body>> {
         if let Some(snapshot) = self.current(&request.id) {
-            return Ok((snapshot, Fresh::FromWatcher));
+            let usable = snapshot.is_final()
+                || known.is_none_or(|known| {
+                    snapshot
+                        .version()
+                        .is_some_and(|version| etag::names(known, version))
+                });
+            if usable {
+                return Ok((snapshot, Fresh::FromWatcher));
+            }
         }
         let (answer, role) = self.runs.answer(request).await;
         match Snapshot::of(answer.clone(), self.runs.statuses()) {
@@ -204,8 +227,7 @@ impl Hub {
             let mut watched = self.lock();
             let entry = watched.entry(id.clone()).or_insert_with(|| {
                 let channel = Arc::new(Channel {
-                    snapshot: watch::Sender::new(Some(seed.clone())),
-                    left: Notify::new(),
+                    snapshot: watch::Sender::new(seed.clone()),
                 });
                 self.metrics.watched_runs().inc();
                 tokio::spawn(watcher::watch(Arc::clone(self), id.clone(), Arc::clone(&channel)));
@@ -214,13 +236,6 @@ impl Hub {
             entry.clients += 1;
             Arc::clone(&entry.channel)
         };
-        channel.snapshot.send_if_modified(|current| {
-            let unseen = current.is_none();
-            if unseen {
-                *current = Some(seed.clone());
-            }
-            unseen
-        });
         if let Some(gauge) = self.metrics.held(kind) {
             gauge.inc();
         }
@@ -230,6 +245,18 @@ impl Hub {
             channel,
             kind,
         })
+    }
+
+    /// Removes `id`'s watch, if it is still this one.
+    fn release(&self, id: &RunId, channel: &Arc<Channel>) {
+        let mut watched = self.lock();
+        if watched
+            .get(id)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.channel, channel))
+        {
+            watched.remove(id);
+            self.metrics.watched_runs().dec();
+        }
     }
 
     /// Removes `id`'s watch if it has no client left, its run is final, or the gateway is
@@ -242,9 +269,7 @@ impl Hub {
         else {
             return true;
         };
-        let done = entry.clients == 0
-            || self.is_shutting_down()
-            || channel.snapshot.borrow().as_ref().is_some_and(Snapshot::is_final);
+        let done = entry.clients == 0 || self.is_shutting_down() || channel.is_final();
         if done {
             watched.remove(id);
             self.metrics.watched_runs().dec();
@@ -278,21 +303,17 @@ impl Channel {
     /// whether it was.
     fn publish(&self, snapshot: Snapshot) -> bool {
         self.snapshot.send_if_modified(|current| {
-            let new = match current {
-                None => true,
-                // Nothing follows a final state.
-                Some(current) if current.is_final() => false,
-                Some(current) => current.state != snapshot.state,
-            };
+            // Nothing follows a final state.
+            let new = !current.is_final() && current.state != snapshot.state;
             if new {
-                *current = Some(snapshot);
+                *current = snapshot;
             }
             new
         })
     }
 
     fn is_final(&self) -> bool {
-        self.snapshot.borrow().as_ref().is_some_and(Snapshot::is_final)
+        self.snapshot.borrow().is_final()
     }
 }
 
@@ -306,9 +327,12 @@ pub struct Held {
 }
 
 impl Held {
-    /// The run's states, from the latest on.
-    fn updates(&self) -> watch::Receiver<Option<Snapshot>> {
-        self.channel.snapshot.subscribe()
+    /// The run's states, from the latest on; the latest counts as unseen, since it may have
+    /// changed since the client was given its state.
+    fn updates(&self) -> watch::Receiver<Snapshot> {
+        let mut updates = self.channel.snapshot.subscribe();
+        updates.mark_changed();
+        updates
     }
 
     /// Resolves when the gateway starts draining.
@@ -329,10 +353,9 @@ impl Drop for Held {
                 .get_mut(&self.id)
                 .filter(|entry| Arc::ptr_eq(&entry.channel, &self.channel))
             {
+                // With none left, the watcher stops at its next turn, unless a client (often this
+                // one, back with the version it was just given) is held on the run by then.
                 entry.clients -= 1;
-                if entry.clients == 0 {
-                    self.channel.left.notify_one();
-                }
             }
         }
         self.hub.held.fetch_sub(1, Ordering::AcqRel);

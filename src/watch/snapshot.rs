@@ -6,6 +6,9 @@
 //! budget's refusals: transient, not a state at all). Only states are published to held clients,
 //! so a transient failure never wakes anyone.
 
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
 use crate::cache::etag;
@@ -29,6 +32,9 @@ pub enum State {
 pub struct Snapshot {
     pub answer: Answer,
     pub state: State,
+    /// The event-stream frame of this state, built by the first stream that sends it and shared
+    /// by every other: a change reaching ten thousand streams is framed once.
+    frame: Arc<OnceLock<Bytes>>,
 }
 
 impl Snapshot {
@@ -56,7 +62,20 @@ impl Snapshot {
             Answer::Failed(GatewayError::UpstreamAuth) => State::Stopped,
             Answer::Failed(_) => return None,
         };
-        Some(Self { answer, state })
+        Some(Self::new(answer, state))
+    }
+
+    pub fn new(answer: Answer, state: State) -> Self {
+        Self {
+            answer,
+            state,
+            frame: Arc::default(),
+        }
+    }
+
+    /// This state's event-stream frame, built once by `build`.
+    pub fn frame(&self, build: impl FnOnce() -> Bytes) -> Bytes {
+        self.frame.get_or_init(build).clone()
     }
 
     /// Whether nothing more will come: the run ended or the watch stopped.

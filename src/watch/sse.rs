@@ -15,6 +15,7 @@
 //! streams opened together do not all reconnect together), or when the gateway drains, the stream
 //! ends cleanly and the client reconnects with `Last-Event-ID`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use super::{Fresh, Held, Hub, jittered_deadline, render};
 use crate::cache::CacheOutcome;
 use crate::cache::coalesce::Role;
 use crate::cache::etag;
+use crate::edge::error::GatewayError;
 use crate::edge::response::{Body, NO_STORE, X_CACHE};
 use crate::edge::routes::RunRequest;
 use crate::proxy::Answer;
@@ -53,15 +55,20 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest) -> Response<Body> 
             return hub.runs.render_hit(&entry, &request);
         }
         let state = State::Ended(entry.etag());
-        let snapshot = Snapshot {
-            answer: Answer::Cached { entry, fresh: false },
-            state,
-        };
+        let snapshot = Snapshot::new(Answer::Cached { entry, fresh: false }, state);
         return ended(&hub, &snapshot, &request, CacheOutcome::Hit);
     }
-    let (current, fresh) = match hub.current_or_fetch(&request).await {
+    if !hub.has_room() {
+        return too_many(&request);
+    }
+    let current = hub
+        .current_or_fetch(&request, request.last_event_id.as_ref())
+        .await;
+    let (current, fresh) = match current {
         Ok(current) => current,
-        Err(response) => return response,
+        // Upstream is failing for now: a stream that only says when to come back, since any
+        // answer but a 200 stream would make a browser give up for good.
+        Err(failed) => return retry_later(&hub, failed.body().outcome()),
     };
     let outcome = stream_outcome(&current, fresh);
     let version = match &current.state {
@@ -69,16 +76,17 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest) -> Response<Body> 
         State::Ended(_) => return ended(&hub, &current, &request, outcome),
         State::Going(version) => version.clone(),
     };
-    let mut first = prelude(hub.settings.sse_retry);
+    let mut first = VecDeque::from([prelude(hub.settings.sse_retry).freeze()]);
     if !resumes(&request, &version) {
-        first.extend_from_slice(&frame("run", Some(&version), &body(&hub, &current, &request)));
+        first.push_back(shared_frame(&hub, &current, &request, &version));
     }
     if hub.is_shutting_down() {
-        return stream_response(Body::new(first.freeze(), Some(outcome)));
+        let whole: Vec<u8> = first.iter().flat_map(|piece| piece.iter().copied()).collect();
+        return stream_response(Body::new(whole.into(), Some(outcome)));
     }
     let held = match hub.hold(&request.id, HeldKind::Sse, &current) {
         Ok(held) => held,
-        Err(refused) => return refused.into_response(Some(&request.request_id)),
+        Err(_) => return too_many(&request),
     };
     let now = Instant::now();
     let live = Live {
@@ -88,7 +96,7 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest) -> Response<Body> 
         held,
         request,
         last: version,
-        first: Some(first.freeze()),
+        first,
         keepalive: hub.settings.sse_keepalive,
         next_keepalive: now,
         closes_at: now + jittered_deadline(hub.settings.max_stream_duration),
@@ -109,13 +117,14 @@ enum Wake {
 /// An open stream: what it has sent and when it must write next.
 struct Live {
     held: Held,
-    updates: watch::Receiver<Option<Snapshot>>,
+    updates: watch::Receiver<Snapshot>,
     shutdown: watch::Receiver<bool>,
     hub: Arc<Hub>,
     request: RunRequest,
     /// The version of the last `run` frame.
     last: HeaderValue,
-    first: Option<Bytes>,
+    /// What is sent before any change: the `retry:` line, the current state's frame.
+    first: VecDeque<Bytes>,
     keepalive: Duration,
     next_keepalive: Instant,
     closes_at: Instant,
@@ -128,7 +137,7 @@ impl Live {
         if self.done {
             return None;
         }
-        if let Some(first) = self.first.take() {
+        if let Some(first) = self.first.pop_front() {
             return Some(self.written(first));
         }
         loop {
@@ -154,7 +163,7 @@ impl Live {
                 Wake::KeepAlive => return Some(self.written(Bytes::from_static(KEEPALIVE))),
                 Wake::Changed => {
                     let latest = self.updates.borrow_and_update().clone();
-                    if let Some(frame) = latest.and_then(|snapshot| self.frame_for(&snapshot)) {
+                    if let Some(frame) = self.frame_for(&latest) {
                         return Some(self.written(frame));
                     }
                 }
@@ -164,30 +173,70 @@ impl Live {
 
     /// The frame a new state makes, if it is new to this stream.
     fn frame_for(&mut self, snapshot: &Snapshot) -> Option<Bytes> {
-        let (event, outcome, id) = match &snapshot.state {
+        let (frame, outcome) = match &snapshot.state {
             State::Going(version) if *version == self.last => return None,
             State::Going(version) => {
                 self.last = version.clone();
-                ("run", HeldOutcome::Changed, version.clone())
+                let frame = shared_frame(&self.hub, snapshot, &self.request, version);
+                (frame, HeldOutcome::Changed)
             }
             State::Ended(version) => {
                 self.done = true;
-                let id = version.clone().unwrap_or_else(|| self.last.clone());
-                ("end", HeldOutcome::Ended, id)
+                let frame = match version {
+                    Some(version) => shared_frame(&self.hub, snapshot, &self.request, version),
+                    None => end_frame(&self.hub, snapshot, &self.request, &self.last),
+                };
+                (frame, HeldOutcome::Ended)
             }
             State::Stopped => {
                 self.done = true;
-                ("error", HeldOutcome::Error, self.last.clone())
+                // The gateway's JSON error names this client's request id: framed for it alone.
+                let error = body(&self.hub, snapshot, &self.request);
+                (frame("error", Some(&self.last), &error), HeldOutcome::Error)
             }
         };
         self.held.metrics().answered(outcome);
-        Some(frame(event, Some(&id), &body(&self.hub, snapshot, &self.request)))
+        Some(frame)
     }
 
     fn written(mut self, piece: Bytes) -> (Bytes, Self) {
         self.next_keepalive = Instant::now() + self.keepalive;
         (piece, self)
     }
+}
+
+/// The frame of a run's state with a version (`run`, or `end` once ended), built once and shared
+/// by every stream that sends it.
+fn shared_frame(hub: &Hub, snapshot: &Snapshot, request: &RunRequest, version: &HeaderValue) -> Bytes {
+    snapshot.frame(|| {
+        let event = if snapshot.is_final() { "end" } else { "run" };
+        frame(event, Some(version), &body(hub, snapshot, request))
+    })
+}
+
+/// The `end` frame of an ended run without a version of its own, under the last version sent.
+fn end_frame(hub: &Hub, snapshot: &Snapshot, request: &RunRequest, last: &HeaderValue) -> Bytes {
+    frame("end", Some(last), &body(hub, snapshot, request))
+}
+
+/// 503 `TOO_MANY_WAITERS`: `watch.max_held` clients are held already.
+fn too_many(request: &RunRequest) -> Response<Body> {
+    GatewayError::TooManyWaiters {
+        retry_after_secs: super::FULL_RETRY_AFTER_SECS,
+    }
+    .into_response(Some(&request.request_id))
+}
+
+/// Upstream could not be asked for the run right now (5xx, a timeout, a 429 or the budget): a
+/// 200 stream of a `retry:` line and a comment, then close, so the browser reconnects after
+/// `watch.sse_retry` instead of failing for good as it would on an error status.
+fn retry_later(hub: &Hub, outcome: Option<CacheOutcome>) -> Response<Body> {
+    let mut stream = prelude(hub.settings.sse_retry);
+    stream.put_slice(b": upstream did not answer for this run; reconnect\n\n");
+    stream_response(Body::new(
+        stream.freeze(),
+        Some(outcome.unwrap_or(CacheOutcome::Error)),
+    ))
 }
 
 /// A run that has ended: 204 when the client's `Last-Event-ID` names it (it has it; browsers stop
@@ -202,7 +251,11 @@ fn ended(hub: &Hub, snapshot: &Snapshot, request: &RunRequest, outcome: CacheOut
         return response;
     }
     let mut stream = prelude(hub.settings.sse_retry);
-    stream.extend_from_slice(&frame("end", snapshot.version(), &body(hub, snapshot, request)));
+    let end = match snapshot.version() {
+        Some(version) => shared_frame(hub, snapshot, request, version),
+        None => frame("end", None, &body(hub, snapshot, request)),
+    };
+    stream.extend_from_slice(&end);
     stream_response(Body::new(stream.freeze(), Some(outcome)))
 }
 

@@ -101,10 +101,18 @@ pub fn wants_event_stream(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|media| {
-            media
-                .split(';')
+            let mut parts = media.split(';');
+            let is_stream = parts
                 .next()
-                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("text/event-stream"))
+                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("text/event-stream"));
+            // `q=0` means "not this one" (RFC 9110 §12.4.2).
+            let refused = parts.any(|parameter| {
+                parameter.split_once('=').is_some_and(|(name, weight)| {
+                    name.trim().eq_ignore_ascii_case("q")
+                        && weight.trim().parse::<f32>().is_ok_and(|weight| weight == 0.0)
+                })
+            });
+            is_stream && !refused
         })
 }
 
@@ -217,6 +225,10 @@ mod tests {
             "application/json;q=0.5, Text/Event-Stream;q=1"
         )])));
         assert!(!wants_event_stream(&headers(&[("accept", "application/json")])));
+        assert!(!wants_event_stream(&headers(&[(
+            "accept",
+            "text/event-stream;q=0, application/json"
+        )])));
         assert!(!wants_event_stream(&HeaderMap::new()));
     }
 

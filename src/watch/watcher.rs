@@ -6,12 +6,17 @@
 //! ([`crate::proxy::RunService::resolve`]): a plain request for the run arriving meanwhile shares
 //! it, and it spends the budget like any other call. During upstream's 429 cooldown it makes no
 //! call at all. With `upstream.max_requests_per_second` set, each watcher's interval is at least
-//! `watched runs / rate`, so watchers together stay inside the budget and every run's interval
-//! stretches alike when they cannot all be polled at `poll_interval`; each sleep is jittered by
-//! ±10 % so watchers started together drift apart instead of calling in bursts.
+//! `watched runs / (rate × 3/4)` (jittered upwards), so watchers together stay inside three
+//! quarters of the budget (the rest is left for plain requests and for clients starting to wait)
+//! and every run's interval stretches alike when they cannot all be polled at `poll_interval`.
+//! Every sleep is jittered (±10 %, and after a cooldown a whole interval on top) so watchers
+//! started together drift apart instead of calling in bursts.
 //!
-//! It stops when its run is final (ended, 404, key refused), at once when its last client leaves
-//! (the last [`super::Held`] to drop wakes it), or when the gateway drains.
+//! It stops when its run is final (ended, 404, key refused), when the gateway drains, or at its
+//! next turn (within one interval, without a call) when no client is held on the run any more.
+//! It does not stop the moment the last client leaves: a long-poll client answered with a new
+//! version comes straight back with it, and finds the watcher and its latest answer still there
+//! instead of spending a call to start a new one, so one client costs what a thousand do.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,20 +30,27 @@ use crate::run::id::RunId;
 
 /// Growth of the interval while nothing changes.
 const BACKOFF: f64 = 1.5;
+/// The share of `upstream.max_requests_per_second` the watchers may use together.
+const WATCHERS_SHARE: f64 = 0.75;
 
 /// Polls `id` until its watch is released (see the module documentation).
 pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
     let span = tracing::info_span!("watch", run_id = id.as_str());
     async move {
         tracing::debug!("watcher started");
+        // However this task ends (a panic included), its run is no longer watched.
+        let _release = Release {
+            hub: Arc::clone(&hub),
+            id: id.clone(),
+            channel: Arc::clone(&channel),
+        };
         let settings = &hub.settings;
         let mut interval = settings.poll_interval;
         let mut shutdown = hub.shutdown.subscribe();
-        let mut delay = jittered(stretched(&hub, interval));
+        let mut delay = next_delay(&hub, interval);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = channel.left.notified() => {}
                 _ = shutdown.wait_for(|draining| *draining) => {}
             }
             if hub.release_if_done(&id, &channel) {
@@ -46,8 +58,9 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
             }
             let cooldown = hub.budget.cooldown_remaining();
             if !cooldown.is_zero() {
-                // Upstream asked for a pause: no call until it ends (and none refused meanwhile).
-                delay = cooldown;
+                // Upstream asked for a pause: no call until it ends (and none refused meanwhile),
+                // then not all watchers at once.
+                delay = cooldown + next_delay(&hub, interval);
                 continue;
             }
             let (answer, _) = hub.runs.resolve(id.clone(), request_id(), None).await;
@@ -56,7 +69,6 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
                 None => false,
             };
             if channel.is_final() {
-                hub.release_if_done(&id, &channel);
                 break;
             }
             interval = if changed {
@@ -64,7 +76,7 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
             } else {
                 interval.mul_f64(BACKOFF).min(settings.max_poll_interval)
             };
-            delay = jittered(stretched(&hub, interval));
+            delay = next_delay(&hub, interval);
         }
         tracing::debug!("watcher stopped");
     }
@@ -72,21 +84,32 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
     .await;
 }
 
-/// `interval`, or longer when the budget cannot poll every watched run that often.
-fn stretched(hub: &Hub, interval: Duration) -> Duration {
+/// How long to sleep before the next call: `interval` ±10 %, and with a rate budget at least the
+/// watcher's share of it, plus up to 20 % (jittered upwards only, so the watchers together stay
+/// within their three quarters).
+fn next_delay(hub: &Hub, interval: Duration) -> Duration {
+    let delay = interval.mul_f64(0.9 + 0.2 * fastrand::f64());
     match hub.rate {
         Some(rate) => {
-            let share =
-                Duration::try_from_secs_f64(hub.watched_runs() as f64 / rate).unwrap_or(Duration::MAX);
-            interval.max(share)
+            let share = Duration::try_from_secs_f64(hub.watched_runs() as f64 / (rate * WATCHERS_SHARE))
+                .unwrap_or(Duration::MAX);
+            delay.max(share.mul_f64(1.0 + 0.2 * fastrand::f64()))
         }
-        None => interval,
+        None => delay,
     }
 }
 
-/// `delay` ±10 %.
-fn jittered(delay: Duration) -> Duration {
-    delay.mul_f64(0.9 + 0.2 * fastrand::f64())
+/// Removes the run's watch when its watcher ends.
+struct Release {
+    hub: Arc<Hub>,
+    id: RunId,
+    channel: Arc<Channel>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.hub.release(&self.id, &self.channel);
+    }
 }
 
 /// The `x-request-id` a watcher's call sends upstream: `watch-` and a fresh id.

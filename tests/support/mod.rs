@@ -5,6 +5,7 @@
 pub mod prom;
 pub mod raw;
 pub mod redis_server;
+pub mod sse;
 pub mod tls;
 
 use std::collections::HashMap;
