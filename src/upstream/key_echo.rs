@@ -72,9 +72,7 @@ impl EchoFinder {
         }
         match (self.key.get(1), haystack.get(start + 1)) {
             (None, _) => true,
-            (Some(second), Some(next)) => {
-                (next == second || matches!(next, b'\\' | b'%' | b'&')) && !inside_escape(haystack, start)
-            }
+            (Some(second), Some(next)) => next == second || matches!(next, b'\\' | b'%' | b'&'),
             (Some(_), None) => false,
         }
     }
@@ -139,7 +137,18 @@ impl Iterator for Echoes<'_> {
             if !finder.may_start_at(self.haystack, start) {
                 continue;
             }
-            if let Some(end) = finder.spelled_from(self.haystack, start, &mut self.reached, &mut self.next) {
+            // Bytes that are the tail of an escape mean something else there, so a spelled echo
+            // cannot start among them; but the key in full, raw, is read by anyone who reads the
+            // bytes (`%ab12…` for a key `ab12…`), whatever they stand for.
+            let raw_start = !matches!(self.haystack[start], b'\\' | b'%' | b'&');
+            let spelled = if raw_start && inside_escape(self.haystack, start) {
+                self.haystack[start..]
+                    .starts_with(&finder.key)
+                    .then(|| start + finder.key.len())
+            } else {
+                finder.spelled_from(self.haystack, start, &mut self.reached, &mut self.next)
+            };
+            if let Some(end) = spelled {
                 let start = self.over_escaping_backslash(start);
                 self.position = end;
                 return Some(start..end);
@@ -323,6 +332,17 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_key_is_found_where_its_first_bytes_read_as_the_tail_of_an_escape() {
+        // Found by proptest: a key that starts with hex digits, right after a `%` (or `\u00`),
+        // is still there for anyone who reads the bytes...
+        assert_eq!(found("a0", "%a0"), Some("a0"));
+        assert_eq!(found("ab12cd34ef", "100%ab12cd34ef"), Some("ab12cd34ef"));
+        assert_eq!(found("41key", r"\u0041key"), Some("41key"));
+        // ...but the tail of an escape does not start a spelled one: `;&#65;` is not `;A` here.
+        assert_eq!(found(";A", "&#33;&#65;"), None);
+    }
+
+    #[test]
     fn raw_json_and_percent_spellings_are_found_with_their_exact_span() {
         let key = "pk/a+b\"c\\d<e>&";
         for spelled in [
@@ -469,13 +489,15 @@ mod tests {
             after in "[ -~]{0,30}",
         ) {
             let spelled = spell(&key, &spellings);
-            let haystack = format!("{before}{spelled}{after}");
+            // A space ends whatever `before` holds, so it cannot swallow the echo's first bytes
+            // into an escape of its own (`%0` + `0…` reads `%00`…): the echo starts a token.
+            let haystack = format!("{before} {spelled}{after}");
             let finder = EchoFinder::new(key.as_bytes());
             let range = finder.find(haystack.as_bytes());
             prop_assert!(range.is_some(), "{spelled:?} not found in {haystack:?}");
             // Found no later than where it was put (an earlier echo may come from `before`).
             let range = range.unwrap_or_default();
-            prop_assert!(range.start <= before.len(), "{range:?} in {haystack:?}");
+            prop_assert!(range.start <= before.len() + 1, "{range:?} in {haystack:?}");
         }
 
         #[test]
@@ -493,6 +515,9 @@ mod tests {
             changed[at] = replacement;
             let changed = String::from_utf8(changed).expect("ASCII");
             let haystack = spell(&changed, &spellings);
+            // The raw key is an echo wherever it stands, even across the end of an escape
+            // (`&#48;a` holds the key `;a`).
+            prop_assume!(!haystack.contains(key.as_str()));
             prop_assert_eq!(EchoFinder::new(key.as_bytes()).find(haystack.as_bytes()), None, "{}", haystack);
         }
     }
