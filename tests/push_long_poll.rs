@@ -1067,6 +1067,11 @@ async fn held_requests_read_the_watchers_state_and_only_a_version_it_has_not_see
     assert_eq!(stale.header("etag"), Some(held.as_str()));
     assert_eq!(mock.count_for("run_v"), calls + 1, "a call of its own");
     let calls = calls + 1;
+    // A client's first long-poll, with no version yet: answered at once with the watcher's state.
+    let first_look = gateway.send(Method::GET, &wait_path("run_v", "10"), &[]).await;
+    assert_eq!(first_look.status, StatusCode::OK);
+    assert_eq!(first_look.body, first);
+    assert_eq!(first_look.header("etag"), Some(held.as_str()));
     // A stream with no version of its own: its first frame is the watcher's state.
     let mut stream = support::sse::open(gateway.public, &runs_path("run_v"), &[]).await;
     assert_eq!(stream.status, StatusCode::OK);

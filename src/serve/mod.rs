@@ -37,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::Service;
@@ -202,10 +202,23 @@ impl Gateway {
     }
 }
 
+/// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`): room for
+/// thousands of clients reconnecting at once, as held event streams do after a restart, where the
+/// standard library's 128 would drop them into SYN retries a second or more later.
+const ACCEPT_BACKLOG: u32 = 4096;
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { key, addr, source })
 }
 
 /// Accepts connections on one listener, serves each in a task, and tracks them for shedding and

@@ -1,8 +1,8 @@
 //! A long-poll: a request with a wait and the `If-None-Match` of the version it holds, held until
 //! the run has a new version, ends, or the wait runs out.
 //!
-//! Answered at once (as a plain request would be) when there is nothing to wait for: no
-//! `If-None-Match`, an ended run (from memory or upstream), a version the client does not hold, a
+//! Answered at once when there is nothing to wait for: no `If-None-Match` (with the run's
+//! watcher's state when it has a watcher, as a plain request otherwise), an ended run (from memory or upstream), a version the client does not hold, a
 //! run that is not there (404), or an upstream failure before the hold began. Once held, the
 //! client gets the first new state its run's watcher publishes (200 with the new version or the
 //! ended run; a 404 or `UPSTREAM_AUTH` that stopped the watch), or, at its deadline (up to
@@ -31,7 +31,12 @@ use crate::edge::routes::RunRequest;
 pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest, wait: Duration) -> Response<Body> {
     let deadline = Instant::now() + jittered_deadline(wait);
     let Some(if_none_match) = request.if_none_match.clone() else {
-        // Nothing to compare with: answered as a plain request.
+        // Nothing to compare with: answered at once, with the run's watcher's state when it has
+        // one (a client's first long-poll on a run others watch costs no call), else as a plain
+        // request.
+        if let Some(current) = hub.current(&request.id) {
+            return render(&hub, &current, Fresh::FromWatcher, &request);
+        }
         let mut runs = hub.runs.clone();
         return match runs.call(request).await {
             Ok(response) => response,

@@ -9,8 +9,8 @@
 //! `watched runs / (rate × 3/4)` (jittered upwards), so watchers together stay inside three
 //! quarters of the budget (the rest is left for plain requests and for clients starting to wait)
 //! and every run's interval stretches alike when they cannot all be polled at `poll_interval`.
-//! Every sleep is jittered (±10 %, and after a cooldown a whole interval on top) so watchers
-//! started together drift apart instead of calling in bursts.
+//! Every sleep is jittered (up to 10 % shorter, and after a cooldown a whole interval on top) so
+//! watchers started together drift apart instead of calling in bursts.
 //!
 //! It stops when its run is final (ended, 404, key refused), when the gateway drains, or at its
 //! next turn (within one interval, without a call) when no client is held on the run any more.
@@ -84,11 +84,11 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
     .await;
 }
 
-/// How long to sleep before the next call: `interval` ±10 %, and with a rate budget at least the
-/// watcher's share of it, plus up to 20 % (jittered upwards only, so the watchers together stay
-/// within their three quarters).
+/// How long to sleep before the next call: `interval` less up to 10 % (never more, so a change
+/// is seen within one interval), and with a rate budget at least the watcher's share of it, plus
+/// up to 20 % (jittered upwards, so the watchers together stay within their three quarters).
 fn next_delay(hub: &Hub, interval: Duration) -> Duration {
-    let delay = interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+    let delay = interval.mul_f64(1.0 - 0.1 * fastrand::f64());
     match hub.rate {
         Some(rate) => {
             let share = Duration::try_from_secs_f64(hub.watched_runs() as f64 / (rate * WATCHERS_SHARE))
