@@ -380,6 +380,16 @@ fn the_dockerfile_matches_the_container_config() {
             .is_some_and(|line| line.trim() == "*" || line.starts_with('#'))
     );
     assert!(dockerignore.contains("!deploy/kubernetes/gateway.toml"));
+    // Every file the sources include at compile time is in the build context and copied.
+    let included = "examples/watch-runs.html";
+    assert!(
+        dockerignore.contains(&format!("!{included}")),
+        "{included} ignored"
+    );
+    assert!(
+        dockerfile.contains(&format!("COPY {included} {included}")),
+        "{included} not copied"
+    );
 }
 
 #[test]
