@@ -10,6 +10,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use plextera_gateway::Config;
+use support::push::{ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, running};
 use support::{
     Gate, MockUpstream, PATIENCE, Reply, TestClient, TestGateway, TestResponse, eventually, runs_path,
 };
@@ -17,39 +18,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-/// The watcher's first interval in these tests.
-const POLL: Duration = Duration::from_millis(50);
-/// Its longest interval, once nothing changes for a while.
-const MAX_POLL: Duration = Duration::from_millis(200);
 /// Slack on "answered no later than its wait": scheduling on two busy cores.
 const LATE: Duration = Duration::from_secs(1);
 /// Slack on "not before its wait less a sixteenth": timer granularity.
 const EARLY: Duration = Duration::from_millis(15);
 
-const HELD: &str = "plextera_gateway_held_requests";
-const WATCHED: &str = "plextera_gateway_watched_runs";
-const ANSWERS: &str = "plextera_gateway_held_answers_total";
 const UPSTREAM: &str = "plextera_gateway_upstream_requests_total";
-
-/// Watchers that poll fast, so the tests do not wait on them.
-fn fast_watch(config: &mut Config) {
-    config.watch.poll_interval = POLL;
-    config.watch.max_poll_interval = MAX_POLL;
-}
-
-/// A run still going: `progress` is what a new version changes, `duration_ms` ticks on its own.
-fn running(id: &str, progress: u32, duration_ms: u64) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"id":"{id}","status":"PROCESSING","progress":{progress},"computedDurationMs":{duration_ms},"steps":[{{"id":"s1","status":"RUNNING","progress":{progress},"computedDurationMs":{duration_ms}}}]}}"#
-    ))
-}
-
-/// The same run, ended.
-fn completed(id: &str) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"id":"{id}","status":"COMPLETED","progress":100,"computedDurationMs":9000,"steps":[{{"id":"s1","status":"COMPLETED","progress":100}}]}}"#
-    ))
-}
 
 fn wait_path(id: &str, wait: &str) -> String {
     format!("{}?wait={wait}", runs_path(id))
@@ -65,10 +39,6 @@ async fn version(gateway: &TestGateway, id: &str) -> String {
         "a run still going has a weak version: {etag}"
     );
     etag
-}
-
-fn is_strong(etag: &str) -> bool {
-    etag.starts_with('"') && etag.ends_with('"') && etag.len() > 2
 }
 
 /// A long-poll on a connection of its own, in a task of its own; resolves with the response and

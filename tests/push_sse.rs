@@ -8,45 +8,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use plextera_gateway::Config;
+use support::push::{ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, running};
 use support::sse::{self, EventStream};
 use support::{
     Gate, GatewayProcess, MockUpstream, PATIENCE, Reply, TEST_KEY, TestClient, TestGateway, eventually,
     process_config, prom, runs_path, write_config,
 };
 
-const POLL: Duration = Duration::from_millis(50);
-const MAX_POLL: Duration = Duration::from_millis(200);
-
-const HELD: &str = "plextera_gateway_held_requests";
-const WATCHED: &str = "plextera_gateway_watched_runs";
-const ANSWERS: &str = "plextera_gateway_held_answers_total";
-
-fn fast_watch(config: &mut Config) {
-    config.watch.poll_interval = POLL;
-    config.watch.max_poll_interval = MAX_POLL;
-}
-
-/// A run still going: `progress` is what a new version changes, `duration_ms` ticks on its own.
-fn running(id: &str, progress: u32, duration_ms: u64) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"id":"{id}","status":"PROCESSING","progress":{progress},"computedDurationMs":{duration_ms},"steps":[{{"id":"s1","status":"RUNNING","progress":{progress},"computedDurationMs":{duration_ms}}}]}}"#
-    ))
-}
-
-/// The same run, ended.
-fn completed(id: &str) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"id":"{id}","status":"COMPLETED","progress":100,"computedDurationMs":9000,"steps":[{{"id":"s1","status":"COMPLETED","progress":100}}]}}"#
-    ))
-}
-
 fn text(body: &Bytes) -> &str {
     std::str::from_utf8(body).expect("utf-8 body")
-}
-
-fn is_strong(etag: &str) -> bool {
-    etag.starts_with('"') && etag.ends_with('"') && etag.len() > 2
 }
 
 /// The run's current version and ETag kind as a plain GET sees them.

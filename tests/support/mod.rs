@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod prom;
+pub mod push;
 pub mod raw;
 pub mod redis_server;
 pub mod sse;
