@@ -31,6 +31,7 @@ use crate::edge::request_metrics::RequestMetrics;
 use crate::edge::response::{Body, X_CACHE, X_REQUEST_ID};
 use crate::edge::routes::{LAST_EVENT_ID, RouteLayer};
 use crate::serve::connection::WorkSlots;
+use crate::watch::wait::PREFER;
 use crate::watch::{PREFERENCE_APPLIED, Watches};
 
 /// How long browsers may reuse a preflight answer.
@@ -90,13 +91,7 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([
-                X_REQUEST_ID,
-                IF_NONE_MATCH,
-                AUTHORIZATION,
-                HeaderName::from_static("prefer"),
-                LAST_EVENT_ID,
-            ])
+            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH, AUTHORIZATION, PREFER, LAST_EVENT_ID])
             .expose_headers([
                 X_CACHE,
                 X_REQUEST_ID,

@@ -102,13 +102,14 @@ where
                 tracing::Span::current().record("run_id", id.as_str());
                 let request_id = request_id.unwrap_or_else(|| HeaderValue::from_static("-"));
                 let headers = request.headers();
+                let stream = request.method() == Method::GET && wait::wants_event_stream(headers);
                 Either::Right(self.inner.call(RunRequest {
                     id,
                     request_id,
                     if_none_match: headers.get(IF_NONE_MATCH).cloned(),
                     wait,
-                    stream: request.method() == Method::GET && wait::wants_event_stream(headers),
-                    last_event_id: headers.get(LAST_EVENT_ID).cloned(),
+                    stream,
+                    last_event_id: stream.then(|| headers.get(LAST_EVENT_ID).cloned()).flatten(),
                     work: self.work.clone(),
                 }))
             }

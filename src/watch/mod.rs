@@ -56,6 +56,9 @@ const FULL_RETRY_AFTER_SECS: u64 = 1;
 #[derive(Clone)]
 pub struct Watches {
     hub: Arc<Hub>,
+    /// The proxy, for every request that is not held (the hub's own copy, kept here so a plain
+    /// request costs no extra reference count on its way through).
+    runs: RunService,
 }
 
 struct Hub {
@@ -94,6 +97,7 @@ impl Watches {
     ) -> Self {
         metrics.set_limit(settings.max_held);
         Self {
+            runs: runs.clone(),
             hub: Arc::new(Hub {
                 runs,
                 budget,
@@ -129,13 +133,14 @@ impl Service<RunRequest> for Watches {
     }
 
     fn call(&mut self, request: RunRequest) -> Self::Future {
-        let hub = Arc::clone(&self.hub);
         if request.stream {
+            let hub = Arc::clone(&self.hub);
             return Box::pin(async move { Ok(sse::serve(hub, request).await) });
         }
         let Some(ask) = request.wait else {
-            return hub.runs.clone().call(request);
+            return self.runs.call(request);
         };
+        let hub = Arc::clone(&self.hub);
         let wait = ask.wait.min(hub.settings.max_wait);
         let holds_a_version = request.if_none_match.is_some();
         Box::pin(async move {

@@ -10,12 +10,15 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
 use http::header::ACCEPT;
+use http::{HeaderMap, HeaderName};
 
 /// Longest wait written in a request that is read at all (a year): beyond it, the number is
 /// nonsense, and `Duration` arithmetic must not overflow.
 const LONGEST_READ: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `Prefer` (RFC 7240).
+pub const PREFER: HeaderName = HeaderName::from_static("prefer");
 
 /// How long a client asked to be held, before the cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +81,7 @@ pub fn parse_wait(value: &str) -> Result<Duration, InvalidWait> {
 /// `Prefer: wait=N` (RFC 7240 §4.3): whole seconds; a value that is not one is ignored.
 fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
-        .get_all("prefer")
+        .get_all(PREFER)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
