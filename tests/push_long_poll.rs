@@ -905,6 +905,22 @@ async fn past_max_held_clients_get_503_too_many_waiters() {
         .parse()
         .expect("seconds");
     assert!(retry_after >= 1);
+    // A version the watcher has not seen would need a call of its own: none is made for a client
+    // that could not then be held.
+    let calls = mock.count_for("run_h");
+    let unseen = gateway
+        .send(
+            Method::GET,
+            &wait_path("run_h", "10"),
+            &[("if-none-match", "W/\"unseen\"")],
+        )
+        .await;
+    assert_eq!(unseen.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(unseen.error_code(), "TOO_MANY_WAITERS");
+    assert!(
+        mock.count_for("run_h") <= calls + 1,
+        "at most the watcher's own poll meanwhile"
+    );
     // Requests that are not held are served as ever.
     assert_eq!(gateway.get_run("run_h").await.status, StatusCode::OK);
     let unheld = gateway.send(Method::GET, &wait_path("run_h", "10"), &[]).await;

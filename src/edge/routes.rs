@@ -106,7 +106,7 @@ where
                 Either::Right(self.inner.call(RunRequest {
                     id,
                     request_id,
-                    if_none_match: headers.get(IF_NONE_MATCH).cloned(),
+                    if_none_match: list(headers, &IF_NONE_MATCH),
                     wait,
                     stream,
                     last_event_id: stream.then(|| headers.get(LAST_EVENT_ID).cloned()).flatten(),
@@ -153,6 +153,22 @@ pub fn route<B>(request: &Request<B>) -> Result<(RunId, Option<WaitAsk>), Gatewa
     let wait =
         wait::wait_ask(request.uri().query(), request.headers()).map_err(|_| GatewayError::InvalidWait)?;
     Ok((id, wait))
+}
+
+/// A list-valued header as one value: its lines joined with `, ` (RFC 9110 §5.3), or the one line
+/// as it is (no copy in the usual case).
+fn list(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else {
+        return Some(first.clone());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for line in std::iter::once(second).chain(lines) {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// GET and HEAD carry no body here, so any framing header is either a mistake or an attempt to
@@ -228,6 +244,22 @@ mod tests {
             ))
             .err(),
             Some(GatewayError::InvalidWait)
+        );
+    }
+
+    #[test]
+    fn if_none_match_lines_make_one_list() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(list(&headers, &IF_NONE_MATCH), None);
+        headers.append(IF_NONE_MATCH, HeaderValue::from_static("W/\"a\""));
+        assert_eq!(
+            list(&headers, &IF_NONE_MATCH),
+            Some(HeaderValue::from_static("W/\"a\""))
+        );
+        headers.append(IF_NONE_MATCH, HeaderValue::from_static("\"b\", \"c\""));
+        assert_eq!(
+            list(&headers, &IF_NONE_MATCH),
+            Some(HeaderValue::from_static("W/\"a\", \"b\", \"c\""))
         );
     }
 

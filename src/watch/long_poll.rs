@@ -21,7 +21,7 @@ use tower::Service;
 
 use super::metrics::{HeldKind, HeldOutcome};
 use super::snapshot::State;
-use super::{Fresh, Hub, jittered_deadline, render, shared};
+use super::{Fresh, Hub, NotNow, jittered_deadline, render, shared};
 use crate::cache::CacheOutcome;
 use crate::edge::error::GatewayError;
 use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response};
@@ -46,14 +46,12 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest, wait: Duration) ->
     if let Some(entry) = hub.runs.hit(&request.id).await {
         return hub.runs.render_hit(&entry, &request);
     }
-    if !hub.has_room() {
-        return too_many(&request);
-    }
     // The first call for a run nobody waits on yet may be slow; the answer never is late.
     let current = hub.current_or_fetch(&request, Some(&if_none_match));
     let (current, fresh) = match tokio::time::timeout_at(deadline, current).await {
         Ok(Ok(current)) => current,
-        Ok(Err(response)) => return response,
+        Ok(Err(NotNow::Full)) => return too_many(&request),
+        Ok(Err(NotNow::Failed(response))) => return response,
         Err(_) => {
             hub.metrics.answered(HeldOutcome::Timeout);
             return unchanged(&if_none_match);

@@ -182,13 +182,12 @@ impl Hub {
     /// watcher's, when that is final, or when the client holds no version or exactly that one;
     /// otherwise (no watcher, or the client has a version the watcher has not seen, perhaps a
     /// newer one from a plain request or another replica) the answer of a call made now, which
-    /// the watcher, if any, learns too. `Err` is an answer that is no state at all (transient),
-    /// for the client as it is.
+    /// the watcher, if any, learns too; no call is made for a client that could not be held.
     async fn current_or_fetch(
         &self,
         request: &RunRequest,
         known: Option<&HeaderValue>,
-    ) -> Result<(Snapshot, Fresh), Response<Body>> {
+    ) -> Result<(Snapshot, Fresh), NotNow> {
         if let Some(snapshot) = self.current(&request.id) {
             let usable = snapshot.is_final()
                 || known.is_none_or(|known| {
@@ -200,13 +199,16 @@ impl Hub {
                 return Ok((snapshot, Fresh::FromWatcher));
             }
         }
+        if !self.has_room() {
+            return Err(NotNow::Full);
+        }
         let (answer, role) = self.runs.answer(request).await;
         match Snapshot::of(answer.clone(), self.runs.statuses()) {
             Some(snapshot) => {
                 self.offer(&request.id, &snapshot);
                 Ok((snapshot, Fresh::Fetched(role)))
             }
-            None => Err(self.runs.render(answer, role, request)),
+            None => Err(NotNow::Failed(self.runs.render(answer, role, request))),
         }
     }
 
@@ -292,6 +294,14 @@ impl Hub {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Why a held request has no state of its run to start from.
+enum NotNow {
+    /// `watch.max_held` clients are held: no call is made for one more.
+    Full,
+    /// Upstream's answer says nothing about the run (transient), as the client would get it.
+    Failed(Response<Body>),
 }
 
 /// Where a held request's first state came from.

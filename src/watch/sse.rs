@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::metrics::{HeldKind, HeldOutcome};
 use super::snapshot::{Snapshot, State};
-use super::{Fresh, Held, Hub, jittered_deadline, render};
+use super::{Fresh, Held, Hub, NotNow, jittered_deadline, render};
 use crate::cache::CacheOutcome;
 use crate::cache::coalesce::Role;
 use crate::cache::etag;
@@ -58,17 +58,15 @@ pub(super) async fn serve(hub: Arc<Hub>, request: RunRequest) -> Response<Body> 
         let snapshot = Snapshot::new(Answer::Cached { entry, fresh: false }, state);
         return ended(&hub, &snapshot, &request, CacheOutcome::Hit);
     }
-    if !hub.has_room() {
-        return too_many(&request);
-    }
     let current = hub
         .current_or_fetch(&request, request.last_event_id.as_ref())
         .await;
     let (current, fresh) = match current {
         Ok(current) => current,
+        Err(NotNow::Full) => return too_many(&request),
         // Upstream is failing for now: a stream that only says when to come back, since any
         // answer but a 200 stream would make a browser give up for good.
-        Err(failed) => return retry_later(&hub, failed.body().outcome()),
+        Err(NotNow::Failed(failed)) => return retry_later(&hub, failed.body().outcome()),
     };
     let outcome = stream_outcome(&current, fresh);
     let version = match &current.state {

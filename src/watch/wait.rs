@@ -4,8 +4,8 @@
 //! `?wait=` takes a non-negative number of seconds (`30`, `0.5`) or a duration with a unit
 //! (`500ms`, `30s`, `2m`, as `humantime` reads them); anything else is the client's mistake, 400
 //! `INVALID_WAIT`. `Prefer: wait=N` is RFC 7240's: seconds, and a preference the server may ignore,
-//! so one it cannot read is ignored rather than refused. The query wins when both are given. The
-//! cap (`watch.max_wait`) is applied by [`crate::watch`], which also names the wait applied in
+//! so one it cannot read is ignored rather than refused. The query wins when both are given, and
+//! the first `wait` of either counts. The cap (`watch.max_wait`) is applied by [`crate::watch`], which also names the wait applied in
 //! `Preference-Applied`.
 
 use std::time::Duration;
@@ -65,9 +65,8 @@ pub fn parse_wait(value: &str) -> Result<Duration, InvalidWait> {
     }
     if value.bytes().all(|byte| byte.is_ascii_digit() || byte == b'.') {
         let seconds: f64 = value.parse().map_err(|_| InvalidWait)?;
-        return Duration::try_from_secs_f64(seconds)
-            .map(|wait| wait.min(LONGEST_READ))
-            .map_err(|_| InvalidWait);
+        // A number too large for a `Duration` is just a long wait, capped like any other.
+        return Duration::try_from_secs_f64(seconds.min(LONGEST_READ.as_secs_f64())).map_err(|_| InvalidWait);
     }
     // A unit is required here: `humantime` reads "30s", "500ms", "2m", "1m30s".
     if !value.as_bytes()[0].is_ascii_digit() {
@@ -158,6 +157,7 @@ mod tests {
             ("30s", Duration::from_secs(30)),
             ("2m", Duration::from_secs(120)),
             ("99999999999", LONGEST_READ),
+            ("99999999999999999999999999", LONGEST_READ),
         ] {
             assert_eq!(parse_wait(text), Ok(wait), "{text}");
         }
