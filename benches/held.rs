@@ -64,7 +64,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{TestClient, env_number, runs_path};
+use support::{TestClient, env_number, raise_descriptor_limit, runs_path};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -1106,17 +1106,4 @@ fn cpu_times(pid: u32) -> (Duration, Duration) {
     let time =
         |field: &str| Duration::from_secs_f64(field.parse::<u64>().unwrap_or(0) as f64 / TICKS_PER_SECOND);
     (time(fields[11]), time(fields[12]))
-}
-
-/// Raises this process's open-descriptor soft limit to its hard limit; returns the limit in force.
-fn raise_descriptor_limit() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
-    }
 }

@@ -53,7 +53,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use plextera_gateway::demo::{DEMO_API_KEY, DemoOptions, DemoUpstream};
 use plextera_gateway::{ApiKey, Secrets};
-use support::{TestGateway, env_number, runs_path, test_config};
+use support::{TestGateway, env_number, raise_descriptor_limit, runs_path, test_config};
 use tokio::time::Instant;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -494,19 +494,6 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WatcherStarts {
         if message.0 {
             WATCHERS_STARTED.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// Raises this process's open-descriptor soft limit to its hard limit; returns the limit in force.
-fn raise_descriptor_limit() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
     }
 }
 

@@ -10,7 +10,9 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use plextera_gateway::Config;
-use support::push::{ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, running};
+use support::push::{
+    ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, request_held_upstream, running,
+};
 use support::{
     Gate, MockUpstream, PATIENCE, Reply, TestClient, TestGateway, TestResponse, eventually, runs_path,
 };
@@ -957,14 +959,7 @@ async fn shutdown_answers_held_long_polls_at_once() {
         .collect();
     until_held(&gateway, 3).await;
     // A request still in flight keeps the drain (and so the admin port) going while we look.
-    let gate = Gate::new();
-    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
-    let slow_url = gateway.url(&runs_path("slow"));
-    let slow = tokio::spawn(async move { TestClient::new().send(Method::GET, &slow_url, &[]).await });
-    eventually("the slow request is upstream", || async {
-        mock.count_for("slow") == 1
-    })
-    .await;
+    let (gate, slow) = request_held_upstream(&gateway, &mock).await;
 
     gateway.begin_shutdown();
     let started = Instant::now();

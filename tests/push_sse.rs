@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::push::{ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, running};
+use support::push::{
+    ANSWERS, HELD, MAX_POLL, POLL, WATCHED, completed, fast_watch, is_strong, request_held_upstream, running,
+};
 use support::sse::{self, EventStream};
 use support::{
-    Gate, GatewayProcess, MockUpstream, PATIENCE, Reply, TEST_KEY, TestClient, TestGateway, eventually,
+    GatewayProcess, MockUpstream, PATIENCE, Reply, TEST_KEY, TestClient, TestGateway, eventually,
     process_config, prom, runs_path, write_config,
 };
 
@@ -28,6 +30,14 @@ async fn etag_of(gateway: &TestGateway, id: &str) -> String {
 
 async fn open_stream(gateway: &TestGateway, id: &str, headers: &[(&str, &str)]) -> EventStream {
     sse::open(gateway.public, &runs_path(id), headers).await
+}
+
+/// A stream on a run still going, past its `retry:` block and first `run` frame.
+async fn open_running(gateway: &TestGateway, id: &str) -> EventStream {
+    let mut stream = open_stream(gateway, id, &[]).await;
+    opened(&mut stream).await;
+    assert_eq!(stream.expect_event().await.kind(), "run");
+    stream
 }
 
 /// Checks the stream's head, then reads its `retry:` block.
@@ -271,9 +281,7 @@ async fn a_404_or_a_refused_key_mid_stream_is_an_error_frame_then_close() {
         ),
     ] {
         mock.set(id, Reply::ok(running(id, 1, 100)));
-        let mut stream = open_stream(&gateway, id, &[]).await;
-        opened(&mut stream).await;
-        assert_eq!(stream.expect_event().await.kind(), "run");
+        let mut stream = open_running(&gateway, id).await;
         mock.set(id, failure);
         let frame = stream.expect_event().await;
         assert_eq!(frame.kind(), "error", "{id}: {frame:?}");
@@ -295,9 +303,7 @@ async fn quiet_streams_carry_keep_alive_comments() {
     })
     .await;
     mock.set("run_k", Reply::ok(running("run_k", 1, 100)));
-    let mut stream = open_stream(&gateway, "run_k", &[]).await;
-    opened(&mut stream).await;
-    assert_eq!(stream.expect_event().await.kind(), "run");
+    let mut stream = open_running(&gateway, "run_k").await;
     for _ in 0..3 {
         let block = stream.next().await.expect("the stream stays open");
         assert!(block.is_comment(), "only keep-alives on a quiet run: {block:?}");
@@ -320,9 +326,7 @@ async fn streams_close_cleanly_after_max_stream_duration() {
     .await;
     mock.set("run_d", Reply::ok(running("run_d", 1, 100)));
     let started = Instant::now();
-    let mut stream = open_stream(&gateway, "run_d", &[]).await;
-    opened(&mut stream).await;
-    assert_eq!(stream.expect_event().await.kind(), "run");
+    let mut stream = open_running(&gateway, "run_d").await;
     stream.expect_closed().await;
     let elapsed = started.elapsed();
     assert!(
@@ -344,9 +348,7 @@ async fn a_client_dropping_its_stream_is_no_longer_held() {
     })
     .await;
     mock.set("run_x", Reply::ok(running("run_x", 1, 100)));
-    let mut stream = open_stream(&gateway, "run_x", &[]).await;
-    opened(&mut stream).await;
-    assert_eq!(stream.expect_event().await.kind(), "run");
+    let stream = open_running(&gateway, "run_x").await;
     until_streams(&gateway, 1).await;
     assert_eq!(metric(&gateway, WATCHED, &[]).await, 1.0);
 
@@ -372,21 +374,12 @@ async fn shutdown_ends_open_streams_cleanly() {
     mock.set("run_s", Reply::ok(running("run_s", 1, 100)));
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let mut stream = open_stream(&gateway, "run_s", &[]).await;
-        opened(&mut stream).await;
-        assert_eq!(stream.expect_event().await.kind(), "run");
+        let stream = open_running(&gateway, "run_s").await;
         streams.push(stream);
     }
     until_streams(&gateway, 2).await;
-    // A request in flight keeps the drain (and the admin port) going while we look.
-    let gate = Gate::new();
-    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
-    let slow_url = gateway.url(&runs_path("slow"));
-    let slow = tokio::spawn(async move { TestClient::new().send(Method::GET, &slow_url, &[]).await });
-    eventually("the slow request is upstream", || async {
-        mock.count_for("slow") == 1
-    })
-    .await;
+    // A request still in flight keeps the drain (and so the admin port) going while we look.
+    let (gate, slow) = request_held_upstream(&gateway, &mock).await;
 
     gateway.begin_shutdown();
     let started = Instant::now();
@@ -659,9 +652,7 @@ async fn the_watcher_backs_off_while_nothing_changes_and_starts_over_on_a_change
     })
     .await;
     mock.set("run_b", Reply::ok(running("run_b", 1, 100)));
-    let mut stream = open_stream(&gateway, "run_b", &[]).await;
-    opened(&mut stream).await;
-    assert_eq!(stream.expect_event().await.kind(), "run");
+    let mut stream = open_running(&gateway, "run_b").await;
     until_streams(&gateway, 1).await;
     // The stream's own call came before its watcher: every call from here is the watcher's.
     let base = mock.count_for("run_b");

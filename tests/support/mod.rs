@@ -533,6 +533,19 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// Raises this process's open-descriptor soft limit to its hard limit; returns the limit in force.
+pub fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    }
+}
+
 /// Polls `condition` every few milliseconds until it holds; fails after `PATIENCE`.
 /// For states with no event to wait on (e.g. a listener having closed).
 pub async fn eventually<F, Fut>(what: &str, mut condition: F)

@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Method;
 use plextera_gateway::Config;
+use tokio::task::JoinHandle;
+
+use super::{Gate, MockUpstream, Reply, TestClient, TestGateway, TestResponse, eventually, runs_path};
 
 /// The watcher's first interval in these tests.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -38,4 +42,21 @@ pub fn completed(id: &str) -> Bytes {
 /// Whether an `ETag` is strong: an ended run's.
 pub fn is_strong(etag: &str) -> bool {
     etag.starts_with('"') && etag.ends_with('"') && etag.len() > 2
+}
+
+/// A plain request whose upstream answer waits behind a gate, so a draining gateway keeps running
+/// (its admin port too) while a test looks; open the gate to let it finish.
+pub async fn request_held_upstream(
+    gateway: &TestGateway,
+    mock: &MockUpstream,
+) -> (Gate, JoinHandle<TestResponse>) {
+    let gate = Gate::new();
+    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
+    let url = gateway.url(&runs_path("slow"));
+    let request = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    eventually("the slow request is upstream", || async {
+        mock.count_for("slow") == 1
+    })
+    .await;
+    (gate, request)
 }
