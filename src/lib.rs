@@ -33,6 +33,7 @@ pub mod run;
 pub mod serve;
 pub mod upstream;
 pub mod watch;
+pub mod webhook;
 
 pub use app::App;
 pub use config::Config;
