@@ -194,7 +194,7 @@ mod tests {
             format!("t=,v1={mac}"),
             format!("t=-5,v1={mac}"),
             format!("{t},v0={mac}"),
-            format!("{t}"),
+            t.to_owned(),
             "garbage".to_owned(),
         ] {
             assert_eq!(
