@@ -89,6 +89,13 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketA
     })
 }
 
+/// An optional [`socket_addr`]: absent means off.
+pub fn optional_socket_addr<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(deserializer).map(Some)
+}
+
 /// Whether `name` can be an environment variable's name in a shell: letters, digits and `_`, not
 /// starting with a digit.
 pub fn is_env_var_name(name: &str) -> bool {

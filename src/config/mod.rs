@@ -50,6 +50,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub watch: WatchConfig,
+    pub webhook: WebhookConfig,
 }
 
 /// `[server]`: the two listeners and how they stop.
@@ -245,6 +246,43 @@ impl Default for WatchConfig {
             sse_retry: Duration::from_secs(3),
             sse_keepalive: Duration::from_secs(15),
             max_stream_duration: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// `[webhook]`: Plextera's signed run events, on a port of their own. Off unless `listen` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Where events are received: the only route on that port, so it alone faces the internet.
+    #[serde(default, deserialize_with = "fields::optional_socket_addr")]
+    pub listen: Option<SocketAddr>,
+    /// The path events are posted to.
+    pub path: String,
+    /// Name of an environment variable holding one or more comma-separated signing secrets (two
+    /// while one is rotated, so no event is refused meanwhile).
+    #[serde(deserialize_with = "fields::env_var_name")]
+    pub secrets_env: Option<String>,
+    /// How far an event's signed timestamp may be from now, either way.
+    #[serde(with = "fields::duration")]
+    pub tolerance: Duration,
+    /// Largest event body read; larger is 413.
+    #[serde(deserialize_with = "fields::size")]
+    pub max_body_size: ByteSize,
+    /// The watchers' interval while events flow: their polls become a slow safety net.
+    #[serde(with = "fields::duration")]
+    pub safety_poll_interval: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/webhooks/plextera".to_owned(),
+            secrets_env: None,
+            tolerance: Duration::from_secs(5 * 60),
+            max_body_size: ByteSize::mib(1),
+            safety_poll_interval: Duration::from_secs(30),
         }
     }
 }
@@ -509,7 +547,8 @@ impl Config {
                 ),
             ));
         }
-        self.watch.validate(&self.server)
+        self.watch.validate(&self.server)?;
+        self.webhook.validate(&self.server)
     }
 }
 
@@ -551,6 +590,42 @@ impl WatchConfig {
                 "watch.max_held",
                 format_args!("is {}: at most {MAX_CONNECTIONS}", self.max_held),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl WebhookConfig {
+    fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        let Some(listen) = self.listen else {
+            return Ok(());
+        };
+        if self.secrets_env.is_none() {
+            return Err(invalid(
+                "webhook.secrets_env",
+                "is unset: with webhook.listen set, name the environment variable holding the signing secrets",
+            ));
+        }
+        if [server.listen, server.admin_listen].contains(&listen) && listen.port() != 0 {
+            return Err(invalid(
+                "webhook.listen",
+                format_args!("is {listen}, a port the server already listens on: give events their own"),
+            ));
+        }
+        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "webhook.path",
+                "must be a path starting with /, without a query",
+            ));
+        }
+        if self.tolerance < Duration::from_secs(1) {
+            return Err(invalid("webhook.tolerance", "must be at least 1s"));
+        }
+        if self.max_body_size.as_u64() == 0 {
+            return Err(invalid("webhook.max_body_size", "is 0: it must be more than 0"));
+        }
+        if self.safety_poll_interval < Duration::from_millis(1) {
+            return Err(invalid("webhook.safety_poll_interval", "must be at least 1ms"));
         }
         Ok(())
     }
@@ -1166,6 +1241,33 @@ mod tests {
             "https://api.plextera.com",
         ] {
             Config::parse(&format!("[upstream]\nbase_url = \"{base_url}\"\n")).expect(base_url);
+        }
+    }
+
+    #[test]
+    fn the_webhook_listener_is_off_by_default_and_checked_when_on() {
+        assert_eq!(Config::default().webhook.listen, None);
+        let on = "[webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_env = \"HOOK_SECRETS\"\n";
+        let config = Config::parse(on).expect("valid");
+        assert_eq!(config.webhook.path, "/webhooks/plextera");
+        assert_eq!(config.webhook.tolerance, Duration::from_secs(300));
+        for (text, key) in [
+            ("[webhook]\nlisten = \"127.0.0.1:8443\"\n", "webhook.secrets_env"),
+            (
+                "[webhook]\nlisten = \"0.0.0.0:8080\"\nsecrets_env = \"S\"\n",
+                "webhook.listen",
+            ),
+            (
+                "[webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_env = \"S\"\npath = \"hooks\"\n",
+                "webhook.path",
+            ),
+            (
+                "[webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_env = \"S\"\ntolerance = \"0s\"\n",
+                "webhook.tolerance",
+            ),
+        ] {
+            let error = Config::parse(text).expect_err(text).to_string();
+            assert!(error.contains(key), "{text}: {error}");
         }
     }
 

@@ -56,6 +56,12 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("watch.sse_retry", "\"3s\""),
     ("watch.sse_keepalive", "\"15s\""),
     ("watch.max_stream_duration", "\"5m\""),
+    ("webhook.listen", "\"0.0.0.0:8443\""),
+    ("webhook.path", "\"/webhooks/plextera\""),
+    ("webhook.secrets_env", "\"PLEXTERA_WEBHOOK_SECRETS\""),
+    ("webhook.tolerance", "\"5m\""),
+    ("webhook.max_body_size", "\"1MiB\""),
+    ("webhook.safety_poll_interval", "\"30s\""),
 ];
 
 /// Longest bad value repeated whole in a message; a longer one (an API key pasted in the wrong

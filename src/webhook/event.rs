@@ -1,0 +1,125 @@
+//! An event's envelope, read after its signature is verified: `{"eventId", "eventType",
+//! "occurredAt", "apiVersion", "data": {"runId", …}}` (see the reference's "Events").
+//!
+//! Only what the gateway acts on is read: the id (to deduplicate), the type (bounded into
+//! [`EventType`], so a metric label cannot grow) and, for run events, the run id. The event's own
+//! body is never served as a run: a confirming call fetches the run.
+
+use serde::Deserialize;
+
+use crate::run::id::RunId;
+
+/// The event types the gateway knows; any other is `Other` (acknowledged and counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    RunCompleted,
+    RunFailed,
+    Other,
+}
+
+impl EventType {
+    fn read(name: &str) -> Self {
+        match name {
+            "workflow.run.completed" => Self::RunCompleted,
+            "workflow.run.failed" => Self::RunFailed,
+            _ => Self::Other,
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::RunCompleted => "workflow.run.completed",
+            Self::RunFailed => "workflow.run.failed",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// What an event asks of the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub kind: EventType,
+    /// The run a run event is about (`None` for other events).
+    pub run: Option<RunId>,
+}
+
+/// The body is not an event: not JSON, or a run event without a valid run id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotAnEvent;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    event_id: String,
+    event_type: String,
+    #[serde(default)]
+    data: Option<Data>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Data {
+    #[serde(default)]
+    run_id: Option<String>,
+}
+
+/// Reads a verified body.
+pub fn read(body: &[u8]) -> Result<Event, NotAnEvent> {
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|_| NotAnEvent)?;
+    if envelope.event_id.is_empty() || envelope.event_id.len() > 256 {
+        return Err(NotAnEvent);
+    }
+    let kind = EventType::read(&envelope.event_type);
+    let run = match kind {
+        EventType::Other => None,
+        EventType::RunCompleted | EventType::RunFailed => {
+            let run_id = envelope.data.and_then(|data| data.run_id).ok_or(NotAnEvent)?;
+            Some(RunId::parse(&run_id).map_err(|_| NotAnEvent)?)
+        }
+    };
+    Ok(Event {
+        id: envelope.event_id,
+        kind,
+        run,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_events_name_their_run() {
+        let event = read(
+            br#"{"eventId":"evt_1","eventType":"workflow.run.failed","occurredAt":"2026-01-01T00:00:00Z","apiVersion":"v1","data":{"runId":"run_7","status":"FAILED"}}"#,
+        )
+        .expect("an event");
+        assert_eq!(event.id, "evt_1");
+        assert_eq!(event.kind, EventType::RunFailed);
+        assert_eq!(event.run.as_ref().map(RunId::as_str), Some("run_7"));
+    }
+
+    #[test]
+    fn other_types_are_read_and_bounded() {
+        let event =
+            read(br#"{"eventId":"evt_2","eventType":"document-insights.extraction.completed","data":{}}"#)
+                .expect("an event");
+        assert_eq!((event.kind, event.run), (EventType::Other, None));
+        assert_eq!(event.kind.label(), "other");
+    }
+
+    #[test]
+    fn what_is_not_an_event_is_refused() {
+        for body in [
+            &b"not json"[..],
+            br#"{"eventType":"workflow.run.completed"}"#,
+            br#"{"eventId":"","eventType":"workflow.run.completed","data":{"runId":"r"}}"#,
+            br#"{"eventId":"e","eventType":"workflow.run.completed","data":{}}"#,
+            br#"{"eventId":"e","eventType":"workflow.run.completed","data":{"runId":"../admin"}}"#,
+        ] {
+            assert_eq!(read(body), Err(NotAnEvent), "{}", String::from_utf8_lossy(body));
+        }
+    }
+}
