@@ -28,6 +28,7 @@ use crate::upstream::budget::Budget;
 use crate::upstream::credentials::KeyRotation;
 use crate::upstream::fetcher::Fetcher;
 use crate::watch::Watches;
+use crate::webhook::Webhooks;
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
 
@@ -44,6 +45,8 @@ pub struct App {
     pub client_tokens: Option<ClientTokens>,
     /// Replaces the upstream key without a restart.
     pub key_rotation: KeyRotation,
+    /// The webhook route, when `[webhook] listen` is set.
+    pub webhooks: Option<Webhooks>,
 }
 
 impl App {
@@ -86,8 +89,25 @@ impl App {
             budget.clone(),
             config.watch.clone(),
             config.upstream.max_requests_per_second,
+            config.webhook.listen.map(|_| config.webhook.safety_poll_interval),
             metrics.watch.clone(),
         );
+        let webhooks = match &secrets.webhook_secrets {
+            Some(signing) if config.webhook.listen.is_some() => {
+                let signing: Vec<&[u8]> = signing
+                    .iter()
+                    .map(|secret| secret.expose_secret().as_bytes())
+                    .collect();
+                Some(Webhooks::new(
+                    &config.webhook,
+                    &signing,
+                    watches.clone(),
+                    metrics.webhook.clone(),
+                ))
+            }
+            _ if config.webhook.listen.is_some() => return Err(ConfigError::WebhookSecretsMissing.into()),
+            _ => None,
+        };
         Ok(Self {
             runs,
             watches,
@@ -100,6 +120,7 @@ impl App {
             cors: edge::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),
             key_rotation,
+            webhooks,
         })
     }
 

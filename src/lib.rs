@@ -18,6 +18,8 @@
 //!   of echoed keys;
 //! - [`watch`]: push instead of poll: long-polls and event streams held on a run, served by one
 //!   upstream watcher per run;
+//! - [`webhook`]: Plextera's signed run events on a port of their own, each confirmed with one
+//!   upstream call that ends every wait on its run;
 //! - [`run`]: a run's id and status; [`config`]: the TOML file; [`ops`]: metrics, logs, health;
 //! - [`app`]: the parts wired from a config; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]

@@ -10,6 +10,7 @@ use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH, UpstreamConfig};
 use plextera_gateway::ops::health_check;
 use plextera_gateway::ops::telemetry::{self, LogFormat};
 use plextera_gateway::upstream::credentials::KeyRotation;
+use plextera_gateway::webhook::signature;
 use plextera_gateway::{ApiKey, Gateway, Secrets, demo};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on
@@ -37,11 +38,35 @@ struct Cli {
     /// Check the running gateway's /healthz on the configured admin port, then exit 0 (healthy) or 1.
     #[arg(long, conflicts_with = "demo")]
     health_check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print an X-Plextera-Signature value for the event body read from standard input, signed
+    /// as Plextera signs its events: for testing a webhook set-up with curl.
+    SignWebhook {
+        /// The environment variable holding the signing secret (the first, when it holds several
+        /// comma-separated); the secret is never taken on the command line, where `ps` shows it.
+        #[arg(long, default_value = "PLEXTERA_WEBHOOK_SECRETS")]
+        secrets_env: String,
+        /// Sign as of this Unix time, in seconds (default: now).
+        #[arg(long)]
+        timestamp: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
     without_transparent_huge_pages();
     let cli = Cli::parse();
+    if let Some(Command::SignWebhook {
+        secrets_env,
+        timestamp,
+    }) = &cli.command
+    {
+        return sign_webhook(secrets_env, *timestamp);
+    }
     telemetry::init(cli.log_format);
     let mut config = match load_config(&cli) {
         Ok(config) => config,
@@ -153,7 +178,7 @@ fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runti
 async fn run(cli: Cli, config: Config) -> ExitCode {
     let (config, secrets, demo_upstream) = if cli.demo {
         match demo_setup(config).await {
-            Ok((config, secrets, addr)) => (config, secrets, Some(addr)),
+            Ok((config, secrets, upstream)) => (config, secrets, Some(upstream)),
             Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
         }
     } else {
@@ -171,9 +196,13 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         Ok(gateway) => gateway,
         Err(error) => return refuse(error.to_string()),
     };
-    if let Some(page) = demo_upstream {
-        let url = demo::page_url(page, gateway.public_addr());
+    if let Some(upstream) = &demo_upstream {
+        let url = demo::page_url(upstream.addr, gateway.public_addr());
         tracing::info!("example page: {url} (open it in a browser: it watches runs through the gateway)");
+        if let Some(webhook) = gateway.webhook_addr() {
+            upstream.send_events_to(webhook, &config.webhook.path);
+            tracing::info!(%webhook, "demo mode: a signed event is sent to the webhook listener when each run ends (signing secret \"{}\")", demo::DEMO_WEBHOOK_SECRET);
+        }
     }
     // From here on every log line is searched for the key (current and, after a SIGHUP, previous).
     let rotation = gateway.key_rotation();
@@ -241,17 +270,27 @@ fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigErro
 }
 
 /// Starts the simulated upstream and points the gateway at it with the demo key; CORS allows the
-/// example page it serves (another origin). Returns the simulated upstream's address too.
-async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets, SocketAddr)> {
-    let addr = demo::spawn().await?;
+/// example page it serves (another origin); the webhook listener takes the demo's signed events
+/// (on a free loopback port unless `[webhook] listen` is set; without a `[webhook]` section the
+/// watchers keep their own pace, so streams still show every step). Returns the simulated
+/// upstream too.
+async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets, demo::DemoUpstream)> {
+    let upstream = demo::spawn().await?;
+    let addr = upstream.addr;
     tracing::info!(%addr, "demo mode: simulated upstream started; the configured base_url and key are not used");
     config.upstream.base_url = format!("http://{addr}");
     let origins = &mut config.server.cors_allowed_origins;
     if !origins.iter().any(|origin| origin == "*") {
         origins.push(demo::page_origin(addr));
     }
+    if config.webhook.listen.is_none() {
+        config.webhook.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.webhook.safety_poll_interval = config.watch.poll_interval;
+    }
     let key = ApiKey::new(demo::DEMO_API_KEY).expect("the demo key is a valid key");
-    Ok((config, Secrets::key_only(key), addr))
+    let mut secrets = Secrets::key_only(key);
+    secrets.webhook_secrets = Some(vec![demo::DEMO_WEBHOOK_SECRET.into()]);
+    Ok((config, secrets, upstream))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
@@ -269,6 +308,35 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `sign-webhook`: signs standard input with the first secret in `secrets_env` and prints the
+/// header value (exit 1 when there is no secret or no input).
+fn sign_webhook(secrets_env: &str, timestamp: Option<u64>) -> ExitCode {
+    use std::io::Read;
+    let secret = std::env::var(secrets_env).ok().and_then(|secrets| {
+        secrets
+            .split(',')
+            .map(str::trim)
+            .find(|secret| !secret.is_empty())
+            .map(str::to_owned)
+    });
+    let Some(secret) = secret else {
+        eprintln!(
+            "plextera-gateway: sign-webhook: the environment variable {secrets_env} is unset or holds no secret"
+        );
+        return ExitCode::FAILURE;
+    };
+    let mut body = Vec::new();
+    if let Err(error) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("plextera-gateway: sign-webhook: cannot read the body from standard input: {error}");
+        return ExitCode::FAILURE;
+    }
+    let at = timestamp.map_or_else(std::time::SystemTime::now, |seconds| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
+    });
+    println!("{}", signature::sign(secret.as_bytes(), &body, at));
+    ExitCode::SUCCESS
 }
 
 /// Prints one line naming the problem and returns the configuration-error exit status.

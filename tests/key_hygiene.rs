@@ -232,6 +232,7 @@ async fn gateway_with_tokens(
         api_key: ApiKey::new(TEST_KEY).expect("key"),
         client_tokens: Some(ClientTokens::new(&["frontend-token-1", "frontend-token-2"])),
         redis_password: None,
+        webhook_secrets: None,
     };
     TestGateway::start_with_secrets(config, secrets).await
 }

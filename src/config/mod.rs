@@ -371,6 +371,10 @@ pub enum ConfigError {
         "no Redis password: the environment variable named by cache.shared.password_env is unset or empty"
     )]
     RedisPasswordMissing,
+    #[error(
+        "no webhook signing secret: the environment variable named by webhook.secrets_env is unset or holds no secret"
+    )]
+    WebhookSecretsMissing,
 }
 
 /// Where the key was looked for, as a message may name it.
@@ -596,6 +600,32 @@ impl WatchConfig {
 }
 
 impl WebhookConfig {
+    /// The signing secrets (comma-separated in the variable `secrets_env` names, blanks around
+    /// each ignored), when the listener is on; `env` looks up an environment variable.
+    pub fn load_secrets(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        if self.listen.is_none() {
+            return Ok(None);
+        }
+        let name = self
+            .secrets_env
+            .as_ref()
+            .ok_or(ConfigError::WebhookSecretsMissing)?;
+        let value = env(name).ok_or(ConfigError::WebhookSecretsMissing)?;
+        let secrets: Vec<String> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|secret| !secret.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if secrets.is_empty() {
+            return Err(ConfigError::WebhookSecretsMissing);
+        }
+        Ok(Some(secrets))
+    }
+
     fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         let Some(listen) = self.listen else {
             return Ok(());

@@ -1,5 +1,6 @@
 //! The secrets start-up reads from the environment or files named in the config, never from the
-//! config file itself: the upstream key, the client tokens and the Redis password.
+//! config file itself: the upstream key, the client tokens, the Redis password and the webhook
+//! signing secrets.
 
 use secrecy::SecretString;
 
@@ -15,12 +16,15 @@ pub struct Secrets {
     pub client_tokens: Option<ClientTokens>,
     /// The Redis password, when `[cache.shared] password_env` names one.
     pub redis_password: Option<SecretString>,
+    /// The webhook signing secrets (old and new while one is rotated), when `[webhook] listen`
+    /// is set.
+    pub webhook_secrets: Option<Vec<SecretString>>,
 }
 
 impl Secrets {
     /// Reads the key (from `api_key_env` or `api_key_file`), the client tokens (from
-    /// `client_tokens_env`) and the Redis password (from `password_env`). `env` looks up an
-    /// environment variable.
+    /// `client_tokens_env`), the Redis password (from `password_env`) and the webhook signing
+    /// secrets (from `webhook.secrets_env`). `env` looks up an environment variable.
     pub fn load(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let api_key = config.upstream.load_api_key(&env)?;
         let client_tokens = config
@@ -31,10 +35,15 @@ impl Secrets {
             Some(shared) => shared.load_password(&env)?.map(SecretString::from),
             None => None,
         };
+        let webhook_secrets = config
+            .webhook
+            .load_secrets(&env)?
+            .map(|secrets| secrets.into_iter().map(SecretString::from).collect());
         Ok(Self {
             api_key,
             client_tokens,
             redis_password,
+            webhook_secrets,
         })
     }
 
@@ -44,6 +53,7 @@ impl Secrets {
             api_key,
             client_tokens: None,
             redis_password: None,
+            webhook_secrets: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Serving: the listeners, each client connection's bounds ([`connection`]), the admin port
-//! ([`admin`]) and graceful shutdown.
+//! ([`admin`]), the webhook port (when `[webhook] listen` is set, [`crate::webhook`]) and
+//! graceful shutdown.
 //!
 //! [`Gateway::bind`] builds the gateway's parts first ([`App`]: everything that can fail on
 //! configuration, such as TLS roots) and only then binds both ports, so a bad config never leaves
@@ -54,6 +55,9 @@ use crate::upstream::credentials::KeyRotation;
 
 /// Connections the admin port serves at once (probes and scrapes need few).
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Connections the webhook port serves at once (Plextera's deliveries; past it, the idlest is
+/// closed to make room, as on the public port).
+const WEBHOOK_MAX_CONNECTIONS: usize = 256;
 /// HTTP/2 streams a client may reset before the server has accepted them, before the connection
 /// is closed.
 const MAX_PENDING_RESET_STREAMS: usize = 20;
@@ -61,7 +65,7 @@ const MAX_PENDING_RESET_STREAMS: usize = 20;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-/// How long admin connections get to finish once the public side has drained.
+/// How long admin and webhook connections get to finish once the public side has drained.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start.
@@ -74,7 +78,8 @@ pub enum StartError {
         crate::config::report::example(key).unwrap_or_default()
     )]
     Bind {
-        /// The config key of the address: `server.listen` or `server.admin_listen`.
+        /// The config key of the address: `server.listen`, `server.admin_listen` or
+        /// `webhook.listen`.
         key: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
@@ -85,6 +90,8 @@ pub enum StartError {
 pub struct Gateway {
     public: TcpListener,
     admin: TcpListener,
+    /// Bound when `[webhook] listen` is set.
+    webhook: Option<TcpListener>,
     app: App,
     listener: ListenerSettings,
     shutdown_delay: Duration,
@@ -109,10 +116,15 @@ impl Gateway {
         let app = App::new(config, secrets)?;
         let public = bind("server.listen", config.server.listen).await?;
         let admin = bind("server.admin_listen", config.server.admin_listen).await?;
+        let webhook = match config.webhook.listen {
+            Some(addr) => Some(bind("webhook.listen", addr).await?),
+            None => None,
+        };
         let server = &config.server;
         Ok(Self {
             public,
             admin,
+            webhook,
             app,
             listener: ListenerSettings {
                 max_connections: server.max_connections.get(),
@@ -142,30 +154,48 @@ impl Gateway {
         self.admin.local_addr().expect("a bound listener has an address")
     }
 
+    /// The webhook port's address, when `[webhook] listen` is set.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook
+            .as_ref()
+            .map(|listener| listener.local_addr().expect("a bound listener has an address"))
+    }
+
     /// Serves until `shutdown` resolves, then drains as described in the module documentation.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (public_addr, admin_addr) = (self.public_addr(), self.admin_addr());
+        let webhook_addr = self.webhook_addr();
         let admin_state = self.app.admin.clone();
         let readiness = admin_state.readiness.clone();
         let connection_metrics = admin_state.metrics.connections.clone();
-        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_settings = ListenerSettings {
-            max_connections: ADMIN_MAX_CONNECTIONS,
-            ..self.listener
-        };
-        let admin_task = tokio::spawn(async move {
-            let admin_service = move |_: &Arc<Connection>| {
+        let (stop_side_ports, side_ports_stop) = tokio::sync::watch::channel(false);
+        let mut side_ports = JoinSet::new();
+        side_ports.spawn(serve_side_port(
+            self.admin,
+            move |_: &Arc<Connection>| {
                 let state = admin_state.clone();
                 tower::service_fn(move |request| admin::handle(request, state.clone()))
-            };
-            let mut admin = Acceptor::new(self.admin, admin_service, admin_settings, None);
-            admin
-                .accept_until(async {
-                    let _ = admin_stopped.await;
-                })
-                .await;
-            admin.drain(ADMIN_GRACE).await;
-        });
+            },
+            ListenerSettings {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..self.listener
+            },
+            side_ports_stop.clone(),
+        ));
+        if let (Some(listener), Some(webhooks)) = (self.webhook, self.app.webhooks.clone()) {
+            side_ports.spawn(serve_side_port(
+                listener,
+                move |_: &Arc<Connection>| {
+                    let webhooks = webhooks.clone();
+                    tower::service_fn(move |request| webhooks.clone().handle(request))
+                },
+                ListenerSettings {
+                    max_connections: WEBHOOK_MAX_CONNECTIONS,
+                    ..self.listener
+                },
+                side_ports_stop,
+            ));
+        }
 
         let watches = self.app.watches.clone();
         let app = self.app;
@@ -178,7 +208,12 @@ impl Gateway {
             Some(connection_metrics),
         );
         readiness.set(true);
-        tracing::info!(%public_addr, %admin_addr, "gateway ready");
+        match webhook_addr {
+            Some(webhook_addr) => {
+                tracing::info!(%public_addr, %admin_addr, %webhook_addr, "gateway ready")
+            }
+            None => tracing::info!(%public_addr, %admin_addr, "gateway ready"),
+        }
         public.accept_until(shutdown).await;
 
         readiness.set(false);
@@ -195,11 +230,34 @@ impl Gateway {
         } else {
             tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace elapsed: cutting remaining connections");
         }
-        let _ = stop_admin.send(());
-        if let Err(error) = admin_task.await {
-            tracing::error!(%error, "admin listener task failed");
+        stop_side_ports.send_replace(true);
+        while let Some(ended) = side_ports.join_next().await {
+            if let Err(error) = ended {
+                tracing::error!(%error, "admin or webhook listener task failed");
+            }
         }
     }
+}
+
+/// Serves a port beside the public one (admin, webhook) until `stop` turns true, then gives its
+/// connections [`ADMIN_GRACE`] to finish.
+async fn serve_side_port<M, S>(
+    listener: TcpListener,
+    make_service: M,
+    settings: ListenerSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    M: Fn(&Arc<Connection>) -> S,
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let mut acceptor = Acceptor::new(listener, make_service, settings, None);
+    acceptor
+        .accept_until(async {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+    acceptor.drain(ADMIN_GRACE).await;
 }
 
 /// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`): room for

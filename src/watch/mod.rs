@@ -15,7 +15,10 @@
 //! watcher's snapshot: a run that is going is never stale). It owns the table of watched runs
 //! (one std `Mutex`, held for a few map operations, never across an await), the count of held
 //! clients against `watch.max_held`, and the shutdown signal that answers every held client.
+//! Webhook events ([`events`]) end waits at once with a confirming call and slow the watchers
+//! down to a safety net while they flow.
 
+pub mod events;
 pub mod long_poll;
 pub mod metrics;
 pub mod snapshot;
@@ -27,15 +30,16 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Response};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tower::Service;
 
+use self::events::Pace;
 use self::metrics::{HeldKind, WatchMetrics};
 use self::snapshot::Snapshot;
 use crate::cache::etag;
@@ -72,6 +76,8 @@ struct Hub {
     held: AtomicUsize,
     /// Turns `true` once when the gateway starts draining.
     shutdown: watch::Sender<bool>,
+    /// Whether webhook events flow, which slows the watchers down.
+    pace: Pace,
     metrics: WatchMetrics,
 }
 
@@ -85,14 +91,21 @@ struct Watched {
 struct Channel {
     /// The run's latest state, seeded with the state its first client was given.
     snapshot: watch::Sender<Snapshot>,
+    /// Set by a run event: the run should end soon, so its watcher polls at `watch.poll_interval`.
+    expecting_end: AtomicBool,
+    /// Wakes the watcher when a run event arrives (to stop, or to poll sooner).
+    hurry: Notify,
 }
 
 impl Watches {
+    /// `safety_poll_interval`: the watchers' interval while webhook events flow (`None`: no
+    /// webhook listener).
     pub fn new(
         runs: RunService,
         budget: Budget,
         settings: WatchConfig,
         rate: Option<f64>,
+        safety_poll_interval: Option<Duration>,
         metrics: WatchMetrics,
     ) -> Self {
         metrics.set_limit(settings.max_held);
@@ -106,6 +119,7 @@ impl Watches {
                 watched: Mutex::default(),
                 held: AtomicUsize::new(0),
                 shutdown: watch::Sender::new(false),
+                pace: Pace::new(safety_poll_interval),
                 metrics,
             }),
         }
@@ -220,6 +234,16 @@ impl Hub {
         }
     }
 
+    /// Tells `id`'s watcher, if it has one, that a run event came: it stops if the run is final
+    /// now, and otherwise polls at `watch.poll_interval` until the run ends.
+    fn hurry(&self, id: &RunId) {
+        let channel = self.lock().get(id).map(|watched| Arc::clone(&watched.channel));
+        if let Some(channel) = channel {
+            channel.expecting_end.store(true, Ordering::Release);
+            channel.hurry.notify_one();
+        }
+    }
+
     /// Holds one more client on `id`, starting the run's watcher if it has none (`seed`: the state
     /// the client was given). Refused with 503 `TOO_MANY_WAITERS` past `watch.max_held`.
     fn hold(self: &Arc<Self>, id: &RunId, kind: HeldKind, seed: &Snapshot) -> Result<Held, GatewayError> {
@@ -235,6 +259,8 @@ impl Hub {
             let entry = watched.entry(id.clone()).or_insert_with(|| {
                 let channel = Arc::new(Channel {
                     snapshot: watch::Sender::new(seed.clone()),
+                    expecting_end: AtomicBool::new(false),
+                    hurry: Notify::new(),
                 });
                 self.metrics.watched_runs().inc();
                 tokio::spawn(watcher::watch(Arc::clone(self), id.clone(), Arc::clone(&channel)));
@@ -329,6 +355,10 @@ impl Channel {
 
     fn is_final(&self) -> bool {
         self.snapshot.borrow().is_final()
+    }
+
+    fn expects_end(&self) -> bool {
+        self.expecting_end.load(Ordering::Acquire)
     }
 }
 

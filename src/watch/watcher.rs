@@ -12,6 +12,10 @@
 //! Every sleep is jittered (up to 10 % shorter, and after a cooldown a whole interval on top) so
 //! watchers started together drift apart instead of calling in bursts.
 //!
+//! While webhook events flow it polls every `webhook.safety_poll_interval` instead (a slow safety
+//! net, see [`super::events`]); after a run event whose confirming call still showed the run
+//! going, every `watch.poll_interval` until the run ends, without backing off.
+//!
 //! It stops when its run is final (ended, 404, key refused), when the gateway drains, or at its
 //! next turn (within one interval, without a call) when no client is held on the run any more.
 //! It does not stop the moment the last client leaves: a long-poll client answered with a new
@@ -45,13 +49,23 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
             channel: Arc::clone(&channel),
         };
         let settings = &hub.settings;
-        let mut interval = settings.poll_interval;
+        let mut interval = next_interval(&hub, &channel, settings.poll_interval, true);
         let mut shutdown = hub.shutdown.subscribe();
         let mut delay = next_delay(&hub, interval);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|draining| *draining) => {}
+                () = channel.hurry.notified() => {
+                    // A run event, whose confirming call was just made: stop if it found the
+                    // end, otherwise look again one poll_interval from now.
+                    if hub.release_if_done(&id, &channel) {
+                        break;
+                    }
+                    interval = settings.poll_interval;
+                    delay = next_delay(&hub, interval);
+                    continue;
+                }
             }
             if hub.release_if_done(&id, &channel) {
                 break;
@@ -71,17 +85,33 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
             if channel.is_final() {
                 break;
             }
-            interval = if changed {
-                settings.poll_interval
-            } else {
-                interval.mul_f64(BACKOFF).min(settings.max_poll_interval)
-            };
+            interval = next_interval(&hub, &channel, interval, changed);
             delay = next_delay(&hub, interval);
         }
         tracing::debug!("watcher stopped");
     }
     .instrument(span)
     .await;
+}
+
+/// The interval after one that was `interval` and brought a change or not: back to
+/// `watch.poll_interval` on a change, ×1.5 otherwise up to `watch.max_poll_interval`; at least the
+/// safety interval while events flow; `watch.poll_interval` flat once a run event is expected to
+/// be confirmed.
+fn next_interval(hub: &Hub, channel: &Channel, interval: Duration, changed: bool) -> Duration {
+    let settings = &hub.settings;
+    if channel.expects_end() {
+        return settings.poll_interval;
+    }
+    let own = if changed {
+        settings.poll_interval
+    } else {
+        interval.mul_f64(BACKOFF).min(settings.max_poll_interval)
+    };
+    match hub.pace.safety_interval() {
+        Some(safety) => own.max(safety),
+        None => own,
+    }
 }
 
 /// How long to sleep before the next call: `interval` less up to 10 % (never more, so a change

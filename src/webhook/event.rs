@@ -18,7 +18,8 @@ pub enum EventType {
 }
 
 impl EventType {
-    fn read(name: &str) -> Self {
+    /// The type `name` names (`Other` for any type the gateway does not act on).
+    pub fn read(name: &str) -> Self {
         match name {
             "workflow.run.completed" => Self::RunCompleted,
             "workflow.run.failed" => Self::RunFailed,
@@ -26,8 +27,8 @@ impl EventType {
         }
     }
 
-    /// The metric label.
-    pub fn label(self) -> &'static str {
+    /// Plextera's name for the type (`other` for every other type): the metric label.
+    pub fn name(self) -> &'static str {
         match self {
             Self::RunCompleted => "workflow.run.completed",
             Self::RunFailed => "workflow.run.failed",
@@ -107,7 +108,7 @@ mod tests {
             read(br#"{"eventId":"evt_2","eventType":"document-insights.extraction.completed","data":{}}"#)
                 .expect("an event");
         assert_eq!((event.kind, event.run), (EventType::Other, None));
-        assert_eq!(event.kind.label(), "other");
+        assert_eq!(event.kind.name(), "other");
     }
 
     #[test]

@@ -321,6 +321,8 @@ pub fn test_config(base_url: &str) -> Config {
 pub struct TestGateway {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The webhook port, when `[webhook] listen` is set.
+    pub webhook: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     client: TestClient,
@@ -342,7 +344,11 @@ impl TestGateway {
     pub async fn start_with_secrets(config: Config, secrets: Secrets) -> Self {
         config.validate().expect("test config is valid");
         let gateway = Gateway::bind(&config, &secrets).await.expect("gateway binds");
-        let (public, admin) = (gateway.public_addr(), gateway.admin_addr());
+        let (public, admin, webhook) = (
+            gateway.public_addr(),
+            gateway.admin_addr(),
+            gateway.webhook_addr(),
+        );
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async {
             let _ = stop.await;
@@ -350,6 +356,7 @@ impl TestGateway {
         Self {
             public,
             admin,
+            webhook,
             shutdown: Some(shutdown),
             task: Some(task),
             client: TestClient::new(),

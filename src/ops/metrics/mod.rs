@@ -5,7 +5,8 @@
 //! [`crate::edge::request_metrics`], upstream calls in [`crate::upstream::metrics`], the budget in
 //! [`crate::upstream::budget_metrics`], the memory store in [`crate::cache::metrics`], the Redis
 //! tier in [`crate::cache::redis::metrics`], client connections in
-//! [`crate::serve::connection::metrics`], held clients in [`crate::watch::metrics`]. They are built from [`family`]'s blocks; [`Metrics`]
+//! [`crate::serve::connection::metrics`], held clients in [`crate::watch::metrics`], webhook
+//! deliveries in [`crate::webhook::metrics`]. They are built from [`family`]'s blocks; [`Metrics`]
 //! gathers them, with the few series that belong to no one concern, for wiring and `/metrics`.
 
 pub mod family;
@@ -23,6 +24,7 @@ use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::upstream::budget_metrics::BudgetMetrics;
 use crate::upstream::metrics::UpstreamMetrics;
 use crate::watch::metrics::WatchMetrics;
+use crate::webhook::metrics::WebhookMetrics;
 
 pub use self::family::NAMESPACE;
 
@@ -41,6 +43,7 @@ pub struct Metrics {
     pub redis: RedisMetrics,
     pub connections: ConnectionMetrics,
     pub watch: WatchMetrics,
+    pub webhook: WebhookMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
     /// `plextera_gateway_coalesced_waiters`.
@@ -87,6 +90,7 @@ impl Metrics {
             redis: RedisMetrics::new(&registry)?,
             connections: ConnectionMetrics::new(&registry)?,
             watch: WatchMetrics::new(&registry)?,
+            webhook: WebhookMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
             registry,

@@ -11,6 +11,9 @@
 //! call across the internet, so hits and misses look different. Benchmarks start it with other
 //! timings ([`DemoOptions`]) and read how many requests it answered.
 //!
+//! When a run ends it posts a signed event for it to the gateway's webhook listener, once told
+//! where that is ([`DemoUpstream::send_events_to`], [`events`]).
+//!
 //! It also serves the example page, `examples/watch-runs.html`, at `/` and `/watch-runs.html`,
 //! without a key and at once: an origin other than the gateway's, as a browser frontend would be
 //! ([`page_url`] is the address to open).
@@ -20,7 +23,7 @@ use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -30,16 +33,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use self::events::EventTarget;
 use crate::edge::error::error_body;
 use crate::edge::response::{Body, json};
 use crate::edge::routes::RUNS_PATH;
+
+pub mod events;
+
+pub use self::events::DEMO_WEBHOOK_SECRET;
 
 /// The key the demo upstream accepts; not a secret.
 pub const DEMO_API_KEY: &str = "demo-key";
 /// The demo forgets every run once it has seen this many, so it cannot grow without bound.
 const MAX_TRACKED_RUNS: usize = 100_000;
 /// The example page: watches runs through the gateway with one `EventSource` per run.
-pub const EXAMPLE_PAGE: &str = include_str!("../examples/watch-runs.html");
+pub const EXAMPLE_PAGE: &str = include_str!("../../examples/watch-runs.html");
 /// Where the demo upstream serves [`EXAMPLE_PAGE`] (besides `/`).
 pub const EXAMPLE_PAGE_PATH: &str = "/watch-runs.html";
 
@@ -68,6 +76,7 @@ impl Default for DemoOptions {
 pub struct DemoUpstream {
     pub addr: SocketAddr,
     answered: Arc<AtomicU64>,
+    events: Arc<OnceLock<Arc<EventTarget>>>,
 }
 
 impl DemoUpstream {
@@ -79,8 +88,10 @@ impl DemoUpstream {
             options,
             runs: Mutex::default(),
             answered: Arc::default(),
+            events: Arc::default(),
         });
         let answered = Arc::clone(&state.answered);
+        let events = Arc::clone(&state.events);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -95,7 +106,20 @@ impl DemoUpstream {
                 });
             }
         });
-        Ok(Self { addr, answered })
+        Ok(Self {
+            addr,
+            answered,
+            events,
+        })
+    }
+
+    /// From now on, posts a signed event to `addr` at `path` (the gateway's webhook listener)
+    /// when a run it has seen ends. Set once; later calls change nothing.
+    pub fn send_events_to(&self, addr: SocketAddr, path: &str) {
+        let _ = self.events.set(Arc::new(EventTarget {
+            addr,
+            path: path.to_owned(),
+        }));
     }
 
     /// Requests answered so far (any status).
@@ -104,9 +128,9 @@ impl DemoUpstream {
     }
 }
 
-/// Starts the simulated upstream with the default timings and returns its address.
-pub async fn spawn() -> std::io::Result<SocketAddr> {
-    Ok(DemoUpstream::start(DemoOptions::default()).await?.addr)
+/// Starts the simulated upstream with the default timings.
+pub async fn spawn() -> std::io::Result<DemoUpstream> {
+    DemoUpstream::start(DemoOptions::default()).await
 }
 
 /// The origin of the example page served by the demo upstream at `page`: what
@@ -133,6 +157,8 @@ struct State {
     /// When each run was first asked for.
     runs: Mutex<HashMap<String, (Instant, SystemTime)>>,
     answered: Arc<AtomicU64>,
+    /// Where to post the event of a run that ends, once known.
+    events: Arc<OnceLock<Arc<EventTarget>>>,
 }
 
 async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
@@ -165,7 +191,10 @@ async fn answer<B>(request: Request<B>, state: Arc<State>) -> Result<Response<Bo
             error_body("NOT_FOUND", "run not found", None, false),
         ));
     }
-    let (first_seen, started_at) = state.first_seen(id);
+    let (first_seen, started_at, new) = state.first_seen(id);
+    if new {
+        state.deliver_at_end(id, first_seen);
+    }
     let age = first_seen.elapsed();
     let status = status_of(id, age, &state.options);
     let progress = Progress {
@@ -187,14 +216,36 @@ fn example_page() -> Response<Body> {
 }
 
 impl State {
-    fn first_seen(&self, id: &str) -> (Instant, SystemTime) {
+    /// When run `id` was first asked for, and whether that is now.
+    fn first_seen(&self, id: &str) -> (Instant, SystemTime, bool) {
         let mut runs = self.runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if runs.len() >= MAX_TRACKED_RUNS && !runs.contains_key(id) {
             runs.clear();
         }
-        *runs
-            .entry(id.to_owned())
-            .or_insert_with(|| (Instant::now(), SystemTime::now()))
+        let mut new = false;
+        let (first_seen, started_at) = *runs.entry(id.to_owned()).or_insert_with(|| {
+            new = true;
+            (Instant::now(), SystemTime::now())
+        });
+        (first_seen, started_at, new)
+    }
+
+    /// With an event target set, posts run `id`'s event when it ends (runs that start ended get
+    /// none: Plextera sent theirs long ago).
+    fn deliver_at_end(&self, id: &str, first_seen: Instant) {
+        let Some(target) = self.events.get().cloned() else {
+            return;
+        };
+        if ["done-", "failed-"].iter().any(|prefix| id.starts_with(prefix)) {
+            return;
+        }
+        let ends_at = first_seen + self.options.finishes_after;
+        let status = status_of(id, self.options.finishes_after, &self.options);
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(ends_at.into()).await;
+            events::deliver(target, id, status).await;
+        });
     }
 }
 
@@ -352,6 +403,7 @@ mod tests {
             },
             runs: Mutex::default(),
             answered: Arc::default(),
+            events: Arc::default(),
         })
     }
 
