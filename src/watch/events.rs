@@ -113,3 +113,22 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_str(&format!("webhook-{}", uuid::Uuid::new_v4().simple()))
         .expect("hex digits and a dash are a valid header value")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_flow_only_once_one_has_arrived_and_only_with_a_listener() {
+        let pace = Pace::new(Some(Duration::from_secs(30)));
+        assert_eq!(pace.safety_interval(), None, "no event yet");
+        pace.event_arrived();
+        assert_eq!(pace.safety_interval(), Some(Duration::from_secs(30)));
+        *pace.lock() = Instant::now().checked_sub(FLOWING_FOR);
+        assert_eq!(pace.safety_interval(), None, "the last event is too old");
+
+        let off = Pace::new(None);
+        off.event_arrived();
+        assert_eq!(off.safety_interval(), None);
+    }
+}
