@@ -310,8 +310,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// `sign-webhook`: signs standard input with the first secret in `secrets_env` and prints the
-/// header value (exit 1 when there is no secret or no input).
+/// `sign-webhook`: signs standard input (an empty body too) with the first secret in
+/// `secrets_env` and prints the header value (exit 1 when there is no secret, standard input cannot
+/// be read, or `--timestamp` is beyond the clock's range).
 fn sign_webhook(secrets_env: &str, timestamp: Option<u64>) -> ExitCode {
     use std::io::Read;
     let secret = std::env::var(secrets_env).ok().and_then(|secrets| {
@@ -332,9 +333,18 @@ fn sign_webhook(secrets_env: &str, timestamp: Option<u64>) -> ExitCode {
         eprintln!("plextera-gateway: sign-webhook: cannot read the body from standard input: {error}");
         return ExitCode::FAILURE;
     }
-    let at = timestamp.map_or_else(std::time::SystemTime::now, |seconds| {
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
-    });
+    let at = match timestamp {
+        None => std::time::SystemTime::now(),
+        Some(seconds) => match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(seconds)) {
+            Some(at) => at,
+            None => {
+                eprintln!(
+                    "plextera-gateway: sign-webhook: --timestamp {seconds} is beyond what the clock can hold"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     println!("{}", signature::sign(secret.as_bytes(), &body, at));
     ExitCode::SUCCESS
 }

@@ -67,7 +67,10 @@ impl Verifier {
             return Err(Refusal::InvalidSignature);
         }
         // Checked after the MAC, so an unsigned request learns nothing about the clock.
-        let signed_at = UNIX_EPOCH + Duration::from_secs(parsed.seconds);
+        // A `t` beyond what the clock can hold is as stale as can be (and must not panic).
+        let signed_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(parsed.seconds))
+            .ok_or(Refusal::StaleTimestamp)?;
         let skew = match now.duration_since(signed_at) {
             Ok(age) => age,
             Err(ahead) => ahead.duration(),
@@ -242,6 +245,19 @@ mod tests {
                 "{offset} {ahead}"
             );
         }
+    }
+
+    #[test]
+    fn a_timestamp_beyond_the_clock_is_stale_not_a_panic() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"s");
+        let t = u64::MAX;
+        let tag = hmac::sign(&key, format!("{t}.{{}}").as_bytes());
+        let hex: String = tag.as_ref().iter().map(|byte| format!("{byte:02x}")).collect();
+        let header = format!("t={t},v1={hex}");
+        assert_eq!(
+            verifier(&["s"]).verify(Some(header.as_bytes()), b"{}", now()),
+            Err(Refusal::StaleTimestamp)
+        );
     }
 
     #[test]

@@ -529,6 +529,53 @@ impl TestClient {
     }
 }
 
+/// An HTTP/1.1 client for requests with a body (`TestClient` sends none), with its own pool:
+/// sequential requests from one `BodyClient` reuse one connection.
+#[derive(Clone)]
+pub struct BodyClient(Client<HttpConnector, Full<Bytes>>);
+
+impl BodyClient {
+    pub fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+    }
+
+    /// Sends `body` with a `Content-Length`; fails the test on a transport error.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> TestResponse {
+        let mut request = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(body.into()))
+            .unwrap_or_else(|error| panic!("{url}: a request to send: {error}"));
+        let response = tokio::time::timeout(PATIENCE, self.0.request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{url}: no response in time"))
+            .unwrap_or_else(|error| panic!("{url}: {error:?}"));
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|error| panic!("{url}: the body: {error}"))
+            .to_bytes();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn post(&self, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> TestResponse {
+        self.send(Method::POST, url, headers, body).await
+    }
+}
+
 /// Writes raw bytes on a fresh connection and returns everything read until the server closes.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
