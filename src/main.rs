@@ -271,9 +271,8 @@ fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigErro
 
 /// Starts the simulated upstream and points the gateway at it with the demo key; CORS allows the
 /// example page it serves (another origin); the webhook listener takes the demo's signed events
-/// (on a free loopback port unless `[webhook] listen` is set; without a `[webhook]` section the
-/// watchers keep their own pace, so streams still show every step). Returns the simulated
-/// upstream too.
+/// (on a free loopback port unless `webhook.listen` is set; then the watchers also keep their own
+/// pace, so streams still show every step). Returns the simulated upstream too.
 async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets, demo::DemoUpstream)> {
     let upstream = demo::spawn().await?;
     let addr = upstream.addr;

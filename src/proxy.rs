@@ -165,6 +165,12 @@ impl RunService {
         self.proxy.tiers.get(id.as_str()).await
     }
 
+    /// Forgets a remembered 404 for `id`, so the next call asks upstream (a run event says the
+    /// run exists).
+    pub async fn forget_not_found(&self, id: &RunId) {
+        self.proxy.tiers.forget_not_found(id).await;
+    }
+
     /// A hit, answered.
     pub fn render_hit(&self, entry: &CachedRun, request: &RunRequest) -> Response<Body> {
         self.proxy.render_cached(entry, CacheOutcome::Hit, request)

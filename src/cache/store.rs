@@ -243,6 +243,14 @@ impl RunStore {
         self.runs.contains_key(&key)
     }
 
+    /// Drops `id`'s entry if it is a remembered 404 (counted as an explicit eviction): a run event
+    /// says the run exists. An ended run is kept.
+    pub async fn forget_not_found(&self, id: &RunId) {
+        if self.runs.get(id).await.is_some_and(|run| !run.is_terminal()) {
+            self.runs.invalidate(id).await;
+        }
+    }
+
     /// Runs held and their summed weight, after applying pending housekeeping (expiry included).
     pub async fn occupancy(&self) -> (u64, u64) {
         self.runs.run_pending_tasks().await;

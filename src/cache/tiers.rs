@@ -38,6 +38,11 @@ impl Tiers {
         Self { memory, redis }
     }
 
+    /// Forgets a remembered 404 for `id` (404s live in memory only).
+    pub async fn forget_not_found(&self, id: &RunId) {
+        self.memory.forget_not_found(id).await;
+    }
+
     /// The hit path: memory only.
     pub async fn get(&self, id: &str) -> Option<CachedRun> {
         self.memory.get(id).await

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use http::{HeaderValue, Uri};
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::run::status::{MAX_TERMINAL_STATUSES, OTHER_STATUS};
@@ -599,13 +600,16 @@ impl WatchConfig {
     }
 }
 
+/// The widest `webhook.tolerance`: well inside the 72 h event ids are remembered.
+const MAX_WEBHOOK_TOLERANCE: Duration = Duration::from_secs(3600);
+
 impl WebhookConfig {
     /// The signing secrets (comma-separated in the variable `secrets_env` names, blanks around
     /// each ignored), when the listener is on; `env` looks up an environment variable.
     pub fn load_secrets(
         &self,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<Vec<String>>, ConfigError> {
+    ) -> Result<Option<Vec<SecretString>>, ConfigError> {
         if self.listen.is_none() {
             return Ok(None);
         }
@@ -614,11 +618,11 @@ impl WebhookConfig {
             .as_ref()
             .ok_or(ConfigError::WebhookSecretsMissing)?;
         let value = env(name).ok_or(ConfigError::WebhookSecretsMissing)?;
-        let secrets: Vec<String> = value
+        let secrets: Vec<SecretString> = value
             .split(',')
             .map(str::trim)
             .filter(|secret| !secret.is_empty())
-            .map(str::to_owned)
+            .map(SecretString::from)
             .collect();
         if secrets.is_empty() {
             return Err(ConfigError::WebhookSecretsMissing);
@@ -648,8 +652,11 @@ impl WebhookConfig {
                 "must be a path starting with /, without a query",
             ));
         }
-        if self.tolerance < Duration::from_secs(1) {
-            return Err(invalid("webhook.tolerance", "must be at least 1s"));
+        if self.tolerance < Duration::from_secs(1) || self.tolerance > MAX_WEBHOOK_TOLERANCE {
+            return Err(invalid(
+                "webhook.tolerance",
+                "must be from 1s to 1h (a replay must be refused for its age long before its event id is forgotten)",
+            ));
         }
         if self.max_body_size.as_u64() == 0 {
             return Err(invalid("webhook.max_body_size", "is 0: it must be more than 0"));
@@ -1293,6 +1300,10 @@ mod tests {
             ),
             (
                 "[webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_env = \"S\"\ntolerance = \"0s\"\n",
+                "webhook.tolerance",
+            ),
+            (
+                "[webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_env = \"S\"\ntolerance = \"2h\"\n",
                 "webhook.tolerance",
             ),
         ] {

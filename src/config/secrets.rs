@@ -35,10 +35,7 @@ impl Secrets {
             Some(shared) => shared.load_password(&env)?.map(SecretString::from),
             None => None,
         };
-        let webhook_secrets = config
-            .webhook
-            .load_secrets(&env)?
-            .map(|secrets| secrets.into_iter().map(SecretString::from).collect());
+        let webhook_secrets = config.webhook.load_secrets(&env)?;
         Ok(Self {
             api_key,
             client_tokens,

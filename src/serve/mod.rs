@@ -58,6 +58,9 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Connections the webhook port serves at once (Plextera's deliveries; past it, the idlest is
 /// closed to make room, as on the public port).
 const WEBHOOK_MAX_CONNECTIONS: usize = 256;
+/// HTTP/2 streams per webhook connection: deliveries come one at a time, and every stream may
+/// post a body.
+const WEBHOOK_MAX_STREAMS: u32 = 8;
 /// HTTP/2 streams a client may reset before the server has accepted them, before the connection
 /// is closed.
 const MAX_PENDING_RESET_STREAMS: usize = 20;
@@ -66,7 +69,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// How long admin and webhook connections get to finish once the public side has drained.
-const ADMIN_GRACE: Duration = Duration::from_secs(1);
+const SIDE_PORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +194,10 @@ impl Gateway {
                 },
                 ListenerSettings {
                     max_connections: WEBHOOK_MAX_CONNECTIONS,
+                    limits: Limits {
+                        max_streams: WEBHOOK_MAX_STREAMS,
+                        ..self.listener.limits
+                    },
                     ..self.listener
                 },
                 side_ports_stop,
@@ -240,7 +247,7 @@ impl Gateway {
 }
 
 /// Serves a port beside the public one (admin, webhook) until `stop` turns true, then gives its
-/// connections [`ADMIN_GRACE`] to finish.
+/// connections [`SIDE_PORT_GRACE`] to finish.
 async fn serve_side_port<M, S>(
     listener: TcpListener,
     make_service: M,
@@ -257,7 +264,7 @@ async fn serve_side_port<M, S>(
             let _ = stop.wait_for(|stop| *stop).await;
         })
         .await;
-    acceptor.drain(ADMIN_GRACE).await;
+    acceptor.drain(SIDE_PORT_GRACE).await;
 }
 
 /// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`): room for

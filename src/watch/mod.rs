@@ -259,7 +259,7 @@ impl Hub {
             let entry = watched.entry(id.clone()).or_insert_with(|| {
                 let channel = Arc::new(Channel {
                     snapshot: watch::Sender::new(seed.clone()),
-                    expecting_end: AtomicBool::new(false),
+                    expecting_end: AtomicBool::new(self.pace.expects_end(id)),
                     hurry: Notify::new(),
                 });
                 self.metrics.watched_runs().inc();
@@ -408,6 +408,13 @@ impl Drop for Held {
             gauge.dec();
         }
     }
+}
+
+/// The `x-request-id` a call made for no client sends upstream: `<who>-` and a fresh id
+/// (`watch-…` for a watcher's poll, `webhook-…` for an event's confirming call).
+fn request_id(who: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("{who}-{}", uuid::Uuid::new_v4().simple()))
+        .expect("a name, a dash and hex digits are a valid header value")
 }
 
 /// `wait` less a random part of up to a sixteenth of it, so clients held together do not all

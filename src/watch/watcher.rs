@@ -25,11 +25,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
 use tracing::Instrument;
 
 use super::snapshot::Snapshot;
-use super::{Channel, Hub};
+use super::{Channel, Hub, request_id};
 use crate::run::id::RunId;
 
 /// Growth of the interval while nothing changes.
@@ -77,7 +76,7 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
                 delay = cooldown + next_delay(&hub, interval);
                 continue;
             }
-            let (answer, _) = hub.runs.resolve(id.clone(), request_id(), None).await;
+            let (answer, _) = hub.runs.resolve(id.clone(), request_id("watch"), None).await;
             let changed = match Snapshot::of(answer, hub.runs.statuses()) {
                 Some(snapshot) => channel.publish(snapshot),
                 None => false,
@@ -140,10 +139,4 @@ impl Drop for Release {
     fn drop(&mut self) {
         self.hub.release(&self.id, &self.channel);
     }
-}
-
-/// The `x-request-id` a watcher's call sends upstream: `watch-` and a fresh id.
-fn request_id() -> HeaderValue {
-    HeaderValue::from_str(&format!("watch-{}", uuid::Uuid::new_v4().simple()))
-        .expect("hex digits and a dash are a valid header value")
 }

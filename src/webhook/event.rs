@@ -42,11 +42,12 @@ impl EventType {
 pub struct Event {
     pub id: String,
     pub kind: EventType,
-    /// The run a run event is about (`None` for other events).
+    /// The run a run event is about; `None` for other events, and for a run event whose
+    /// `data.runId` is missing or not a run id (acknowledged, nothing to act on).
     pub run: Option<RunId>,
 }
 
-/// The body is not an event: not JSON, or a run event without a valid run id.
+/// The body is not an event: not JSON, or no usable `eventId` or `eventType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotAnEvent;
 
@@ -55,15 +56,9 @@ pub struct NotAnEvent;
 struct Envelope {
     event_id: String,
     event_type: String,
+    /// Read only for run events: other types' data may have any shape.
     #[serde(default)]
-    data: Option<Data>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Data {
-    #[serde(default)]
-    run_id: Option<String>,
+    data: Option<serde_json::Value>,
 }
 
 /// Reads a verified body.
@@ -75,10 +70,11 @@ pub fn read(body: &[u8]) -> Result<Event, NotAnEvent> {
     let kind = EventType::read(&envelope.event_type);
     let run = match kind {
         EventType::Other => None,
-        EventType::RunCompleted | EventType::RunFailed => {
-            let run_id = envelope.data.and_then(|data| data.run_id).ok_or(NotAnEvent)?;
-            Some(RunId::parse(&run_id).map_err(|_| NotAnEvent)?)
-        }
+        EventType::RunCompleted | EventType::RunFailed => envelope
+            .data
+            .as_ref()
+            .and_then(|data| data.get("runId")?.as_str())
+            .and_then(|run_id| RunId::parse(run_id).ok()),
     };
     Ok(Event {
         id: envelope.event_id,
@@ -117,10 +113,33 @@ mod tests {
             &b"not json"[..],
             br#"{"eventType":"workflow.run.completed"}"#,
             br#"{"eventId":"","eventType":"workflow.run.completed","data":{"runId":"r"}}"#,
-            br#"{"eventId":"e","eventType":"workflow.run.completed","data":{}}"#,
-            br#"{"eventId":"e","eventType":"workflow.run.completed","data":{"runId":"../admin"}}"#,
+            br#"{"eventId":"e"}"#,
         ] {
             assert_eq!(read(body), Err(NotAnEvent), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn a_run_event_without_a_usable_run_id_names_no_run() {
+        for body in [
+            &br#"{"eventId":"e","eventType":"workflow.run.completed","data":{}}"#[..],
+            br#"{"eventId":"e","eventType":"workflow.run.completed","data":{"runId":"../admin"}}"#,
+            br#"{"eventId":"e","eventType":"workflow.run.failed","data":{"runId":7}}"#,
+            br#"{"eventId":"e","eventType":"workflow.run.failed","data":"run"}"#,
+        ] {
+            let event = read(body).expect("an event");
+            assert_eq!(event.run, None, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn other_types_may_carry_data_of_any_shape() {
+        for body in [
+            &br#"{"eventId":"e","eventType":"document-insights.extraction.completed","data":[1,2]}"#[..],
+            br#"{"eventId":"e","eventType":"document-insights.extraction.completed","data":{"runId":7}}"#,
+            br#"{"eventId":"e","eventType":"x","data":null}"#,
+        ] {
+            assert_eq!(read(body).map(|event| event.kind), Ok(EventType::Other));
         }
     }
 }

@@ -5,11 +5,11 @@
 //! `other` (before a signature is verified the type comes from the unsigned
 //! `X-Plextera-Event-Type` header, read the same bounded way).
 
-use prometheus::{IntCounter, IntCounterVec, Registry};
+use prometheus::{IntCounter, Registry};
 
 use super::event::EventType;
-use crate::ops::metrics::family::{ByLabel, Label, counters, opts, register};
-use crate::watch::events::Confirmation;
+use crate::ops::metrics::family::{ByLabel, Label, counter_grid, grid_get, opts};
+use crate::watch::events::{Call, Confirmation};
 
 /// What became of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +22,16 @@ pub enum EventOutcome {
     InvalidSignature,
     /// Refused: signed, but the timestamp is outside `webhook.tolerance`.
     Stale,
-    /// Verified, a type the gateway does not act on: acknowledged.
+    /// Verified, a type the gateway does not act on, or a run event naming no usable run id:
+    /// acknowledged.
     Ignored,
     /// Refused: the body is over `webhook.max_body_size`.
     TooLarge,
     /// Refused: not an event (not JSON, no id, a run event without a run id), or the body did
     /// not arrive in time.
     BadRequest,
-    /// Refused for now (503): too many confirming calls in flight; Plextera delivers it again.
+    /// Refused for now (503): too many deliveries being read or confirmed; Plextera delivers it
+    /// again.
     Busy,
 }
 
@@ -67,6 +69,14 @@ impl Label for EventType {
     }
 }
 
+impl Label for Call {
+    const ALL: &'static [Self] = &[Self::Led, Self::Shared, Self::None];
+
+    fn label(self) -> &'static str {
+        Call::label(self)
+    }
+}
+
 impl Label for Confirmation {
     const ALL: &'static [Self] = &[Self::Ended, Self::Going, Self::Stopped, Self::Failed];
 
@@ -80,46 +90,40 @@ impl Label for Confirmation {
 pub struct WebhookMetrics {
     /// One counter per (type, outcome), resolved at start-up.
     events: ByLabel<EventType, ByLabel<EventOutcome, IntCounter>>,
-    confirmations: ByLabel<Confirmation, IntCounter>,
+    /// One counter per (result, call), resolved at start-up.
+    confirmations: ByLabel<Confirmation, ByLabel<Call, IntCounter>>,
 }
 
 impl WebhookMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let events = register(
-            registry,
-            IntCounterVec::new(
+        Ok(Self {
+            events: counter_grid(
+                registry,
                 opts(
                     "webhook_events_total",
-                    "Webhook deliveries, by event type (workflow.run.completed, workflow.run.failed, other) and outcome: accepted, duplicate (an event id seen before), invalid_signature, stale (timestamp outside webhook.tolerance), ignored (a type not acted on), too_large, bad_request, busy (503: too many confirming calls in flight).",
+                    "Webhook deliveries, by event type (workflow.run.completed, workflow.run.failed, other) and outcome: accepted, duplicate (an event id seen before), invalid_signature, stale (timestamp outside webhook.tolerance), ignored (a type not acted on, or no usable run id), too_large, bad_request, busy (503: too many deliveries being read or confirmed).",
                 ),
-                &["type", "outcome"],
+                ["type", "outcome"],
             )?,
-        )?;
-        Ok(Self {
-            events: ByLabel::new(|kind| ByLabel::new(|outcome| events.with_label_values(&[kind, outcome]))),
-            confirmations: counters(
+            confirmations: counter_grid(
                 registry,
                 opts(
                     "webhook_confirmations_total",
-                    "Confirming upstream calls made for run events (or shared with a call in flight), by what they found: ended (stored; held clients answered), going (upstream still shows the run going), stopped (404 or the key refused), failed (5xx, timeout, 429 or the budget).",
+                    "Run events confirmed with upstream, by what the confirmation found (result: ended, stored and held clients answered; going, upstream still shows the run going; stopped, 404 or the key refused; failed, 5xx, timeout, 429 or the budget) and whether it was an upstream call of its own (call: led; shared, joined one in flight; none, the run was in the cache or the budget refused).",
                 ),
-                "result",
+                ["result", "call"],
             )?,
         })
     }
 
     pub fn event(&self, kind: EventType, outcome: EventOutcome) {
-        if let Some(counter) = self
-            .events
-            .get(kind)
-            .and_then(|by_outcome| by_outcome.get(outcome))
-        {
+        if let Some(counter) = grid_get(&self.events, kind, outcome) {
             counter.inc();
         }
     }
 
-    pub fn confirmed(&self, confirmation: Confirmation) {
-        if let Some(counter) = self.confirmations.get(confirmation) {
+    pub fn confirmed(&self, confirmation: Confirmation, call: Call) {
+        if let Some(counter) = grid_get(&self.confirmations, confirmation, call) {
             counter.inc();
         }
     }
@@ -133,6 +137,7 @@ mod tests {
     fn labels_are_distinct_and_valid() {
         crate::ops::metrics::family::tests::labels_are_distinct_and_valid::<EventOutcome>();
         crate::ops::metrics::family::tests::labels_are_distinct_and_valid::<Confirmation>();
+        crate::ops::metrics::family::tests::labels_are_distinct_and_valid::<Call>();
         // Event types keep Plextera's dotted names: still distinct, and bounded.
         let types: Vec<&str> = EventType::ALL.iter().map(|kind| Label::label(*kind)).collect();
         assert_eq!(types, ["workflow.run.completed", "workflow.run.failed", "other"]);

@@ -8,13 +8,16 @@
 //! - `202` `{"status":"accepted"}`: a verified run event seen for the first time; a confirming call
 //!   follows ([`crate::watch::Watches::confirm`]): the event's own body is never served as a run;
 //! - `200` `{"status":"duplicate"}`: an event id seen before ([`seen`]): nothing done;
-//! - `200` `{"status":"ignored"}`: a verified event of a type the gateway does not act on;
+//! - `200` `{"status":"ignored"}`: a verified event of a type the gateway does not act on, or a
+//!   run event that names no usable run id;
 //! - `401` `INVALID_SIGNATURE` or `STALE_TIMESTAMP`, `413` `PAYLOAD_TOO_LARGE`, `400`
 //!   `INVALID_EVENT` (verified, but not an event), `404` another path, `405` another method,
-//!   `503` `WEBHOOK_BUSY` (too many confirming calls in flight; the event is not marked seen,
-//!   so Plextera's redelivery is acted on).
+//!   `503` `WEBHOOK_BUSY` (too many bodies being read or confirming calls in flight; the event is
+//!   not marked seen, so Plextera's redelivery is acted on).
 //!
-//! Every verified event, whatever its type, tells the watchers that events flow
+//! Bodies are read by at most [`MAX_BODIES_AT_ONCE`] requests at once, each within
+//! [`BODY_READ_TIMEOUT`], so unsigned posts can pin at most that many `webhook.max_body_size`
+//! buffers. Every verified run event (duplicates included) tells the watchers that events flow
 //! ([`crate::watch::events`]).
 
 pub mod event;
@@ -44,8 +47,12 @@ use crate::watch::Watches;
 
 /// The (unsigned) header naming the event's type, read only to label refusals.
 const EVENT_TYPE_HEADER: &str = "x-plextera-event-type";
-/// Longest wait for a body to arrive once its head has.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a body to arrive once its head has (Plextera's are a few KB).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests reading their body at once; others wait up to 1 s for a turn, then get 503.
+pub const MAX_BODIES_AT_ONCE: usize = 64;
+/// How long a request waits for a body-reading slot.
+const BODY_SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Confirming calls in flight at once; past it, deliveries get 503 and are delivered again.
 pub const MAX_CONFIRMING: usize = 1024;
 /// `Retry-After` on 503 `WEBHOOK_BUSY`, in seconds.
@@ -63,6 +70,8 @@ struct Inner {
     verifier: Verifier,
     seen: SeenEvents,
     watches: Watches,
+    /// Slots for reading a body: bounds the memory unsigned posts can hold.
+    reading: Semaphore,
     confirming: Arc<Semaphore>,
     metrics: WebhookMetrics,
 }
@@ -82,6 +91,7 @@ impl Webhooks {
                 verifier: Verifier::new(secrets, config.tolerance),
                 seen: SeenEvents::default(),
                 watches,
+                reading: Semaphore::new(MAX_BODIES_AT_ONCE),
                 confirming: Arc::new(Semaphore::new(MAX_CONFIRMING)),
                 metrics,
             }),
@@ -137,6 +147,9 @@ impl Inner {
         if declared_too_large {
             return self.too_large(claimed);
         }
+        let Ok(Ok(_reading)) = tokio::time::timeout(BODY_SLOT_WAIT, self.reading.acquire()).await else {
+            return self.busy(claimed, "too many deliveries being read; deliver it again later");
+        };
         let body = match tokio::time::timeout(
             BODY_READ_TIMEOUT,
             Limited::new(body, self.max_body_size).collect(),
@@ -158,7 +171,6 @@ impl Inner {
         if let Err(refused) = self.verifier.verify(signature, &body, SystemTime::now()) {
             return self.refused(claimed, refused);
         }
-        self.watches.event_arrived();
         let Ok(event) = event::read(&body) else {
             self.metrics.event(claimed, EventOutcome::BadRequest);
             return refusal(
@@ -167,7 +179,17 @@ impl Inner {
                 "signed, but not an event: a JSON object with eventId, eventType and, for run events, data.runId",
             );
         };
+        if event.kind != EventType::Other {
+            self.watches.event_arrived();
+        }
         let Some(run) = event.run.clone() else {
+            if event.kind != EventType::Other {
+                tracing::warn!(
+                    event_id = event.id.as_str(),
+                    event_type = event.kind.name(),
+                    "a signed run event names no usable run id (data.runId): acknowledged, nothing done"
+                );
+            }
             let outcome = if self.seen.first_time(&event.id).await {
                 EventOutcome::Ignored
             } else {
@@ -177,16 +199,10 @@ impl Inner {
         };
         // A slot first, so an event refused for now is not marked seen and its redelivery counts.
         let Ok(slot) = Arc::clone(&self.confirming).try_acquire_owned() else {
-            self.metrics.event(event.kind, EventOutcome::Busy);
-            let mut response = refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "WEBHOOK_BUSY",
+            return self.busy(
+                event.kind,
                 "too many run events being confirmed; deliver it again later",
             );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_SECS));
-            return response;
         };
         if !self.seen.first_time(&event.id).await {
             return self.acknowledged(&event, EventOutcome::Duplicate);
@@ -202,9 +218,13 @@ impl Inner {
         tokio::spawn(
             async move {
                 let _slot = slot;
-                let confirmation = watches.confirm(run).await;
-                metrics.confirmed(confirmation);
-                tracing::info!(result = confirmation.label(), "run event confirmed");
+                let (confirmation, call) = watches.confirm(run).await;
+                metrics.confirmed(confirmation, call);
+                tracing::info!(
+                    result = confirmation.label(),
+                    call = call.label(),
+                    "run event confirmed"
+                );
             }
             .instrument(span),
         );
@@ -236,6 +256,15 @@ impl Inner {
         };
         self.metrics.event(claimed, outcome);
         refusal(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    fn busy(&self, kind: EventType, message: &str) -> Response<Body> {
+        self.metrics.event(kind, EventOutcome::Busy);
+        let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, "WEBHOOK_BUSY", message);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_SECS));
+        response
     }
 
     fn too_large(&self, claimed: EventType) -> Response<Body> {

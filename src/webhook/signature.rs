@@ -4,14 +4,16 @@
 //!
 //! The raw body as received is what is signed: it is verified before anything parses it. Every
 //! `v1=` value is tried against every configured secret (several secrets let one be rotated with no
-//! event refused; several `v1=` values let the sender do the same), each comparison in constant
-//! time (`ring::hmac::verify`). A value that is not 64 hex digits is no signature at all, so an empty
+//! event refused; several `v1=` values let the sender do the same): the MAC is computed once per
+//! secret (streamed over `t`, `.` and the body, no copy), so a header packed with `v1=` values
+//! costs no more than one, and each value is compared with it in constant time (`subtle`). A value that is not 64 hex digits is no signature at all, so an empty
 //! or short `v1=` is never accepted. `t` must be within the tolerance of now in both directions, so
 //! a captured event cannot be replayed later, nor one stamped in the future kept for later.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
+use subtle::ConstantTimeEq;
 
 /// The header that carries the signature.
 pub const SIGNATURE_HEADER: &str = "x-plextera-signature";
@@ -54,16 +56,18 @@ impl Verifier {
             .and_then(|header| std::str::from_utf8(header).ok())
             .ok_or(Refusal::InvalidSignature)?;
         let parsed = parse(header).ok_or(Refusal::InvalidSignature)?;
-        let mut signed = Vec::with_capacity(parsed.timestamp.len() + 1 + body.len());
-        signed.extend_from_slice(parsed.timestamp.as_bytes());
-        signed.push(b'.');
-        signed.extend_from_slice(body);
-        let matches = parsed.macs.iter().any(|mac| {
-            self.keys
-                .iter()
-                .any(|key| hmac::verify(key, &signed, mac).is_ok())
-        });
-        if !matches {
+        let mut matches = subtle::Choice::from(0);
+        for key in &self.keys {
+            let mut context = hmac::Context::with_key(key);
+            context.update(parsed.timestamp.as_bytes());
+            context.update(b".");
+            context.update(body);
+            let expected = context.sign();
+            for mac in &parsed.macs {
+                matches |= expected.as_ref().ct_eq(mac);
+            }
+        }
+        if !bool::from(matches) {
             return Err(Refusal::InvalidSignature);
         }
         // Checked after the MAC, so an unsigned request learns nothing about the clock.

@@ -626,6 +626,8 @@ pub struct GatewayProcess {
     child: Child,
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The webhook port, when `[webhook] listen` is set.
+    pub webhook: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     /// The threads reading stdout and stderr: joined once the process has exited, so every line
     /// it printed is in `logs`.
@@ -683,6 +685,9 @@ impl GatewayProcess {
         Self {
             public: addr("public_addr"),
             admin: addr("admin_addr"),
+            webhook: ready["fields"]["webhook_addr"]
+                .as_str()
+                .and_then(|text| text.parse().ok()),
             child,
             logs,
             readers,

@@ -67,6 +67,27 @@ impl Scrape {
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
     }
 
+    /// The sum of the samples of `name` whose labels include `labels` (a test failure when there
+    /// is none).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self
+            .series(name)
+            .iter()
+            .filter(|sample| {
+                labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value))
+            })
+            .map(|sample| sample.value)
+            .collect();
+        assert!(
+            !matching.is_empty(),
+            "no sample {name}{labels:?} in:\n{}",
+            self.text
+        );
+        matching.iter().sum()
+    }
+
     /// Every sample of a metric name.
     pub fn series(&self, name: &str) -> Vec<&Sample> {
         self.samples.iter().filter(|sample| sample.name == name).collect()

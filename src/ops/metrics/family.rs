@@ -129,6 +129,28 @@ pub fn counters<L: Label>(
     Ok(ByLabel::new(|label| family.with_label_values(&[label])))
 }
 
+/// Registers a counter family with two labels, whose values are `A`'s and `B`'s: one counter per
+/// pair, resolved at once.
+pub fn counter_grid<A: Label, B: Label>(
+    registry: &Registry,
+    opts: Opts,
+    label_names: [&str; 2],
+) -> prometheus::Result<ByLabel<A, ByLabel<B, IntCounter>>> {
+    let family = register(registry, IntCounterVec::new(opts, &label_names)?)?;
+    Ok(ByLabel::new(|a| {
+        ByLabel::new(|b| family.with_label_values(&[a, b]))
+    }))
+}
+
+/// The counter for `(a, b)` in a [`counter_grid`].
+pub fn grid_get<A: Label, B: Label>(
+    grid: &ByLabel<A, ByLabel<B, IntCounter>>,
+    a: A,
+    b: B,
+) -> Option<&IntCounter> {
+    grid.get(a)?.get(b)
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
