@@ -389,6 +389,47 @@ async fn an_event_nobody_waits_on_primes_the_cache_with_one_call() {
     assert_eq!(mock.count_for("run-9"), 1, "one upstream call in all");
 }
 
+#[tokio::test]
+async fn an_event_for_a_run_remembered_as_404_asks_upstream_again() {
+    let mock = MockUpstream::start().await;
+    let gateway = start(&mock, &[SECRET], |config| {
+        slow_watch(config);
+        config.cache.not_found_ttl = Duration::from_secs(600);
+    })
+    .await;
+    mock.set(
+        "run-n",
+        Reply::status(StatusCode::NOT_FOUND, r#"{"error":{"code":"NOT_FOUND"}}"#),
+    );
+    assert_eq!(gateway.get_run("run-n").await.status, StatusCode::NOT_FOUND);
+    let remembered = gateway.get_run("run-n").await;
+    assert_eq!(
+        (remembered.status, remembered.x_cache()),
+        (StatusCode::NOT_FOUND, Some("HIT")),
+        "the 404 is remembered"
+    );
+    // Plextera's read path caught up: the run exists and ended, and its event says so.
+    let ended = completed("run-n");
+    mock.set("run-n", Reply::ok(ended.clone()));
+    let response = post_event(&gateway, completed_event("evt_n", "run-n")).await;
+    assert_acknowledged(&response, StatusCode::ACCEPTED, "accepted");
+    until_confirmed(&gateway, "ended", 1).await;
+    assert_eq!(
+        mock.count_for("run-n"),
+        2,
+        "one call for the 404, one to confirm the event"
+    );
+    let after = gateway.get_run("run-n").await;
+    assert_eq!((after.status, after.x_cache()), (StatusCode::OK, Some("HIT")));
+    assert_eq!(after.body, ended);
+    let scrape = gateway.scrape().await;
+    assert_eq!(
+        scrape.expect("plextera_gateway_cache_evictions_total", &[("cause", "explicit")]),
+        1.0,
+        "the forgotten 404 counts as an explicit eviction"
+    );
+}
+
 /// `watch.poll_interval` for [`quick_watch_slow_safety_net`].
 const POLL: Duration = Duration::from_millis(100);
 
