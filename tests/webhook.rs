@@ -816,6 +816,33 @@ async fn a_body_over_max_body_size_is_refused_with_or_without_a_length() {
     until_confirmed(&gateway, "ended", 1).await;
 }
 
+/// A post with no signature (or a malformed one) is refused on its head alone: its body is never
+/// waited for, so unsigned posts cannot hold body buffers.
+#[tokio::test]
+async fn a_post_without_a_signature_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockUpstream::start().await;
+    let gateway = start(&mock, &[SECRET], slow_watch).await;
+    let webhook = gateway.webhook.expect("the webhook port");
+    for signature in ["", "x-plextera-signature: t=1,v1=abc\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(webhook).await.expect("connect");
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n{signature}\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("write the head");
+        // No body follows: the answer must not wait for it (the body timeout is 5 s).
+        let mut answer = vec![0; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut answer))
+            .await
+            .expect("answered on the head alone")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("INVALID_SIGNATURE"), "{answer}");
+    }
+    assert_eq!(outcome_total(&gateway.scrape().await, "invalid_signature"), 2.0);
+}
+
 #[tokio::test]
 async fn oversized_heads_and_signature_headers_are_refused() {
     let mock = MockUpstream::start().await;

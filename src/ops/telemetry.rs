@@ -2,6 +2,9 @@
 //!
 //! Logs go to stdout (the container convention). The default filter is `info`, which includes the
 //! one-line-per-request access log on target `plextera_gateway::access`; `RUST_LOG=warn` silences it.
+//! The `h2` crate is held to `error` unless `RUST_LOG` names it: it warns once per HTTP/2
+//! connection a client resets streams on, which any client can repeat to flood the logs (the
+//! gateway counts those closes itself).
 //! Text is coloured only when stdout is a terminal and `NO_COLOR` is unset or empty
 //! (<https://no-color.org>), so files, pipes and log collectors get plain text.
 //!
@@ -38,9 +41,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// The filter for `rust_log` (`RUST_LOG`, when set and valid; `info` otherwise), with `h2=error`
+/// unless it names `h2` itself.
+fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let (text, names_h2) = match rust_log.filter(|text| EnvFilter::try_new(text).is_ok()) {
+        Some(text) => (text, text.contains("h2")),
+        None => ("info", false),
+    };
+    let filter = EnvFilter::new(text);
+    if names_h2 {
+        return filter;
+    }
+    match "h2=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colours_wanted(
@@ -102,6 +122,15 @@ fn colours_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn h2_is_held_to_errors_unless_rust_log_names_it() {
+        let shown = |rust_log: Option<&str>| filter(rust_log).to_string();
+        assert_eq!(shown(None), "h2=error,info");
+        assert_eq!(shown(Some("debug")), "h2=error,debug");
+        assert_eq!(shown(Some("not a [valid filter")), "h2=error,info");
+        assert_eq!(shown(Some("info,h2=trace")), "h2=trace,info");
+    }
 
     #[test]
     fn lines_are_redacted_on_the_way_out() {

@@ -74,6 +74,8 @@ pub fn read(body: &[u8]) -> Result<Event, NotAnEvent> {
             .data
             .as_ref()
             .and_then(|data| data.get("runId")?.as_str())
+            // A run id as it is, not percent-decoded as a path segment would be.
+            .filter(|run_id| !run_id.contains('%'))
             .and_then(|run_id| RunId::parse(run_id).ok()),
     };
     Ok(Event {
@@ -126,6 +128,7 @@ mod tests {
             br#"{"eventId":"e","eventType":"workflow.run.completed","data":{"runId":"../admin"}}"#,
             br#"{"eventId":"e","eventType":"workflow.run.failed","data":{"runId":7}}"#,
             br#"{"eventId":"e","eventType":"workflow.run.failed","data":"run"}"#,
+            br#"{"eventId":"e","eventType":"workflow.run.failed","data":{"runId":"%41bc"}}"#,
         ] {
             let event = read(body).expect("an event");
             assert_eq!(event.run, None, "{}", String::from_utf8_lossy(body));

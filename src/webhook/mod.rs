@@ -1,7 +1,8 @@
 //! Webhook ingest: Plextera's signed run events, received on a port of their own.
 //!
 //! One route, `POST webhook.path`, and nothing else on that port, so the only thing facing the
-//! internet is a handler that reads at most `webhook.max_body_size` bytes, checks the signature
+//! internet is a handler that refuses a request without a well-formed signature header before
+//! reading its body, reads at most `webhook.max_body_size` bytes, checks the signature
 //! ([`signature`]) before anything parses the body, and answers at once: the work an event asks
 //! for runs after the answer, in a task of its own. A delivery is answered
 //!
@@ -39,7 +40,7 @@ use tracing::Instrument;
 use self::event::EventType;
 use self::metrics::{EventOutcome, WebhookMetrics};
 use self::seen::SeenEvents;
-use self::signature::{Refusal, SIGNATURE_HEADER, Verifier};
+use self::signature::{Refusal, SIGNATURE_HEADER, Signature, Verifier};
 use crate::config::WebhookConfig;
 use crate::edge::error::error_body;
 use crate::edge::response::{Body, json};
@@ -147,6 +148,12 @@ impl Inner {
         if declared_too_large {
             return self.too_large(claimed);
         }
+        // A request with no signature at all is refused before its body is read.
+        let signature = match Signature::read(parts.headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes))
+        {
+            Ok(signature) => signature,
+            Err(refused) => return self.refused(claimed, refused),
+        };
         let Ok(Ok(_reading)) = tokio::time::timeout(BODY_SLOT_WAIT, self.reading.acquire()).await else {
             return self.busy(claimed, "too many deliveries being read; deliver it again later");
         };
@@ -167,8 +174,10 @@ impl Inner {
                 );
             }
         };
-        let signature = parts.headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes);
-        if let Err(refused) = self.verifier.verify(signature, &body, SystemTime::now()) {
+        if let Err(refused) = self
+            .verifier
+            .verify_signature(&signature, &body, SystemTime::now())
+        {
             return self.refused(claimed, refused);
         }
         let Ok(event) = event::read(&body) else {

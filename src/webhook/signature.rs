@@ -51,11 +51,17 @@ impl Verifier {
 
     /// Checks `header` (the signature header's value) against `body` at `now`.
     pub fn verify(&self, header: Option<&[u8]>, body: &[u8], now: SystemTime) -> Result<(), Refusal> {
-        let header = header
-            .filter(|header| header.len() <= MAX_HEADER_LEN)
-            .and_then(|header| std::str::from_utf8(header).ok())
-            .ok_or(Refusal::InvalidSignature)?;
-        let parsed = parse(header).ok_or(Refusal::InvalidSignature)?;
+        self.verify_signature(&Signature::read(header)?, body, now)
+    }
+
+    /// Checks a signature read beforehand ([`Signature::read`]) against `body` at `now`.
+    pub fn verify_signature(
+        &self,
+        signature: &Signature<'_>,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        let parsed = &signature.0;
         let mut matches = subtle::Choice::from(0);
         for key in &self.keys {
             let mut context = hmac::Context::with_key(key);
@@ -83,6 +89,21 @@ impl Verifier {
             return Err(Refusal::StaleTimestamp);
         }
         Ok(())
+    }
+}
+
+/// A signature header that reads as one (`t=` and at least one well-formed `v1=`), not verified
+/// yet: read before the body, so a request without one is refused before its body is read.
+pub struct Signature<'a>(Parsed<'a>);
+
+impl<'a> Signature<'a> {
+    /// Reads the header's value (`None`: no header); not one, or over 2 KiB: `InvalidSignature`.
+    pub fn read(header: Option<&'a [u8]>) -> Result<Self, Refusal> {
+        let header = header
+            .filter(|header| header.len() <= MAX_HEADER_LEN)
+            .and_then(|header| std::str::from_utf8(header).ok())
+            .ok_or(Refusal::InvalidSignature)?;
+        parse(header).map(Self).ok_or(Refusal::InvalidSignature)
     }
 }
 
