@@ -61,6 +61,10 @@ const WEBHOOK_MAX_CONNECTIONS: usize = 256;
 /// HTTP/2 streams per webhook connection: deliveries come one at a time, and every stream may
 /// post a body.
 const WEBHOOK_MAX_STREAMS: u32 = 8;
+/// HTTP/2 flow-control windows on the webhook port (per stream, per connection): what a client
+/// may send ahead of what is read. hyper's defaults (2 MiB, 5 MiB) would let a post waiting for
+/// its turn to be read buffer megabytes per connection; bodies still arrive whole as they are read.
+const WEBHOOK_HTTP2_WINDOWS: (u32, u32) = (64 * 1024, 256 * 1024);
 /// HTTP/2 streams a client may reset before the server has accepted them, before the connection
 /// is closed.
 const MAX_PENDING_RESET_STREAMS: usize = 20;
@@ -110,6 +114,8 @@ struct ListenerSettings {
     limits: Limits,
     /// HTTP/2 PING interval (`None`: no PING) and the deadline for its answer.
     http2_keepalive: Option<(Duration, Duration)>,
+    /// HTTP/2 flow-control windows, per stream and per connection (`None`: hyper's).
+    http2_windows: Option<(u32, u32)>,
 }
 
 impl Gateway {
@@ -138,6 +144,7 @@ impl Gateway {
                 },
                 http2_keepalive: (!server.http2_keepalive_interval.is_zero())
                     .then_some((server.http2_keepalive_interval, server.http2_keepalive_timeout)),
+                http2_windows: None,
             },
             shutdown_delay: server.shutdown_delay,
             shutdown_grace: server.shutdown_grace,
@@ -198,6 +205,7 @@ impl Gateway {
                         max_streams: WEBHOOK_MAX_STREAMS,
                         ..self.listener.limits
                     },
+                    http2_windows: Some(WEBHOOK_HTTP2_WINDOWS),
                     ..self.listener
                 },
                 side_ports_stop,
@@ -336,6 +344,11 @@ where
             .max_header_list_size(MAX_HEAD_BYTES as u32);
         if let Some((interval, timeout)) = settings.http2_keepalive {
             http2.keep_alive_interval(interval).keep_alive_timeout(timeout);
+        }
+        if let Some((stream, connection)) = settings.http2_windows {
+            http2
+                .initial_stream_window_size(stream)
+                .initial_connection_window_size(connection);
         }
         Self {
             listener,
