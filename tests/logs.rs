@@ -277,10 +277,11 @@ async fn an_upstream_that_echoes_the_key_in_a_goaway_gets_it_redacted_from_every
             &format!("ca_file = \"{}\"", ca_file.display()),
         ),
     );
-    // At trace level h2 logs every frame it receives, the GOAWAY and its debug data included.
+    // At trace level h2 logs every frame it receives, the GOAWAY and its debug data included
+    // (h2 is held to errors unless RUST_LOG names it).
     let mut gateway = GatewayProcess::start(
         &["--config", &config],
-        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace")],
+        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace,h2=trace")],
     );
     let response = gateway.get_run("run_1").await;
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);

@@ -193,7 +193,7 @@ async fn the_key_appears_in_no_log_line_even_at_trace_level() {
     let config = write_config(dir.path(), &process_config(&mock.base_url(), ""));
     let mut gateway = GatewayProcess::start(
         &["--config", &config],
-        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace")],
+        &[("GW_TEST_KEY", TEST_KEY), ("RUST_LOG", "trace,h2=trace")],
     );
     let client = TestClient::new();
     for id in [

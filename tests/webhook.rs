@@ -1290,7 +1290,7 @@ async fn the_signing_secrets_appear_in_no_answer_log_or_metric() {
         &[
             ("GW_TEST_KEY", TEST_KEY),
             ("GW_HOOK_SECRETS", &secrets),
-            ("RUST_LOG", "trace"),
+            ("RUST_LOG", "trace,h2=trace"),
         ],
     );
     let url = format!("http://{}{PATH}", gateway.webhook.expect("the webhook port"));
