@@ -28,6 +28,7 @@ use crate::upstream::budget::Budget;
 use crate::upstream::credentials::KeyRotation;
 use crate::upstream::fetcher::Fetcher;
 use crate::watch::Watches;
+use crate::watch::fleet::Fleet;
 use crate::webhook::Webhooks;
 use secrecy::ExposeSecret;
 use tower_http::cors::CorsLayer;
@@ -77,6 +78,9 @@ impl App {
             )?),
             None => None,
         };
+        let fleet = redis
+            .clone()
+            .map(|redis| Fleet::new(redis, metrics.fleet.clone()));
         let runs = RunService::new(
             Tiers::new(store.clone(), redis),
             Fetcher::new(upstream, budget.clone(), metrics.budget.clone()),
@@ -90,6 +94,7 @@ impl App {
             config.watch.clone(),
             config.upstream.max_requests_per_second,
             config.webhook.listen.map(|_| config.webhook.safety_poll_interval),
+            fleet,
             metrics.watch.clone(),
         );
         let webhooks = match &secrets.webhook_secrets {

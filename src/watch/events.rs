@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
+use super::fleet::message::News;
 use super::snapshot::{Snapshot, State};
 use super::{Watches, request_id};
 use crate::cache::coalesce::Role;
@@ -60,6 +61,11 @@ impl Pace {
     /// Whether an event said `id` ended and no call has confirmed it yet.
     pub(super) fn expects_end(&self, id: &RunId) -> bool {
         self.expecting.contains_key(id)
+    }
+
+    /// Notes that an event said `id` ended and no call has confirmed it yet.
+    pub(super) async fn expect(&self, id: RunId) {
+        self.expecting.insert(id, ()).await;
     }
 
     fn event_arrived(&self) {
@@ -166,10 +172,19 @@ impl Watches {
             }
         };
         match confirmation {
-            Confirmation::Going | Confirmation::Failed => hub.pace.expecting.insert(id.clone(), ()).await,
+            Confirmation::Going | Confirmation::Failed => hub.pace.expect(id.clone()).await,
             Confirmation::Ended | Confirmation::Stopped => hub.pace.expecting.invalidate(&id).await,
         }
         hub.hurry(&id);
+        // The other replicas' clients, too.
+        if let Some(fleet) = &hub.fleet {
+            let news = match confirmation {
+                Confirmation::Ended => News::Ended,
+                Confirmation::Stopped => News::Stopped,
+                Confirmation::Going | Confirmation::Failed => News::Expect,
+            };
+            fleet.announce(&id, news).await;
+        }
         (confirmation, call)
     }
 }

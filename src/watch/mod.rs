@@ -19,6 +19,7 @@
 //! down to a safety net while they flow.
 
 pub mod events;
+pub mod fleet;
 pub mod long_poll;
 pub mod metrics;
 pub mod snapshot;
@@ -40,6 +41,7 @@ use tokio::sync::{Notify, watch};
 use tower::Service;
 
 use self::events::Pace;
+use self::fleet::Fleet;
 use self::metrics::{HeldKind, WatchMetrics};
 use self::snapshot::Snapshot;
 use crate::cache::etag;
@@ -78,6 +80,8 @@ struct Hub {
     shutdown: watch::Sender<bool>,
     /// Whether webhook events flow, which slows the watchers down.
     pace: Pace,
+    /// With a shared Redis tier: one watcher per run for the whole fleet.
+    fleet: Option<Arc<Fleet>>,
     metrics: WatchMetrics,
 }
 
@@ -106,6 +110,7 @@ impl Watches {
         settings: WatchConfig,
         rate: Option<f64>,
         safety_poll_interval: Option<Duration>,
+        fleet: Option<Fleet>,
         metrics: WatchMetrics,
     ) -> Self {
         metrics.set_limit(settings.max_held);
@@ -120,6 +125,7 @@ impl Watches {
                 held: AtomicUsize::new(0),
                 shutdown: watch::Sender::new(false),
                 pace: Pace::new(safety_poll_interval),
+                fleet: fleet.map(Arc::new),
                 metrics,
             }),
         }
@@ -129,6 +135,15 @@ impl Watches {
     /// streams closed cleanly), stops the watchers, and holds no new client: the gateway drains.
     pub fn shut_down(&self) {
         self.hub.shutdown.send_replace(true);
+    }
+
+    /// Whether run event `key` (a hash of its id) is seen for the first time in the whole fleet;
+    /// `true` without a shared Redis tier, or when Redis cannot say.
+    pub async fn first_event_in_fleet(&self, key: u128, kept_for: Duration) -> bool {
+        match &self.hub.fleet {
+            Some(fleet) => fleet.first_event(key, kept_for).await != Some(false),
+            None => true,
+        }
     }
 
     /// Clients held right now.
@@ -226,6 +241,18 @@ impl Hub {
         }
     }
 
+    /// Whether `id` has a watcher here.
+    fn is_watched(&self, id: &RunId) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    /// A run event said `id` ended, and no call confirmed it yet: its watcher (here, or one
+    /// started soon) polls at `watch.poll_interval` until it ends.
+    async fn expect_end(&self, id: RunId) {
+        self.pace.expect(id.clone()).await;
+        self.hurry(&id);
+    }
+
     /// Hands a state learnt outside the watcher to the run's watcher, if it has one.
     fn offer(&self, id: &RunId, snapshot: &Snapshot) {
         let channel = self.lock().get(id).map(|watched| Arc::clone(&watched.channel));
@@ -263,6 +290,9 @@ impl Hub {
                     hurry: Notify::new(),
                 });
                 self.metrics.watched_runs().inc();
+                if let Some(fleet) = &self.fleet {
+                    fleet.start(Arc::downgrade(self));
+                }
                 tokio::spawn(watcher::watch(Arc::clone(self), id.clone(), Arc::clone(&channel)));
                 Watched { channel, clients: 0 }
             });

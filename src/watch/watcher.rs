@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use super::fleet::{LEASE_MARGIN, Standing};
 use super::snapshot::Snapshot;
 use super::{Channel, Hub, request_id};
 use crate::run::id::RunId;
@@ -51,6 +52,7 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
         let mut interval = next_interval(&hub, &channel, settings.poll_interval, true);
         let mut shutdown = hub.shutdown.subscribe();
         let mut delay = next_delay(&hub, interval);
+        let mut standing = Standing::default();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -76,16 +78,40 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
                 delay = cooldown + next_delay(&hub, interval);
                 continue;
             }
+            if let Some(fleet) = &hub.fleet
+                && !fleet.may_poll(&id, &mut standing, delay).await
+            {
+                // Another replica polls this run for the fleet; its news reaches this channel.
+                delay = next_delay(&hub, interval);
+                continue;
+            }
             let (answer, _) = hub.runs.resolve(id.clone(), request_id("watch"), None).await;
-            let changed = match Snapshot::of(answer, hub.runs.statuses()) {
-                Some(snapshot) => channel.publish(snapshot),
-                None => false,
-            };
-            if channel.is_final() {
+            let snapshot = Snapshot::of(answer, hub.runs.statuses());
+            let changed = snapshot
+                .as_ref()
+                .is_some_and(|snapshot| channel.publish(snapshot.clone()));
+            let done = channel.is_final();
+            if !done {
+                interval = next_interval(&hub, &channel, interval, changed);
+                delay = next_delay(&hub, interval);
+            }
+            if let Some(fleet) = &hub.fleet {
+                fleet
+                    .after_poll(
+                        &id,
+                        &mut standing,
+                        snapshot.as_ref(),
+                        changed,
+                        delay + LEASE_MARGIN,
+                    )
+                    .await;
+            }
+            if done {
                 break;
             }
-            interval = next_interval(&hub, &channel, interval, changed);
-            delay = next_delay(&hub, interval);
+        }
+        if let Some(fleet) = &hub.fleet {
+            fleet.release(&id, &mut standing).await;
         }
         tracing::debug!("watcher stopped");
     }

@@ -199,7 +199,7 @@ impl Inner {
                     "a signed run event names no usable run id (data.runId): acknowledged, nothing done"
                 );
             }
-            let outcome = if self.seen.first_time(&event.id).await {
+            let outcome = if self.first_time(&event.id).await {
                 EventOutcome::Ignored
             } else {
                 EventOutcome::Duplicate
@@ -213,7 +213,7 @@ impl Inner {
                 "too many run events being confirmed; deliver it again later",
             );
         };
-        if !self.seen.first_time(&event.id).await {
+        if !self.first_time(&event.id).await {
             return self.acknowledged(&event, EventOutcome::Duplicate);
         }
         let watches = self.watches.clone();
@@ -238,6 +238,16 @@ impl Inner {
             .instrument(span),
         );
         self.acknowledged(&event, EventOutcome::Accepted)
+    }
+
+    /// Whether event `id` is seen for the first time: here, and (with a shared Redis tier) in the
+    /// whole fleet, so a redelivery that lands on another replica does nothing either.
+    async fn first_time(&self, id: &str) -> bool {
+        self.seen.first_time(id).await
+            && self
+                .watches
+                .first_event_in_fleet(seen::key(id), seen::KEPT_FOR)
+                .await
     }
 
     fn acknowledged(&self, event: &event::Event, outcome: EventOutcome) -> Response<Body> {

@@ -18,6 +18,11 @@ pub const KEPT_FOR: Duration = Duration::from_secs(72 * 3600);
 /// event every 2.6 s; past that, the oldest go first.
 pub const MAX_IDS: u64 = 100_000;
 
+/// What an id is remembered by, here and in the shared Redis tier.
+pub fn key(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
 /// The ids seen. Cheap to clone.
 #[derive(Clone)]
 pub struct SeenEvents {
@@ -42,8 +47,7 @@ impl SeenEvents {
 
     /// Records `id`; whether it is the first time (atomically: of two deliveries at once, one is).
     pub async fn first_time(&self, id: &str) -> bool {
-        let key = xxhash_rust::xxh3::xxh3_128(id.as_bytes());
-        self.ids.entry(key).or_insert(()).await.is_fresh()
+        self.ids.entry(key(id)).or_insert(()).await.is_fresh()
     }
 }
 

@@ -14,16 +14,22 @@ pub enum RedisOp {
     Get,
     Set,
     Lock,
+    /// Watcher leases: taking, renewing, releasing.
+    Lease,
+    /// Wake-ups published to the other replicas.
+    Publish,
 }
 
 impl Label for RedisOp {
-    const ALL: &'static [Self] = &[Self::Get, Self::Set, Self::Lock];
+    const ALL: &'static [Self] = &[Self::Get, Self::Set, Self::Lock, Self::Lease, Self::Publish];
 
     fn label(self) -> &'static str {
         match self {
             Self::Get => "get",
             Self::Set => "set",
             Self::Lock => "lock",
+            Self::Lease => "lease",
+            Self::Publish => "publish",
         }
     }
 }
@@ -67,7 +73,7 @@ impl RedisMetrics {
         let duration = histograms(
             registry,
             "shared_cache_duration_seconds",
-            "Redis call latency, by operation (get, set, lock).",
+            "Redis call latency, by operation (get, set, lock; lease and publish for watchers shared across replicas).",
             UPSTREAM_BUCKETS,
             &["op"],
         )?;

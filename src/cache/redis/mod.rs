@@ -10,6 +10,7 @@
 
 pub mod breaker;
 pub mod envelope;
+pub mod lease;
 pub mod lock;
 pub mod metrics;
 
@@ -20,6 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
 
 use self::breaker::Breaker;
+pub use self::lease::Lease;
 pub use self::lock::{Election, Lock};
 pub use self::metrics::{RedisMetrics, RedisOp, RedisWait};
 use crate::cache::CachedRun;
@@ -43,6 +45,9 @@ pub struct RedisTier {
 
 struct Inner {
     redis: ConnectionManager,
+    /// For connections of their own (pub/sub).
+    client: redis::Client,
+    lease_scripts: lease::LeaseScripts,
     prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -82,10 +87,13 @@ impl RedisTier {
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1);
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(invalid)?;
+        let redis =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config).map_err(invalid)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 redis,
+                client,
+                lease_scripts: lease::LeaseScripts::default(),
                 prefix: config.key_prefix.clone(),
                 ttl: config.ttl.unwrap_or(default_ttl),
                 timeout: config.timeout,
@@ -176,6 +184,35 @@ impl RedisTier {
                 None
             }
         }
+    }
+
+    /// Runs one script within the timeout and through the breaker; `None` on any failure.
+    pub(super) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: RedisOp,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        if self.inner.breaker.is_open() {
+            return None;
+        }
+        let mut redis = self.inner.redis.clone();
+        let started = Instant::now();
+        let outcome =
+            tokio::time::timeout(self.inner.timeout, invocation.invoke_async::<T>(&mut redis)).await;
+        self.inner.metrics.observe(op, started.elapsed());
+        let succeeded = matches!(outcome, Ok(Ok(_)));
+        self.record(succeeded);
+        outcome.ok()?.ok()
+    }
+
+    /// Whether Redis is being called (the circuit is closed).
+    pub fn is_available(&self) -> bool {
+        !self.inner.breaker.is_open()
+    }
+
+    /// The bound on every Redis call.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.inner.timeout
     }
 
     pub(super) fn record(&self, succeeded: bool) {

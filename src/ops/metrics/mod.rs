@@ -23,6 +23,7 @@ use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::upstream::budget_metrics::BudgetMetrics;
 use crate::upstream::metrics::UpstreamMetrics;
+use crate::watch::fleet::metrics::FleetMetrics;
 use crate::watch::metrics::WatchMetrics;
 use crate::webhook::metrics::WebhookMetrics;
 
@@ -43,6 +44,7 @@ pub struct Metrics {
     pub redis: RedisMetrics,
     pub connections: ConnectionMetrics,
     pub watch: WatchMetrics,
+    pub fleet: FleetMetrics,
     pub webhook: WebhookMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
@@ -90,6 +92,7 @@ impl Metrics {
             redis: RedisMetrics::new(&registry)?,
             connections: ConnectionMetrics::new(&registry)?,
             watch: WatchMetrics::new(&registry)?,
+            fleet: FleetMetrics::new(&registry)?,
             webhook: WebhookMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
