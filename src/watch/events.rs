@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
+use super::fleet::Fleet;
 use super::fleet::message::News;
 use super::snapshot::{Snapshot, State};
 use super::{Watches, request_id};
@@ -159,16 +160,16 @@ impl Watches {
         hub.runs.forget_not_found(&id).await;
         let (answer, role) = hub.runs.resolve(id.clone(), request_id("webhook"), None).await;
         let call = Call::of(&answer, role);
-        let confirmation = match Snapshot::of(answer, hub.runs.statuses()) {
+        let snapshot = Snapshot::of(answer, hub.runs.statuses());
+        let confirmation = match &snapshot {
             None => Confirmation::Failed,
             Some(snapshot) => {
-                let confirmation = match snapshot.state {
+                hub.offer(&id, snapshot);
+                match snapshot.state {
                     State::Going(_) => Confirmation::Going,
                     State::Ended(_) => Confirmation::Ended,
                     State::Stopped => Confirmation::Stopped,
-                };
-                hub.offer(&id, &snapshot);
-                confirmation
+                }
             }
         };
         match confirmation {
@@ -178,10 +179,9 @@ impl Watches {
         hub.hurry(&id);
         // The other replicas' clients, too.
         if let Some(fleet) = &hub.fleet {
-            let news = match confirmation {
-                Confirmation::Ended => News::Ended,
-                Confirmation::Stopped => News::Stopped,
-                Confirmation::Going | Confirmation::Failed => News::Expect,
+            let news = match (&snapshot, confirmation) {
+                (Some(snapshot), Confirmation::Ended | Confirmation::Stopped) => Fleet::news(snapshot),
+                _ => News::Expect,
             };
             fleet.announce(&id, news).await;
         }

@@ -1,6 +1,6 @@
 //! What replicas tell each other over Redis pub/sub about a watched run: a new version of a run
-//! still going (with its body, up to [`MAX_CARRIED_BODY`]), that it ended, that its watch stopped
-//! (404, key refused), or that an event says it should end soon.
+//! still going, or its end (each with its body, up to [`MAX_CARRIED_BODY`]), that its watch
+//! stopped (404, key refused), or that an event says it should end soon.
 //!
 //! JSON, one message per wake-up, tagged with the sending replica so it can skip its own. Only
 //! the gateway's replicas publish on the channel; a message that does not read is dropped.
@@ -32,8 +32,12 @@ pub enum News {
         content_type: Option<String>,
         body: Option<String>,
     },
-    /// The run ended: it is in the shared tier.
-    Ended,
+    /// The run ended (it is in the shared tier too); `body` as for `Going`.
+    Ended {
+        etag: Option<String>,
+        content_type: Option<String>,
+        body: Option<String>,
+    },
     /// Its watch stopped (404, another 4xx, the key refused).
     Stopped,
     /// A run event said it ended, and the confirming call did not see it yet.
@@ -69,7 +73,11 @@ mod tests {
                 content_type: Some("application/json".to_owned()),
                 body: Some("{\"id\":\"r\"}".to_owned()),
             },
-            News::Ended,
+            News::Ended {
+                etag: Some("\"strong\"".to_owned()),
+                content_type: None,
+                body: None,
+            },
             News::Stopped,
             News::Expect,
         ] {

@@ -127,7 +127,7 @@ impl Fleet {
         let Some(lease) = &standing.lease else {
             return;
         };
-        let still_ours = match snapshot.filter(|_| changed).map(|snapshot| self.news(snapshot)) {
+        let still_ours = match snapshot.filter(|_| changed).map(Self::news) {
             Some(news) => {
                 let message = self.message(id, news).encode();
                 let published = self.redis.publish_as_holder(id, lease, &message).await;
@@ -184,23 +184,31 @@ impl Fleet {
     }
 
     /// What a snapshot tells the other replicas.
-    fn news(&self, snapshot: &Snapshot) -> News {
+    pub(super) fn news(snapshot: &Snapshot) -> News {
+        let (content_type, body) = match &snapshot.answer {
+            Answer::Uncached(uncached) => (
+                uncached.response.content_type.clone(),
+                carried(&uncached.response.body),
+            ),
+            Answer::Cached { entry, .. } => (Some(entry.content_type()), carried(&entry.body())),
+            Answer::Failed(_) => (None, None),
+        };
+        let content_type = content_type
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let text = |version: &HeaderValue| version.to_str().unwrap_or_default().to_owned();
         match &snapshot.state {
-            State::Going(version) => {
-                let uncached = match &snapshot.answer {
-                    Answer::Uncached(uncached) => Some(uncached),
-                    _ => None,
-                };
-                News::Going {
-                    etag: version.to_str().unwrap_or_default().to_owned(),
-                    content_type: uncached
-                        .and_then(|uncached| uncached.response.content_type.as_ref())
-                        .and_then(|value| value.to_str().ok())
-                        .map(str::to_owned),
-                    body: uncached.and_then(|uncached| carried(&uncached.response.body)),
-                }
-            }
-            State::Ended(_) => News::Ended,
+            State::Going(version) => News::Going {
+                etag: text(version),
+                content_type,
+                body,
+            },
+            State::Ended(version) => News::Ended {
+                etag: version.as_ref().map(text),
+                content_type,
+                body,
+            },
             State::Stopped => News::Stopped,
         }
     }
@@ -246,6 +254,9 @@ impl Fleet {
                     }
                 }
                 _ = ping.tick() => {
+                    if hub.strong_count() == 0 {
+                        return Ok(());
+                    }
                     tokio::time::timeout(deadline, sink.ping::<String>())
                         .await
                         .map_err(|_| timed_out())??;
@@ -271,12 +282,19 @@ impl Fleet {
                 etag,
                 content_type,
                 body: Some(body),
-                ..
-            } => match going(&etag, content_type.as_deref(), body, hub) {
+            } => match carried_snapshot(Some(&etag), content_type.as_deref(), body, false, hub) {
                 Some(snapshot) => hub.offer(&id, &snapshot),
                 None => refetch(hub, id),
             },
-            News::Going { .. } | News::Ended | News::Stopped => refetch(hub, id),
+            News::Ended {
+                etag,
+                content_type,
+                body: Some(body),
+            } => match carried_snapshot(etag.as_deref(), content_type.as_deref(), body, true, hub) {
+                Some(snapshot) => hub.offer(&id, &snapshot),
+                None => refetch(hub, id),
+            },
+            News::Going { .. } | News::Ended { .. } | News::Stopped => refetch(hub, id),
             News::Expect => {
                 let hub = Arc::clone(hub);
                 tokio::spawn(async move { hub.expect_end(id).await });
@@ -285,16 +303,28 @@ impl Fleet {
     }
 }
 
-/// A new version carried in a message, as the snapshot a local poll would have made.
-fn going(etag: &str, content_type: Option<&str>, body: String, hub: &Hub) -> Option<Snapshot> {
-    let version = HeaderValue::from_str(etag).ok()?;
+/// A version carried in a message (`ended`: the run's end), as the snapshot a local poll would
+/// have made; `None` when the body does not say what the message does (then the run is fetched).
+fn carried_snapshot(
+    etag: Option<&str>,
+    content_type: Option<&str>,
+    body: String,
+    ended: bool,
+    hub: &Hub,
+) -> Option<Snapshot> {
+    let version = etag.and_then(|etag| HeaderValue::from_str(etag).ok());
     let body = bytes::Bytes::from(body);
     let status = crate::cache::sniff::sniff_run(&body).ok()?.status?;
     let statuses = hub.runs.statuses();
     let run_status = statuses.classify(&status);
-    if statuses.is_terminal(run_status) {
+    if statuses.is_terminal(run_status) != ended {
         return None;
     }
+    let state = if ended {
+        State::Ended(version.clone())
+    } else {
+        State::Going(version.clone()?)
+    };
     let response = UpstreamResponse {
         status: StatusCode::OK,
         content_type: content_type.and_then(|value| HeaderValue::from_str(value).ok()),
@@ -306,13 +336,13 @@ fn going(etag: &str, content_type: Option<&str>, body: String, hub: &Hub) -> Opt
     let answer = Answer::Uncached(Arc::new(Uncached {
         response,
         run_status: Some(run_status),
-        etag: Some(version.clone()),
+        etag: version,
     }));
-    Some(Snapshot::new(answer, State::Going(version)))
+    Some(Snapshot::new(answer, state))
 }
 
-/// Learns the run's state here: an ended run from the shared tier (no upstream call), anything
-/// else with a call of this replica's own.
+/// Learns the run's state here, when a message did not carry it: an ended run from the shared
+/// tier (no upstream call), anything else with a call of this replica's own.
 fn refetch(hub: &Arc<Hub>, id: RunId) {
     let hub = Arc::clone(hub);
     tokio::spawn(async move {
