@@ -221,7 +221,12 @@ impl Fleet {
                 return;
             }
             if let Err(error) = self.receive(&hub).await {
-                tracing::warn!(error = %format_args!("{:?}", error.kind()), "the fleet's Redis subscription failed: watchers poll on their own until it is back");
+                // Once per outage, not once per retry.
+                if self.subscribed.load(Ordering::Acquire) {
+                    tracing::warn!(error = %format_args!("{:?}", error.kind()), "the fleet's Redis subscription failed: watchers poll on their own until it is back");
+                } else {
+                    tracing::debug!(error = %format_args!("{:?}", error.kind()), "cannot subscribe to the fleet's wake-ups yet");
+                }
             }
             self.subscribed.store(false, Ordering::Release);
             self.metrics.subscribed.set(0);
