@@ -262,7 +262,7 @@ impl Fleet {
                     if hub.strong_count() == 0 {
                         return Ok(());
                     }
-                    tokio::time::timeout(deadline, sink.ping::<String>())
+                    tokio::time::timeout(deadline, sink.ping::<redis::Value>())
                         .await
                         .map_err(|_| timed_out())??;
                 }
