@@ -33,8 +33,11 @@ use crate::proxy::{Answer, Uncached};
 use crate::run::id::RunId;
 use crate::upstream::UpstreamResponse;
 
-/// A lease outlives its holder's next turn by this much (the turn's poll included).
-pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// A lease outlives its holder's next turn by this much. It bounds how long the runs of a holder
+/// that died go unpolled (its interval plus this, plus a follower's turn); a poll that outlasts
+/// it lets another replica take over, and the old holder, finding its lease gone at its renewal,
+/// follows: at worst one turn polled twice.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// How often the subscription is checked with a PING.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// Pause before subscribing again after the subscription failed.
