@@ -71,6 +71,23 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and nothing is answered, as a
+    /// Redis stalled by a long command or a paused VM would.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen server go on (SIGCONT): it answers what it was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits i32"));
+        nix::sys::signal::kill(pid, signal).unwrap_or_else(|error| panic!("kill -{signal}: {error}"));
+    }
+
     /// A plain client connection, for tests that look at or damage what the gateway stored.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())

@@ -61,6 +61,10 @@ pub(super) struct Standing {
     lease: Option<Lease>,
     /// Another replica held the lease at this watcher's last turn.
     following: bool,
+    /// The lease was just taken: the first poll's state is published even when it is not new
+    /// here (this replica may have seen it while another held the lease, or while its publish was
+    /// refused); receivers ignore a state they have.
+    fresh: bool,
 }
 
 impl Fleet {
@@ -103,6 +107,7 @@ impl Fleet {
                 }
                 standing.lease = Some(lease);
                 standing.following = false;
+                standing.fresh = true;
                 self.metrics.leases_held.inc();
                 true
             }
@@ -117,8 +122,9 @@ impl Fleet {
         }
     }
 
-    /// After a poll: tells the other replicas what it found when it is news (`changed`), and
-    /// keeps the lease for `ttl` more; a lease found lost is dropped (the next turn follows).
+    /// After a poll: tells the other replicas what it found when it is news (`changed`, or the
+    /// first poll with a lease just taken), and keeps the lease for `ttl` more; a lease found lost
+    /// is dropped (the next turn follows).
     pub(super) async fn after_poll(
         &self,
         id: &RunId,
@@ -130,7 +136,8 @@ impl Fleet {
         let Some(lease) = &standing.lease else {
             return;
         };
-        let still_ours = match snapshot.filter(|_| changed).map(Self::news) {
+        let news_worthy = changed || std::mem::take(&mut standing.fresh);
+        let still_ours = match snapshot.filter(|_| news_worthy).map(Self::news) {
             Some(news) => {
                 let message = self.message(id, news).encode();
                 let published = self.redis.publish_as_holder(id, lease, &message).await;
