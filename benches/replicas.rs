@@ -49,9 +49,9 @@
 //!    a survivor answered (a stream's head; a long-poll's answer, which comes with the next new
 //!    version) and kill → next new version, p50 / max; the same for the clients that stayed;
 //!    clients that saw their run end (moved and stayed); for the runs the killed replica polled,
-//!    its last poll → a survivor's first (the lease running out: the holder's interval + 5 s, then
+//!    its last poll → a survivor's first (the lease running out: the holder's interval + 2 s, then
 //!    a follower's turn); leases taken over; and the longest double-polled span as above, which
-//!    must stay under the lease TTL (INTERVAL_MS + 5 s).
+//!    must stay under the lease TTL (INTERVAL_MS + `fleet::LEASE_MARGIN`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -71,6 +71,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use plextera_gateway::config::SharedCacheConfig;
+use plextera_gateway::watch::fleet::LEASE_MARGIN;
 use support::redis_server::RedisServer;
 use support::{
     GatewayProcess, MockUpstream, Reply, TEST_KEY, TestClient, TestGateway, env_number,
@@ -87,8 +88,6 @@ const WAIT: &str = "30s";
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// A client still watching this long after its run ended has failed.
 const PATIENCE_AFTER_END: Duration = Duration::from_secs(30);
-/// How much longer than its interval a lease lives (the gateway's `fleet::LEASE_MARGIN`).
-const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() {
