@@ -1,17 +1,21 @@
-//! 10,000 clients held on one gateway process (issue 17): resident memory per held client (target
-//! ≤ 16 KiB), and the time from a run's change upstream until every held client has its answer
-//! (target: p99 ≤ one poll interval + 50 ms).
+//! Clients held on one gateway process (issue 17), and the runs they watch (issue 19): resident
+//! memory per held client (target ≤ 16 KiB), the time from a run's change upstream until every held
+//! client has its answer (target: p99 ≤ one poll interval + 50 ms), and with the clients spread
+//! over many runs, what each watched run (its watcher polling upstream) costs in memory, CPU and
+//! upstream calls.
 //!
 //! Run: `cargo bench --bench held` (builds and uses the release binary,
 //! `target/release/plextera-gateway`; GATEWAY_BIN=path uses another). Needs an open-descriptor
 //! hard limit above CLIENTS + 1,000 for HTTP/1.1 (`ulimit -Hn`): the bench and the gateway each
 //! raise their soft limit to it.
 //!
-//! For each mode in MODES, a fresh gateway process in front of a mock upstream in this process
-//! (one run, PROCESSING, at version `step` until the bench changes it; about 1 KB bodies with a
-//! ticking `computedDurationMs`; answers at once, or after LATENCY_MS) and CLIENTS clients on the
-//! same run, driven from this process's multi-thread tokio runtime (nothing pinned: on a small
-//! machine the clients share the CPUs with the gateway, and the table shows what each used):
+//! For each mode in MODES and each count in RUNS, a fresh gateway process in front of a mock
+//! upstream in this process (RUNS runs, `held-run-1` …, all PROCESSING at version `step` until the
+//! bench changes them, all at once; about 1 KB bodies with a ticking `computedDurationMs`; answers
+//! at once, or after LATENCY_MS) and CLIENTS clients spread evenly over the runs (client i on run
+//! i mod RUNS; with the default RUNS=1, all on one run), driven from this process's multi-thread
+//! tokio runtime (nothing pinned: on a small machine the clients share the CPUs with the gateway,
+//! and the table shows what each used):
 //!
 //! 1. RSS idle: VmRSS of the gateway (`/proc/<pid>/status`) after a few requests.
 //! 2. RSS with every client's connection open (64 connecting at a time), no request yet.
@@ -20,36 +24,61 @@
 //!    stream), counted by the gateway's `held_requests` gauge. Reported: (held − idle) / CLIENTS,
 //!    the figure the target is about, and its parts: the open connection (2 − 1), what a
 //!    connection keeps after a request (3 − 2: HTTP/1.1 keeps its read and write buffers) and the
-//!    hold itself (4 − 3).
-//! 5. ROUNDS changes, then the end: at a random moment within one poll interval after every client
-//!    is held, the mock moves to the next version (or ends the run); each client records when its
-//!    answer (a long-poll's 200, a stream's `run` or `end` frame) has arrived, and a long-poll
-//!    client holds again with the new version (at once, or after REHOLD_AFTER_MS). Reported per
-//!    change: when the watcher's call that saw it was answered (its own timing: within one
-//!    interval, which the watcher shortens by up to 10 % at random), the fan-out (that answer → each client's answer: the gateway's work
-//!    and the clients'), change → answer (what the target is about) as p50 / p99 / max over
-//!    clients, and the CPU time the gateway (user + system) and this process used meanwhile.
-//!    Over all changes: change → answer p50 / p99 / max. As all of a change's clients wake on one
-//!    watcher call, the p99 over many changes is the watcher's delay (p99 just under one
-//!    interval) plus the fan-out: a model drawing the one from the watcher's schedule and
-//!    the other from the fan-outs measured gives that p99, compared with the target.
+//!    hold itself (4 − 3, with RUNS > 1 the watchers too).
+//! 5. With STEADY_SECS > 0, two steady windows of that length, every client still held:
+//!    - quiet: no run changes. The window starts once the watchers have backed off (×1.5 per
+//!      answer that brings nothing new) from INTERVAL_MS to MAX_POLL_MS and made one call at
+//!      that, so each run is polled about every MAX_POLL_MS (less up to 10 %);
+//!    - changing: every run changes every CHANGE_EVERY_MS (all at the same moment; the watchers'
+//!      calls are spread by their own jitter). The window starts MAX_POLL_MS + two changes later
+//!      (every watcher is back at INTERVAL_MS by then); a watcher seeing a change polls again
+//!      INTERVAL_MS later, one seeing none 1.5 × that later.
+//!
+//!    Each reports upstream calls per second (counted by the mock), the gateway's CPU (user +
+//!    system, `/proc/<pid>/stat`) per second, per watched run per second and per call, this
+//!    process's CPU, and the gateway's RSS at its end; changing also change → answer p50 / p99 /
+//!    max (for each change made in the window and each client, its first answer carrying that
+//!    version or a later one) and how many of those skipped the version (its watcher made one call
+//!    for two changes).
+//! 6. ROUNDS changes, then the end: at a random moment within one poll interval after every client
+//!    is held, the mock moves every run to the next version (or ends them); each client records
+//!    when its answer (a long-poll's 200, a stream's `run` or `end` frame) has arrived, and a
+//!    long-poll client holds again with the new version (at once, or after REHOLD_AFTER_MS).
+//!    Reported per change: when the watchers' calls that saw it were answered (their own timing:
+//!    within one interval, which the watcher shortens by up to 10 % at random; p50 / max over
+//!    the runs when there are several), the fan-out (that answer → each client of the run's
+//!    answer: the gateway's work and the clients'), change → answer (what the target is about) as
+//!    p50 / p99 / max over clients, and the CPU time the gateway (user + system) and this process
+//!    used meanwhile. Over all changes: change → answer p50 / p99 / max. As all of a run's clients
+//!    wake on one watcher call, the p99 over many changes is the watcher's delay (p99 just under
+//!    one interval) plus the fan-out: a model drawing the one from the watcher's schedule and the
+//!    other from the fan-outs measured gives that p99, compared with the target.
 //!
 //! Targets: per held client ≤ 16 KiB; change → answer p99 ≤ INTERVAL_MS + 50 ms.
+//!
+//! RUNS may list several counts (`RUNS=1,1000,5000`), each measured in turn with the same CLIENTS;
+//! a summary table follows for each mode. When 1 is among them, each other count's RSS above idle
+//! is compared with its: the difference per extra run is what a watched run costs beyond its held
+//! clients' own cost (same clients, same connections, only spread over more runs).
 //!
 //! MODES (default `long-poll-h1,long-poll-h2,sse-h1`): `long-poll-h1` and `sse-h1`, one HTTP/1.1
 //! connection per client; `long-poll-h2` and `sse-h2`, STREAMS (100) clients per HTTP/2 (h2c)
 //! connection.
 //!
-//! Env: CLIENTS (10000), MODES, STREAMS (100), ROUNDS (5), INTERVAL_MS (1000,
-//! `watch.poll_interval`), MAX_POLL_MS (INTERVAL_MS: `watch.max_poll_interval`; the default
-//! config's 10 s lets a run that has not changed for a while be polled up to that seldom, so a
-//! change comes up to that late: not what the target is about), LATENCY_MS (0), GETS_AT_ONCE
-//! (256), REHOLD_AFTER_MS (0), ACCESS_LOG (0; 1 keeps the gateway's access log on, written to a
-//! pipe this process reads), GATEWAY_BIN.
+//! Env: CLIENTS (10000), RUNS (1; at most CLIENTS), MODES, STREAMS (100), ROUNDS (5), INTERVAL_MS
+//! (1000, `watch.poll_interval`), MAX_POLL_MS (INTERVAL_MS: `watch.max_poll_interval`; the
+//! default config's 10 s lets a run that has not changed for a while be polled up to that seldom,
+//! so a change comes up to that late: not what the target is about), STEADY_SECS (0: no steady
+//! windows), CHANGE_EVERY_MS (1300), RATE (none: `upstream.max_requests_per_second`; the watchers
+//! together then keep within 3/4 of it, each run polled at most every RUNS / (0.75 × RATE)
+//! seconds, and the plain GETs and first holds, sharing the rest, are refused and retried until
+//! they get through), LATENCY_MS (0), GETS_AT_ONCE (256), REHOLD_AFTER_MS (0), ACCESS_LOG (0; 1
+//! keeps the gateway's access log on, written to a pipe this process reads), GATEWAY_BIN.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -68,8 +97,11 @@ use support::{TestClient, env_number, raise_descriptor_limit, runs_path};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-/// The one run every client is held on.
-const RUN_ID: &str = "held-run-1";
+/// The id of run `run` (from 0): `held-run-1`, `held-run-2` …
+fn run_id(run: usize) -> String {
+    format!("held-run-{}", run + 1)
+}
+
 /// Connections being opened at once: within the gateway's listen backlog (4,096, capped by
 /// `net.core.somaxconn`); connections beyond it would be dropped and retried a second later.
 const CONNECTING_AT_ONCE: usize = 1024;
@@ -79,6 +111,8 @@ const GETTING_AT_ONCE: usize = 256;
 const PATIENCE: Duration = Duration::from_secs(120);
 /// Linux reports CPU times in these units per second (USER_HZ).
 const TICKS_PER_SECOND: f64 = 100.0;
+/// The watcher's growth of its interval while nothing changes (`src/watch/watcher.rs`).
+const BACKOFF: f64 = 1.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -128,6 +162,12 @@ struct Bench {
     rounds: u64,
     interval: Duration,
     max_interval: Duration,
+    /// Each steady window's length (zero: none).
+    steady: Duration,
+    /// How often every run changes in the changing window.
+    change_every: Duration,
+    /// `upstream.max_requests_per_second`, if any.
+    rate: Option<f64>,
     latency: Duration,
     rehold_after: Duration,
     gets_at_once: usize,
@@ -148,6 +188,14 @@ fn main() {
         rounds: env_number("ROUNDS", 5),
         interval: Duration::from_millis(interval_ms),
         max_interval: Duration::from_millis(env_number("MAX_POLL_MS", interval_ms).max(interval_ms)),
+        steady: Duration::from_secs(env_number("STEADY_SECS", 0)),
+        change_every: Duration::from_millis(env_number("CHANGE_EVERY_MS", 1300_u64).max(1)),
+        rate: std::env::var("RATE").ok().map(|rate| {
+            rate.parse::<f64>()
+                .ok()
+                .filter(|rate| *rate > 0.0)
+                .unwrap_or_else(|| panic!("RATE: not a positive number: {rate:?}"))
+        }),
         latency: Duration::from_millis(env_number("LATENCY_MS", 0)),
         rehold_after: Duration::from_millis(env_number("REHOLD_AFTER_MS", 0)),
         gets_at_once: env_number("GETS_AT_ONCE", GETTING_AT_ONCE),
@@ -155,6 +203,17 @@ fn main() {
         binary: std::env::var("GATEWAY_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plextera-gateway").to_owned()),
     };
+    let run_counts: Vec<usize> = std::env::var("RUNS")
+        .unwrap_or_else(|_| "1".to_owned())
+        .split(',')
+        .map(|runs| match runs.trim().parse() {
+            Ok(runs) if runs >= 1 && runs <= bench.clients => runs,
+            _ => panic!(
+                "RUNS: {runs:?} is not a count from 1 to CLIENTS ({})",
+                bench.clients
+            ),
+        })
+        .collect();
     let descriptors = raise_descriptor_limit();
     if descriptors < bench.clients as u64 + 1024 {
         eprintln!(
@@ -164,12 +223,19 @@ fn main() {
         );
     }
     println!(
-        "gateway {}; {} clients held on one run; watch.poll_interval {:?}, max_poll_interval {:?}; upstream \
-         answers in {:?}; access log {}; {} CPUs shared by the gateway and this load generator",
+        "gateway {}; {} clients held, spread over {} run(s); watch.poll_interval {:?}, max_poll_interval {:?}; \
+         upstream.max_requests_per_second {}; upstream answers in {:?}; access log {}; {} CPUs shared by the \
+         gateway and this load generator",
         bench.binary,
         bench.clients,
+        run_counts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" / "),
         bench.interval,
         bench.max_interval,
+        bench.rate.map_or("unset".to_owned(), |rate| rate.to_string()),
         bench.latency,
         if bench.access_log { "on" } else { "off" },
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
@@ -179,17 +245,25 @@ fn main() {
         .build()
         .expect("tokio runtime");
     for mode in modes {
-        runtime.block_on(measure(&bench, mode));
+        let summaries: Vec<Summary> = run_counts
+            .iter()
+            .map(|&runs| runtime.block_on(measure(&bench, mode, runs)))
+            .collect();
+        if summaries.len() > 1 {
+            summarise(&bench, mode, &summaries);
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// One mode
+// One mode, one count of runs
 // ---------------------------------------------------------------------------------------------
 
 /// What a client reports: the version (`step`) it was answered with, and when.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
+    /// The client's index (its run: `client % runs`).
+    client: usize,
     step: u64,
     ended: bool,
     at: Instant,
@@ -215,8 +289,8 @@ struct Shared {
 /// One change's figures.
 struct Round {
     label: String,
-    /// Change → the watcher's upstream call that saw it was answered.
-    poll: Option<Duration>,
+    /// Change → the watcher's upstream call that saw it was answered, for each run (sorted).
+    polls: Vec<Duration>,
     /// That answer → each client's answer.
     fan_out: Vec<Duration>,
     /// Change → each client's answer.
@@ -227,8 +301,55 @@ struct Round {
     own_cpu: Duration,
 }
 
-async fn measure(bench: &Bench, mode: Mode) {
-    let mock = Mock::start(bench.latency).await;
+/// One steady window's figures.
+struct Window {
+    seconds: f64,
+    /// Upstream calls answered by the mock in the window.
+    calls: usize,
+    /// The gateway's CPU time (user + system) in the window.
+    cpu: Duration,
+    /// This process's.
+    own_cpu: Duration,
+    /// The gateway's RSS at its end, KiB.
+    rss: u64,
+    /// Changes made in the window.
+    changes: usize,
+    /// For each change made in the window and each client: change → its first answer carrying
+    /// that version or a later one (sorted).
+    latencies: Vec<Duration>,
+    /// Of those, the answers carrying a later version.
+    skipped: usize,
+    /// For each answer carrying a change made in the window: the run's watcher call that brought
+    /// its version upstream → the client's answer (sorted).
+    fan_out: Vec<Duration>,
+}
+
+impl Window {
+    fn calls_per_second(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+
+    /// The gateway's CPU per watched run per second, µs.
+    fn cpu_per_run(&self, runs: usize) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.seconds / runs as f64
+    }
+}
+
+/// What one count of runs gave, for the summary.
+struct Summary {
+    runs: usize,
+    /// RSS idle, after the plain GETs, and all held, KiB.
+    idle: u64,
+    got: u64,
+    held: u64,
+    quiet: Option<Window>,
+    changing: Option<Window>,
+    /// Change → answer over every round (sorted).
+    rounds: Vec<Duration>,
+}
+
+async fn measure(bench: &Bench, mode: Mode, runs: usize) -> Summary {
+    let mock = Mock::start(bench.latency, runs).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, config_text(bench, mode, mock.addr)).expect("write the config");
@@ -241,25 +362,30 @@ async fn measure(bench: &Bench, mode: Mode) {
     };
     println!();
     println!(
-        "== {}: {} clients on {} connections, all on one run (gateway pid {})",
+        "== {}: {} clients on {} connections, {} (gateway pid {})",
         mode.name(),
         bench.clients,
         connections,
+        if runs == 1 {
+            "all on one run".to_owned()
+        } else {
+            format!(
+                "spread over {runs} runs ({} per run)",
+                spread(bench.clients, runs)
+            )
+        },
         gateway.pid()
     );
 
     // 1. Idle, after one request.
     let admin = TestClient::new();
-    let warm = admin
-        .send(Method::GET, &format!("{base}{}", runs_path(RUN_ID)), &[])
-        .await;
+    let first_run = format!("{base}{}", runs_path(&run_id(0)));
+    let warm = admin.send(Method::GET, &first_run, &[]).await;
     assert_eq!(warm.status, StatusCode::OK, "the gateway answers the run");
     let mut plain = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        admin
-            .send(Method::GET, &format!("{base}{}", runs_path(RUN_ID)), &[])
-            .await;
+        admin.send(Method::GET, &first_run, &[]).await;
         plain.push(format!("{:.1}", millis(started.elapsed())));
     }
     println!(
@@ -281,7 +407,7 @@ async fn measure(bench: &Bench, mode: Mode) {
         seen: seen_tx,
     });
     let started = Instant::now();
-    let clients = open_clients(bench, mode, gateway.public, &shared);
+    let clients = open_clients(bench, mode, runs, gateway.public, &shared);
     wait_until("every client is connected", || async {
         shared.connected.load(Ordering::Acquire) >= bench.clients
     })
@@ -314,7 +440,6 @@ async fn measure(bench: &Bench, mode: Mode) {
         got_in.as_secs_f64(),
         held_in.as_secs_f64()
     );
-    let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "gateway RSS: idle {:.1} MiB; connections open {:.1} MiB; after one GET each {:.1} MiB; all held {:.1} MiB",
         mib(rss_idle),
@@ -325,25 +450,55 @@ async fn measure(bench: &Bench, mode: Mode) {
     let per_held = per_client(rss_held.saturating_sub(rss_idle));
     println!(
         "per held client: {per_held:.1} KiB above idle (target <= 16 KiB: {}) = {:.1} KiB its share of an open \
-         connection + {:.1} KiB kept after a request + {:.1} KiB the hold",
+         connection + {:.1} KiB kept after a request + {:.1} KiB the hold{}",
         verdict(per_held <= 16.0),
         per_client(rss_bare.saturating_sub(rss_idle)),
         per_client(rss_connected.saturating_sub(rss_bare)),
         per_client(rss_held.saturating_sub(rss_connected)),
+        if runs > 1 {
+            " (with RUNS > 1, each run's own state too: see the summary)"
+        } else {
+            ""
+        },
     );
 
-    // 4. Changes, then the end.
+    // 5. Steady windows: no change, then a change every CHANGE_EVERY_MS.
+    let mut last_seen = vec![mock.step(); bench.clients];
+    let (quiet, changing) = if bench.steady.is_zero() {
+        (None, None)
+    } else {
+        let mut steady = Steady {
+            bench,
+            runs,
+            pid: gateway.pid(),
+            mock: &mock,
+            seen: &mut seen_rx,
+            last_seen: &mut last_seen,
+        };
+        let quiet = steady.window(None).await;
+        let changing = steady.window(Some(bench.change_every)).await;
+        (Some(quiet), Some(changing))
+    };
+
+    // 6. Changes, then the end.
     println!(
         "{:<7} {:>13} {:>22} {:>26} {:>22} {:>12}",
         "change", "watcher call", "fan-out", "change → answer", "gateway CPU", "bench CPU"
     );
     println!(
         "{:<7} {:>13} {:>22} {:>26} {:>22} {:>12}",
-        "", "after, ms", "p50 / p99 / max ms", "p50 / p99 / max ms", "usr+sys ms (µs/client)", "ms"
+        "",
+        if runs == 1 { "after, ms" } else { "p50/max ms" },
+        "p50 / p99 / max ms",
+        "p50 / p99 / max ms",
+        "usr+sys ms (µs/client)",
+        "ms"
     );
     let mut rounds = Vec::new();
-    for step in 1..=bench.rounds + 1 {
-        let ends = step > bench.rounds;
+    let first_step = mock.step() + 1;
+    for round in 0..=bench.rounds {
+        let ends = round == bench.rounds;
+        let step = first_step + round;
         wait_until("every client is held again", || async {
             held().await >= bench.clients
         })
@@ -365,23 +520,19 @@ async fn measure(bench: &Bench, mode: Mode) {
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
-                        "change {step}: {} of {} clients answered in time; upstream answers: {:?}",
+                        "change {}: {} of {} clients answered in time; runs whose watcher saw it: {} of {runs}",
+                        round + 1,
                         answers.len(),
                         bench.clients,
-                        mock.state
-                            .answers
-                            .lock()
-                            .expect("mock lock")
+                        mock.first_answers(step, ends, changed_at)
                             .iter()
-                            .rev()
-                            .take(5)
-                            .map(|(at, step, ended)| (at.duration_since(changed_at), step, ended))
-                            .collect::<Vec<_>>()
+                            .flatten()
+                            .count(),
                     )
                 })
                 .expect("clients report");
             if seen.ended == ends && (ends || seen.step == step) {
-                answers.push(seen.at);
+                answers.push((seen.client, seen.at));
             }
         }
         let (user, system) = cpu_times(gateway.pid());
@@ -390,32 +541,46 @@ async fn measure(bench: &Bench, mode: Mode) {
             system.saturating_sub(system_before),
         );
         let own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu_before);
-        let poll = mock.first_answer(step, ends, changed_at);
-        let mut total: Vec<Duration> = answers.iter().map(|at| at.duration_since(changed_at)).collect();
-        let mut fan_out: Vec<Duration> = poll
-            .map(|polled| {
-                answers
-                    .iter()
-                    .map(|at| at.saturating_duration_since(polled))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let firsts = mock.first_answers(step, ends, changed_at);
+        let mut polls: Vec<Duration> = firsts
+            .iter()
+            .flatten()
+            .map(|polled| polled.saturating_duration_since(changed_at))
+            .collect();
+        let mut total: Vec<Duration> = answers
+            .iter()
+            .map(|(_, at)| at.duration_since(changed_at))
+            .collect();
+        let mut fan_out: Vec<Duration> = answers
+            .iter()
+            .filter_map(|(client, at)| Some(at.saturating_duration_since(firsts[client % runs]?)))
+            .collect();
+        polls.sort_unstable();
         total.sort_unstable();
         fan_out.sort_unstable();
         let round = Round {
-            label: if ends { "end".to_owned() } else { step.to_string() },
-            poll: poll.map(|polled| polled.saturating_duration_since(changed_at)),
+            label: if ends {
+                "end".to_owned()
+            } else {
+                (round + 1).to_string()
+            },
+            polls,
             fan_out,
             total,
             cpu,
             own_cpu,
         };
+        let poll = match (round.polls.first(), round.polls.last()) {
+            (Some(&only), _) if runs == 1 => format!("{:.0}", millis(only)),
+            (Some(_), Some(&last)) => {
+                format!("{:.0}/{:.0}", millis(percentile(&round.polls, 0.5)), millis(last))
+            }
+            _ => "?".to_owned(),
+        };
         println!(
             "{:<7} {:>13} {:>22} {:>26} {:>22} {:>12.0}",
             round.label,
-            round
-                .poll
-                .map_or("?".to_owned(), |poll| format!("{:.0}", millis(poll))),
+            poll,
             three(&round.fan_out),
             three(&round.total),
             format!(
@@ -474,16 +639,362 @@ async fn measure(bench: &Bench, mode: Mode) {
             bench.max_interval
         );
     }
+    if let Some(rate) = bench.rate {
+        println!(
+            "(with upstream.max_requests_per_second {rate}, each watcher polls at most every {:.1} s: {runs} runs / \
+             (0.75 × {rate}), jittered up to 20 % longer)",
+            runs as f64 / (0.75 * rate)
+        );
+    }
     let failures = shared.failures.load(Ordering::Relaxed);
     let timeouts = shared.timeouts.load(Ordering::Relaxed);
     println!(
-        "upstream calls: {} (the watcher's, the plain GETs' and the warm-up's); failed requests {failures}, \
+        "upstream calls: {} (the watchers', the plain GETs' and the warm-up's); failed requests {failures}, \
          long-polls timed out {timeouts}",
         mock.answered()
     );
     let warnings = gateway.stop();
     for line in warnings.iter().take(5) {
         println!("gateway: {line}");
+    }
+    Summary {
+        runs,
+        idle: rss_idle,
+        got: rss_connected,
+        held: rss_held,
+        quiet,
+        changing,
+        rounds: all,
+    }
+}
+
+/// `clients` spread over `runs`: "2", or "1–2" when they do not divide evenly.
+fn spread(clients: usize, runs: usize) -> String {
+    let (fewest, most) = (clients / runs, clients.div_ceil(runs));
+    if fewest == most {
+        fewest.to_string()
+    } else {
+        format!("{fewest}–{most}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steady windows
+// ---------------------------------------------------------------------------------------------
+
+/// What a steady window needs: the gateway, the mock, and the clients' reports with what each
+/// client has seen so far.
+struct Steady<'a> {
+    bench: &'a Bench,
+    runs: usize,
+    pid: u32,
+    mock: &'a Mock,
+    seen: &'a mut mpsc::UnboundedReceiver<Seen>,
+    /// The latest version each client was answered with.
+    last_seen: &'a mut [u64],
+}
+
+/// What a steady window is waiting for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Start,
+    Change,
+    End,
+}
+
+impl Steady<'_> {
+    /// One window: `change_every` `None` leaves the runs alone (quiet), `Some` changes them all
+    /// that often (changing). Prints its line.
+    async fn window(&mut self, change_every: Option<Duration>) -> Window {
+        let bench = self.bench;
+        let settle = match change_every {
+            None => backed_off_after(bench.interval, bench.max_interval),
+            Some(every) => bench.max_interval + every * 2,
+        };
+        let begun = tokio::time::Instant::now();
+        let start = begun + settle;
+        let end = start + bench.steady;
+        let base = self.mock.step();
+        // When the mock moved to version base + 1 + i, and whether that was within the window.
+        let mut changes: Vec<(Instant, bool)> = Vec::new();
+        let mut next_change = change_every.map(|every| begun + every);
+        let mut before = None;
+        let mut window = Window {
+            seconds: bench.steady.as_secs_f64(),
+            calls: 0,
+            cpu: Duration::ZERO,
+            own_cpu: Duration::ZERO,
+            rss: 0,
+            changes: 0,
+            latencies: Vec::new(),
+            skipped: 0,
+            fan_out: Vec::new(),
+        };
+        let since = Instant::now();
+        // The answers carrying a change made in the window: run, version, when.
+        let mut answers: Vec<(usize, u64, Instant)> = Vec::new();
+        let mut ended = false;
+        loop {
+            let due = if before.is_none() {
+                [(start, Due::Start)]
+                    .into_iter()
+                    .chain(next_change.map(|at| (at, Due::Change)))
+                    .min_by_key(|(at, _)| *at)
+            } else if !ended {
+                [(end, Due::End)]
+                    .into_iter()
+                    .chain(next_change.map(|at| (at, Due::Change)))
+                    .min_by_key(|(at, _)| *at)
+            } else {
+                None
+            };
+            let Some((at, due)) = due else {
+                // The window is over: wait until every client has the last change made in it.
+                let last = base + changes.len() as u64;
+                if self.last_seen.iter().all(|&seen| seen >= last) {
+                    break;
+                }
+                let seen = tokio::time::timeout(PATIENCE, self.seen.recv())
+                    .await
+                    .expect("every client answered with the window's last change in time")
+                    .expect("clients report");
+                self.account(seen, base, &changes, &mut window, &mut answers);
+                continue;
+            };
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(at) => match due {
+                    Due::Start => {
+                        before = Some((cpu_time(self.pid), cpu_time(std::process::id()), self.mock.answered()));
+                    }
+                    Due::Change => {
+                        let step = base + changes.len() as u64 + 1;
+                        self.mock.change(step);
+                        let now = Instant::now();
+                        changes.push((now, before.is_some()));
+                        next_change = change_every.map(|every| at + every);
+                    }
+                    Due::End => {
+                        let (cpu, own_cpu, calls) = before.expect("the window started");
+                        window.cpu = cpu_time(self.pid).saturating_sub(cpu);
+                        window.own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu);
+                        window.calls = self.mock.answered() - calls;
+                        window.rss = rss_kib(self.pid);
+                        next_change = None;
+                        ended = true;
+                    }
+                },
+                seen = self.seen.recv() => {
+                    self.account(seen.expect("clients report"), base, &changes, &mut window, &mut answers);
+                }
+            }
+        }
+        window.changes = changes.iter().filter(|(_, within)| *within).count();
+        window.latencies.sort_unstable();
+        let calls = self.mock.first_calls(since);
+        window.fan_out = answers
+            .iter()
+            .filter_map(|(run, step, at)| Some(at.saturating_duration_since(*calls.get(&(*run, *step))?)))
+            .collect();
+        window.fan_out.sort_unstable();
+        self.print(&window, change_every, settle);
+        window
+    }
+
+    /// A client's answer with version `seen.step`: for each change it had not seen yet, made in
+    /// the window, change → this answer; if there was one, the answer goes to `answers`.
+    fn account(
+        &mut self,
+        seen: Seen,
+        base: u64,
+        changes: &[(Instant, bool)],
+        window: &mut Window,
+        answers: &mut Vec<(usize, u64, Instant)>,
+    ) {
+        if seen.ended || seen.step == u64::MAX {
+            return;
+        }
+        let mut carries_one = false;
+        let last = &mut self.last_seen[seen.client];
+        for step in (*last + 1).max(base + 1)..=seen.step {
+            let Some(&(changed_at, within)) = usize::try_from(step - base - 1)
+                .ok()
+                .and_then(|index| changes.get(index))
+            else {
+                continue;
+            };
+            if within {
+                carries_one = true;
+                window
+                    .latencies
+                    .push(seen.at.saturating_duration_since(changed_at));
+                if step < seen.step {
+                    window.skipped += 1;
+                }
+            }
+        }
+        *last = (*last).max(seen.step);
+        if carries_one {
+            answers.push((seen.client % self.runs, seen.step, seen.at));
+        }
+    }
+
+    fn print(&self, window: &Window, change_every: Option<Duration>, settle: Duration) {
+        let runs = self.runs;
+        let what = match change_every {
+            None => format!(
+                "quiet (no run changes; window from {:.0} s on, once the watchers are at max_poll_interval)",
+                settle.as_secs_f64()
+            ),
+            Some(every) => format!(
+                "changing (every run changes every {:.1} s; window from {:.0} s on)",
+                every.as_secs_f64(),
+                settle.as_secs_f64()
+            ),
+        };
+        println!("steady, {what}, {:.0} s:", window.seconds);
+        let calls = window.calls_per_second();
+        println!(
+            "  upstream {calls:.1} calls/s (each run every {:.2} s); gateway CPU {:.1} ms/s = {:.1} µs per watched run \
+             per second ({:.0} µs per call); bench CPU {:.1} ms/s; gateway RSS {:.1} MiB",
+            runs as f64 / calls,
+            window.cpu.as_secs_f64() * 1e3 / window.seconds,
+            window.cpu_per_run(runs),
+            window.cpu.as_secs_f64() * 1e6 / window.calls.max(1) as f64,
+            window.own_cpu.as_secs_f64() * 1e3 / window.seconds,
+            mib(window.rss),
+        );
+        if change_every.is_some() {
+            println!(
+                "  {} changes in the window: change → answer p50 / p99 / max {} ms over {} (client, change) pairs, \
+                 {:.1} % of them answered with a later version (the watcher made one call for two changes); \
+                 fan-out (the watcher's call answered → the client's answer) p50 / p99 / max {} ms",
+                window.changes,
+                three(&window.latencies),
+                window.latencies.len(),
+                window.skipped as f64 * 100.0 / window.latencies.len().max(1) as f64,
+                three(&window.fan_out),
+            );
+        }
+    }
+}
+
+/// How long a watcher polling every `interval` takes to back off to `max_interval` when nothing
+/// changes (×1.5 per call), plus one call at that: an upper bound, as each sleep is jittered
+/// shorter.
+fn backed_off_after(interval: Duration, max_interval: Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut next = interval;
+    while next < max_interval {
+        total += next;
+        next = next.mul_f64(BACKOFF).min(max_interval);
+    }
+    total + max_interval
+}
+
+/// One mode's table over its counts of runs; with RUNS=1 among them, the RSS each extra run adds.
+fn summarise(bench: &Bench, mode: Mode, summaries: &[Summary]) {
+    let baseline = summaries.iter().find(|summary| summary.runs == 1);
+    // KiB per run beyond the first: `rss` above `from`, less RUNS=1's, per extra run.
+    let per_run =
+        |summary: &Summary, rss: &dyn Fn(&Summary) -> Option<u64>, from: &dyn Fn(&Summary) -> u64| {
+            let above = |summary: &Summary| Some(rss(summary)?.saturating_sub(from(summary)) as f64);
+            match baseline {
+                Some(one) if summary.runs > 1 => match (above(summary), above(one)) {
+                    (Some(many), Some(one)) => format!("{:.1}", (many - one) / (summary.runs - 1) as f64),
+                    _ => "?".to_owned(),
+                },
+                _ => "-".to_owned(),
+            }
+        };
+    let idle = |summary: &Summary| summary.idle;
+    let window_rss = |window: &Option<Window>| window.as_ref().map(|window| window.rss);
+    let calls = |window: &Option<Window>| {
+        window.as_ref().map_or("-".to_owned(), |window| {
+            format!("{:.1}", window.calls_per_second())
+        })
+    };
+    let cpu = |window: &Option<Window>, runs: usize| {
+        window.as_ref().map_or("-".to_owned(), |window| {
+            format!("{:.1}", window.cpu_per_run(runs))
+        })
+    };
+    println!();
+    println!(
+        "== {}, {} clients: by watched runs. KiB/run: the gateway's RSS above idle (or, for the hold, above \
+         the RSS after the plain GETs), less RUNS=1's, per extra run",
+        mode.name(),
+        bench.clients
+    );
+    let header = |columns: [&str; 13]| {
+        println!(
+            "{:>6} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>20} {:>8}",
+            columns[0],
+            columns[1],
+            columns[2],
+            columns[3],
+            columns[4],
+            columns[5],
+            columns[6],
+            columns[7],
+            columns[8],
+            columns[9],
+            columns[10],
+            columns[11],
+            columns[12]
+        );
+    };
+    header([
+        "runs",
+        "clients",
+        "held RSS",
+        "KiB/run",
+        "KiB/run",
+        "quiet",
+        "quiet",
+        "KiB/run",
+        "changing",
+        "changing",
+        "KiB/run",
+        "changing: change →",
+        "rounds",
+    ]);
+    header([
+        "",
+        "per run",
+        "-idle MiB",
+        "held",
+        "the hold",
+        "calls/s",
+        "µs/run/s",
+        "quiet",
+        "calls/s",
+        "µs/run/s",
+        "changing",
+        "answer p50/p99/max",
+        "p99 ms",
+    ]);
+    for summary in summaries {
+        let runs = summary.runs;
+        println!(
+            "{:>6} {:>8} {:>9.1} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>20} {:>8.0}",
+            runs,
+            spread(bench.clients, runs),
+            mib(summary.held.saturating_sub(summary.idle)),
+            per_run(summary, &|summary| Some(summary.held), &idle),
+            per_run(summary, &|summary| Some(summary.held), &|summary| summary.got),
+            calls(&summary.quiet),
+            cpu(&summary.quiet, runs),
+            per_run(summary, &|summary| window_rss(&summary.quiet), &idle),
+            calls(&summary.changing),
+            cpu(&summary.changing, runs),
+            per_run(summary, &|summary| window_rss(&summary.changing), &idle),
+            summary
+                .changing
+                .as_ref()
+                .map_or("-".to_owned(), |window| three(&window.latencies)),
+            millis(percentile(&summary.rounds, 0.99)),
+        );
     }
 }
 
@@ -546,6 +1057,10 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
 }
 
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
@@ -578,12 +1093,15 @@ async fn held_now(admin: &TestClient, addr: SocketAddr, mode: Mode) -> usize {
 fn config_text(bench: &Bench, mode: Mode, upstream: SocketAddr) -> String {
     let max_connections = bench.clients + 1000;
     let streams = if mode.http2 { bench.streams.max(100) } else { 100 };
+    let rate = bench.rate.map_or(String::new(), |rate| {
+        format!("max_requests_per_second = {rate:?}\n")
+    });
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\
          max_connections = {max_connections}\n\
          # The clients connect, then are held: none may be closed as idle meanwhile.\n\
          header_read_timeout = \"300s\"\nhttp2_max_concurrent_streams = {streams}\n\
-         [upstream]\nbase_url = \"http://{upstream}\"\nrequest_timeout = \"5s\"\n\
+         [upstream]\nbase_url = \"http://{upstream}\"\nrequest_timeout = \"5s\"\n{rate}\
          [watch]\nmax_wait = \"600s\"\npoll_interval = \"{}ms\"\nmax_poll_interval = \"{}ms\"\nmax_held = {}\n",
         bench.interval.as_millis(),
         bench.max_interval.as_millis(),
@@ -616,10 +1134,12 @@ impl Sender {
     }
 }
 
-/// Opens every client: connections, then each client's plain GET, then its hold once told.
+/// Opens every client (client i on run i mod `runs`): connections, then each client's plain GET,
+/// then its hold once told.
 fn open_clients(
     bench: &Bench,
     mode: Mode,
+    runs: usize,
     gateway: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -628,12 +1148,19 @@ fn open_clients(
     let rehold_after = bench.rehold_after;
     let bench_gets_at_once = bench.gets_at_once.max(1);
     let per_connection = if mode.http2 { bench.streams } else { 1 };
-    let target = Target { gateway, mode };
     let mut tasks = Vec::new();
-    let mut left = bench.clients;
-    while left > 0 {
-        let clients = per_connection.min(left);
-        left -= clients;
+    let mut first = 0;
+    while first < bench.clients {
+        let clients = per_connection.min(bench.clients - first);
+        let targets: Vec<Target> = (first..first + clients)
+            .map(|client| Target {
+                gateway,
+                mode,
+                client,
+                run: client % runs,
+            })
+            .collect();
+        first += clients;
         let connecting = Arc::clone(&connecting);
         let getting = Arc::clone(&getting);
         let shared = Arc::clone(shared);
@@ -648,18 +1175,20 @@ fn open_clients(
             let _ = shared.get.subscribe().wait_for(|get| *get).await;
             let permits = u32::try_from(clients.min(bench_gets_at_once)).expect("permits");
             let permit = getting.acquire_many_owned(permits).await.expect("semaphore");
-            let firsts = futures_util::future::join_all(senders.into_iter().map(|mut sender| {
-                let shared = Arc::clone(&shared);
-                async move {
-                    let version = first_get(&mut sender, target, &shared).await;
-                    (sender, version)
-                }
-            }))
+            let firsts = futures_util::future::join_all(senders.into_iter().zip(targets).map(
+                |(mut sender, target)| {
+                    let shared = Arc::clone(&shared);
+                    async move {
+                        let version = first_get(&mut sender, target, &shared).await;
+                        (sender, target, version)
+                    }
+                },
+            ))
             .await;
             drop(permit);
             let held: Vec<_> = firsts
                 .into_iter()
-                .map(|(sender, version)| {
+                .map(|(sender, target, version)| {
                     tokio::spawn(held_client(
                         sender,
                         version,
@@ -708,17 +1237,20 @@ async fn connect(gateway: SocketAddr, http2: bool) -> Sender {
     }
 }
 
-/// Where the clients send their requests.
+/// Where a client sends its requests, and which client it is.
 #[derive(Debug, Clone, Copy)]
 struct Target {
     gateway: SocketAddr,
     mode: Mode,
+    client: usize,
+    /// Its run (from 0).
+    run: usize,
 }
 
 impl Target {
-    /// A GET of the run (`query` appended), with one more header if given.
+    /// A GET of the client's run (`query` appended), with one more header if given.
     fn request(self, query: &str, extra: Option<(http::HeaderName, HeaderValue)>) -> Request<Empty<Bytes>> {
-        let path = runs_path(RUN_ID);
+        let path = runs_path(&run_id(self.run));
         let uri = if self.mode.http2 {
             format!("http://{}{path}{query}", self.gateway)
         } else {
@@ -768,6 +1300,7 @@ async fn held_client(
             match get(&mut sender, held).await {
                 Some(answer) if answer.status == StatusCode::OK => {
                     let _ = shared.seen.send(Seen {
+                        client: target.client,
                         step: answer.step,
                         ended: answer.ended,
                         at: answer.at,
@@ -812,6 +1345,7 @@ async fn held_client(
                     let ended = memchr::memmem::find(&event, b"event: end\n").is_some();
                     if ended || memchr::memmem::find(&event, b"event: run\n").is_some() {
                         let _ = shared.seen.send(Seen {
+                            client: target.client,
                             step: step_of(&event),
                             ended,
                             at,
@@ -872,26 +1406,38 @@ fn step_of(text: &[u8]) -> u64 {
 // The mock upstream
 // ---------------------------------------------------------------------------------------------
 
-/// One run, PROCESSING at version `step` until told otherwise; records when it answered what.
+/// RUNS runs, all PROCESSING at version `step` until told otherwise; records when it answered
+/// which run with what.
 struct Mock {
     addr: SocketAddr,
     state: Arc<MockState>,
 }
 
+/// One answer of the mock: when it was ready, for which run, and the version and end it carried.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    at: Instant,
+    run: usize,
+    step: u64,
+    ended: bool,
+}
+
 struct MockState {
+    runs: usize,
     step: AtomicU64,
     ended: AtomicBool,
     born: Instant,
     latency: Duration,
-    /// When each answer was ready, and the version and end it carried.
-    answers: Mutex<Vec<(Instant, u64, bool)>>,
+    /// Every answer, in order.
+    answers: Mutex<Vec<Answered>>,
 }
 
 impl Mock {
-    async fn start(latency: Duration) -> Self {
+    async fn start(latency: Duration, runs: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the mock");
         let addr = listener.local_addr().expect("mock address");
         let state = Arc::new(MockState {
+            runs,
             step: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             born: Instant::now(),
@@ -906,9 +1452,9 @@ impl Mock {
                 };
                 let state = Arc::clone(&serving);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(state.answer().await) }
+                        async move { Ok::<_, Infallible>(state.answer(request.uri().path()).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -919,6 +1465,11 @@ impl Mock {
         Self { addr, state }
     }
 
+    /// The version every run is at.
+    fn step(&self) -> u64 {
+        self.state.step.load(Ordering::Acquire)
+    }
+
     fn change(&self, step: u64) {
         self.state.step.store(step, Ordering::Release);
     }
@@ -927,13 +1478,28 @@ impl Mock {
         self.state.ended.store(true, Ordering::Release);
     }
 
-    /// When the first answer carrying `step` (or the end) after `since` was ready.
-    fn first_answer(&self, step: u64, ended: bool, since: Instant) -> Option<Instant> {
+    /// For each run, when the first answer carrying `step` (or the end) after `since` was ready.
+    fn first_answers(&self, step: u64, ended: bool, since: Instant) -> Vec<Option<Instant>> {
         let answers = self.state.answers.lock().expect("mock lock");
-        answers
-            .iter()
-            .find(|(at, answered, end)| *at >= since && *end == ended && (ended || *answered == step))
-            .map(|(at, ..)| *at)
+        let mut firsts = vec![None; self.state.runs];
+        let from = answers.partition_point(|answer| answer.at < since);
+        for answer in &answers[from..] {
+            if answer.ended == ended && (ended || answer.step == step) {
+                firsts[answer.run].get_or_insert(answer.at);
+            }
+        }
+        firsts
+    }
+
+    /// For each run and version, when it was first answered after `since`.
+    fn first_calls(&self, since: Instant) -> HashMap<(usize, u64), Instant> {
+        let answers = self.state.answers.lock().expect("mock lock");
+        let mut firsts = HashMap::new();
+        let from = answers.partition_point(|answer| answer.at < since);
+        for answer in &answers[from..] {
+            firsts.entry((answer.run, answer.step)).or_insert(answer.at);
+        }
+        firsts
     }
 
     fn answered(&self) -> usize {
@@ -942,17 +1508,34 @@ impl Mock {
 }
 
 impl MockState {
-    async fn answer(&self) -> Response<Full<Bytes>> {
+    /// The run `path` names (`…/held-run-<n>`, n from 1 to RUNS), or 404.
+    async fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+        let run = path
+            .rsplit('/')
+            .next()
+            .and_then(|id| id.strip_prefix("held-run-"))
+            .and_then(|number| number.parse::<usize>().ok())
+            .filter(|number| (1..=self.runs).contains(number))
+            .map(|number| number - 1);
+        let Some(run) = run else {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not found\"}")));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            return response;
+        };
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
         let ended = self.ended.load(Ordering::Acquire);
         let step = self.step.load(Ordering::Acquire);
-        let body = run_body(step, ended, self.born.elapsed());
-        self.answers
-            .lock()
-            .expect("mock lock")
-            .push((Instant::now(), step, ended));
+        let body = run_body(run, step, ended, self.born.elapsed());
+        let mut answers = self.answers.lock().expect("mock lock");
+        answers.push(Answered {
+            at: Instant::now(),
+            run,
+            step,
+            ended,
+        });
+        drop(answers);
         let mut response = Response::new(Full::new(body));
         response
             .headers_mut()
@@ -961,9 +1544,10 @@ impl MockState {
     }
 }
 
-/// A run of about 1 KB like Plextera's, at version `step` (its `status` first after its `id`, so a
+/// Run `run` (from 0), of about 1 KB like Plextera's, at version `step` (its `status` first after its `id`, so a
 /// client finds it without parsing the body).
-fn run_body(step: u64, ended: bool, age: Duration) -> Bytes {
+fn run_body(run: usize, step: u64, ended: bool, age: Duration) -> Bytes {
+    let id = run_id(run);
     let status = if ended { "COMPLETED" } else { "PROCESSING" };
     let steps: Vec<String> = (0..4)
         .map(|index| {
@@ -979,7 +1563,7 @@ fn run_body(step: u64, ended: bool, age: Duration) -> Bytes {
         "null"
     };
     let body = format!(
-        r#"{{"id":"{RUN_ID}","status":"{status}","createdAt":"2025-01-01T00:00:00Z","updatedAt":"2025-01-01T00:00:01Z","startedAt":"2025-01-01T00:00:00Z","completedAt":{completed_at},"error":null,"workflow":{{"id":"wf_bench","name":"Held clients (bench)"}},"progress":{{"stepsCompleted":{step},"stepsTotal":1000}},"durationMs":null,"computedDurationMs":{},"steps":[{}]}}"#,
+        r#"{{"id":"{id}","status":"{status}","createdAt":"2025-01-01T00:00:00Z","updatedAt":"2025-01-01T00:00:01Z","startedAt":"2025-01-01T00:00:00Z","completedAt":{completed_at},"error":null,"workflow":{{"id":"wf_bench","name":"Held clients (bench)"}},"progress":{{"stepsCompleted":{step},"stepsTotal":1000}},"durationMs":null,"computedDurationMs":{},"steps":[{}]}}"#,
         age.as_millis(),
         steps.join(",")
     );

@@ -99,7 +99,14 @@ struct Channel {
     expecting_end: AtomicBool,
     /// Wakes the watcher when a run event arrives (to stop, or to poll sooner).
     hurry: Notify,
+    /// The versions the run has had lately, newest last ([`RECENT_VERSIONS`] at most): a state
+    /// carrying one of them again is older news (a wake-up from another replica, or a call that
+    /// started before a newer answer), not a change, so clients never go back.
+    recent: Mutex<std::collections::VecDeque<HeaderValue>>,
 }
+
+/// Versions a watch channel remembers so that older news is not published as new.
+const RECENT_VERSIONS: usize = 16;
 
 impl Watches {
     /// `safety_poll_interval`: the watchers' interval while webhook events flow (`None`: no
@@ -288,6 +295,7 @@ impl Hub {
                     snapshot: watch::Sender::new(seed.clone()),
                     expecting_end: AtomicBool::new(self.pace.expects_end(id)),
                     hurry: Notify::new(),
+                    recent: Mutex::new(seed.version().into_iter().cloned().collect()),
                 });
                 self.metrics.watched_runs().inc();
                 if let Some(fleet) = &self.fleet {
@@ -373,10 +381,22 @@ impl Channel {
     /// Publishes `snapshot` when it is a new state (a new version, the end, a stop); returns
     /// whether it was.
     fn publish(&self, snapshot: Snapshot) -> bool {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.snapshot.send_if_modified(|current| {
-            // Nothing follows a final state.
-            let new = !current.is_final() && current.state != snapshot.state;
+            // Nothing follows a final state, and a version seen before is no news.
+            let older =
+                matches!(&snapshot.state, snapshot::State::Going(version) if recent.contains(version));
+            let new = !current.is_final() && current.state != snapshot.state && !older;
             if new {
+                if let snapshot::State::Going(version) = &snapshot.state {
+                    if recent.len() == RECENT_VERSIONS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(version.clone());
+                }
                 *current = snapshot;
             }
             new
@@ -385,6 +405,11 @@ impl Channel {
 
     fn is_final(&self) -> bool {
         self.snapshot.borrow().is_final()
+    }
+
+    /// The latest state as the fleet compares it.
+    fn state_key(&self) -> String {
+        fleet::state_key(&self.snapshot.borrow())
     }
 
     fn expects_end(&self) -> bool {

@@ -79,7 +79,9 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
                 continue;
             }
             if let Some(fleet) = &hub.fleet
-                && !fleet.may_poll(&id, &mut standing, delay).await
+                && !fleet
+                    .may_poll(&id, &mut standing, &channel.state_key(), delay)
+                    .await
             {
                 // Another replica polls this run for the fleet; its news reaches this channel.
                 delay = next_delay(&hub, interval);
@@ -97,13 +99,7 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
             }
             if let Some(fleet) = &hub.fleet {
                 fleet
-                    .after_poll(
-                        &id,
-                        &mut standing,
-                        snapshot.as_ref(),
-                        changed,
-                        delay + LEASE_MARGIN,
-                    )
+                    .after_poll(&id, &mut standing, snapshot.as_ref(), delay + LEASE_MARGIN)
                     .await;
             }
             if done {

@@ -199,7 +199,8 @@ impl Inner {
                     "a signed run event names no usable run id (data.runId): acknowledged, nothing done"
                 );
             }
-            let outcome = if self.first_time(&event.id).await {
+            // Not acted on: remembered by this replica only (no key in the shared tier for it).
+            let outcome = if self.seen.first_time(&event.id).await {
                 EventOutcome::Ignored
             } else {
                 EventOutcome::Duplicate

@@ -5,7 +5,9 @@
 //! renewing, publishing and releasing are Lua scripts that act only while the key still holds the
 //! caller's token (compare-and-set), so a holder that lost its lease (it expired while the holder
 //! was paused or cut off, and another replica took it) can neither extend it nor publish: the
-//! token is the fence. Every call goes through the tier's timeout and circuit breaker; `None`
+//! token is the fence. A publish also records the run's state it announced under
+//! `<prefix>ver:<run>`, and a replica that finds the lease held elsewhere reads it in the same
+//! script: pub/sub delivers at most once, so a follower that missed a message sees it is behind. Every call goes through the tier's timeout and circuit breaker; `None`
 //! means Redis could not say.
 
 use std::time::Duration;
@@ -21,8 +23,23 @@ pub struct Lease {
     token: String,
 }
 
+/// How long the last announced state of a run is kept.
+const ANNOUNCED_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// What trying to take a lease found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Take {
+    /// Taken: this replica polls the run now.
+    Taken(Lease),
+    /// Another replica holds it; the state it last announced, if any.
+    HeldElsewhere(Option<String>),
+    /// Redis could not say.
+    Unknown,
+}
+
 /// The scripts, compiled once (Redis caches them by their SHA).
 pub(super) struct LeaseScripts {
+    take: Script,
     renew: Script,
     publish: Script,
 }
@@ -30,11 +47,14 @@ pub(super) struct LeaseScripts {
 impl Default for LeaseScripts {
     fn default() -> Self {
         Self {
+            take: Script::new(
+                "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 else return redis.call('get', KEYS[2]) or 0 end",
+            ),
             renew: Script::new(
                 "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
             ),
             publish: Script::new(
-                "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('publish', ARGV[2], ARGV[3]); return 1 else return 0 end",
+                "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('publish', ARGV[2], ARGV[3]); redis.call('set', KEYS[2], ARGV[4], 'PX', ARGV[5]); return 1 else return 0 end",
             ),
         }
     }
@@ -49,24 +69,32 @@ impl RedisTier {
         format!("{}watch:{id}", self.inner.prefix)
     }
 
+    fn announced_key(&self, id: &RunId) -> String {
+        format!("{}ver:{id}", self.inner.prefix)
+    }
+
     /// The channel every replica's wake-ups go through.
     pub fn wakeup_channel(&self) -> String {
         format!("{}wakeups", self.inner.prefix)
     }
 
-    /// Takes `id`'s lease for `ttl` if no replica holds it: `Some(Some(lease))` taken,
-    /// `Some(None)` held by another, `None` Redis could not say.
-    pub async fn take_lease(&self, id: &RunId, ttl: Duration) -> Option<Option<Lease>> {
+    /// Takes `id`'s lease for `ttl` if no replica holds it; otherwise reads the state its holder
+    /// last announced.
+    pub async fn take_lease(&self, id: &RunId, ttl: Duration) -> Take {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let command = redis::cmd("SET")
-            .arg(self.lease_key(id))
+        let mut invocation = self.inner.lease_scripts.take.key(self.lease_key(id));
+        invocation
+            .key(self.announced_key(id))
             .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .clone();
-        let taken: Option<String> = self.call(RedisOp::Lease, &command).await?;
-        Some(taken.map(|_| Lease { token }))
+            .arg(millis(ttl));
+        match self.invoke::<redis::Value>(RedisOp::Lease, &invocation).await {
+            Some(redis::Value::Int(1)) => Take::Taken(Lease { token }),
+            Some(redis::Value::BulkString(state)) => {
+                Take::HeldElsewhere(Some(String::from_utf8_lossy(&state).into_owned()))
+            }
+            Some(_) => Take::HeldElsewhere(None),
+            None => Take::Unknown,
+        }
     }
 
     /// Extends `lease` to `ttl` from now: `Some(false)` when it is no longer ours.
@@ -77,14 +105,23 @@ impl RedisTier {
         Some(renewed == 1)
     }
 
-    /// Publishes `message` on the wake-up channel, only while `lease` is still ours:
-    /// `Some(false)` when it is not (nothing was published).
-    pub async fn publish_as_holder(&self, id: &RunId, lease: &Lease, message: &[u8]) -> Option<bool> {
+    /// Publishes `message`, announcing `state`, on the wake-up channel, only while `lease` is
+    /// still ours: `Some(false)` when it is not (nothing was published).
+    pub async fn publish_as_holder(
+        &self,
+        id: &RunId,
+        lease: &Lease,
+        state: &str,
+        message: &[u8],
+    ) -> Option<bool> {
         let mut invocation = self.inner.lease_scripts.publish.key(self.lease_key(id));
         invocation
+            .key(self.announced_key(id))
             .arg(&lease.token)
             .arg(self.wakeup_channel())
-            .arg(message);
+            .arg(message)
+            .arg(state)
+            .arg(ANNOUNCED_TTL_MS);
         let published: i64 = self.invoke(RedisOp::Publish, &invocation).await?;
         Some(published == 1)
     }
@@ -116,7 +153,7 @@ impl RedisTier {
             .arg("PX")
             .arg(millis(kept_for))
             .clone();
-        let set: Option<String> = self.call(RedisOp::Lock, &command).await?;
+        let set: Option<String> = self.call(RedisOp::Event, &command).await?;
         Some(set.is_some())
     }
 

@@ -18,10 +18,19 @@ pub enum RedisOp {
     Lease,
     /// Wake-ups published to the other replicas.
     Publish,
+    /// Webhook event ids marked seen for the fleet.
+    Event,
 }
 
 impl Label for RedisOp {
-    const ALL: &'static [Self] = &[Self::Get, Self::Set, Self::Lock, Self::Lease, Self::Publish];
+    const ALL: &'static [Self] = &[
+        Self::Get,
+        Self::Set,
+        Self::Lock,
+        Self::Lease,
+        Self::Publish,
+        Self::Event,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -30,6 +39,7 @@ impl Label for RedisOp {
             Self::Lock => "lock",
             Self::Lease => "lease",
             Self::Publish => "publish",
+            Self::Event => "event",
         }
     }
 }
@@ -73,7 +83,7 @@ impl RedisMetrics {
         let duration = histograms(
             registry,
             "shared_cache_duration_seconds",
-            "Redis call latency, by operation (get, set, lock; lease and publish for watchers shared across replicas).",
+            "Redis call latency, by operation (get, set, lock; lease and publish for watchers shared across replicas; event for webhook event ids).",
             UPSTREAM_BUCKETS,
             &["op"],
         )?;

@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
 
 use self::breaker::Breaker;
-pub use self::lease::Lease;
+pub use self::lease::{Lease, Take};
 pub use self::lock::{Election, Lock};
 pub use self::metrics::{RedisMetrics, RedisOp, RedisWait};
 use crate::cache::CachedRun;

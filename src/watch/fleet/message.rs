@@ -46,7 +46,7 @@ pub enum News {
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_vec(self).expect("a message of strings always serializes")
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {

@@ -13,6 +13,7 @@ pub struct FleetMetrics {
     pub published: IntCounter,
     pub received: IntCounter,
     pub fallbacks: IntCounter,
+    pub catch_ups: IntCounter,
     pub subscribed: IntGauge,
 }
 
@@ -40,6 +41,10 @@ impl FleetMetrics {
             fallbacks: counter(
                 "fleet_fallbacks_total",
                 "Polls a watcher made on its own because Redis could not coordinate (unreachable, slow, or the subscription down): more upstream calls, never a wrong answer.",
+            )?,
+            catch_ups: counter(
+                "fleet_catch_ups_total",
+                "Polls a following replica made because the lease holder had announced a state it had not received (a lost wake-up).",
             )?,
             subscribed: gauge(
                 "fleet_subscribed",

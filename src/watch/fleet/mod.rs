@@ -28,7 +28,7 @@ use self::message::{Message, News, carried};
 use self::metrics::FleetMetrics;
 use super::snapshot::{Snapshot, State};
 use super::{Hub, request_id};
-use crate::cache::redis::{Lease, RedisTier};
+use crate::cache::redis::{Lease, RedisTier, Take};
 use crate::proxy::{Answer, Uncached};
 use crate::run::id::RunId;
 use crate::upstream::UpstreamResponse;
@@ -61,10 +61,20 @@ pub(super) struct Standing {
     lease: Option<Lease>,
     /// Another replica held the lease at this watcher's last turn.
     following: bool,
-    /// The lease was just taken: the first poll's state is published even when it is not new
-    /// here (this replica may have seen it while another held the lease, or while its publish was
-    /// refused); receivers ignore a state they have.
-    fresh: bool,
+    /// The state this holder last announced to the fleet ([`state_key`]); `None` since it took
+    /// the lease. A polled state that differs is published, whether or not it was new here (this
+    /// replica may have learnt it from a client's request, from another holder, or while a
+    /// publish failed); receivers ignore a state they have.
+    announced: Option<String>,
+}
+
+/// A run's state as the fleet compares it: its version while going, else `ended` or `stopped`.
+pub(super) fn state_key(snapshot: &Snapshot) -> String {
+    match &snapshot.state {
+        State::Going(version) => version.to_str().unwrap_or_default().to_owned(),
+        State::Ended(_) => "ended".to_owned(),
+        State::Stopped => "stopped".to_owned(),
+    }
 }
 
 impl Fleet {
@@ -89,9 +99,17 @@ impl Fleet {
         self.subscribed.load(Ordering::Acquire) && self.redis.is_available()
     }
 
-    /// Whether the watcher of `id` polls this turn: it holds or takes the lease, or Redis cannot
-    /// coordinate; `false` while another replica holds it. `interval`: the watcher's interval.
-    pub(super) async fn may_poll(&self, id: &RunId, standing: &mut Standing, interval: Duration) -> bool {
+    /// Whether the watcher of `id` polls this turn: it holds or takes the lease, Redis cannot
+    /// coordinate, or the holder announced a state other than `current` (this replica's): a
+    /// wake-up was lost, so it catches up with a poll of its own; `false` while another replica
+    /// holds the lease and this one is up to date. `interval`: the watcher's interval.
+    pub(super) async fn may_poll(
+        &self,
+        id: &RunId,
+        standing: &mut Standing,
+        current: &str,
+        interval: Duration,
+    ) -> bool {
         if !self.coordinates() {
             self.metrics.fallbacks.inc();
             return true;
@@ -100,49 +118,59 @@ impl Fleet {
             return true;
         }
         match self.redis.take_lease(id, interval + LEASE_MARGIN).await {
-            Some(Some(lease)) => {
+            Take::Taken(lease) => {
                 if standing.following {
                     self.metrics.lease_takeovers.inc();
                     tracing::info!(run_id = id.as_str(), "took over the watcher lease");
                 }
                 standing.lease = Some(lease);
                 standing.following = false;
-                standing.fresh = true;
+                standing.announced = None;
                 self.metrics.leases_held.inc();
                 true
             }
-            Some(None) => {
+            Take::HeldElsewhere(announced) => {
                 standing.following = true;
-                false
+                let behind = announced.is_some_and(|announced| announced != current);
+                if behind {
+                    self.metrics.catch_ups.inc();
+                    tracing::debug!(
+                        run_id = id.as_str(),
+                        "behind the holder's last announcement: polling once"
+                    );
+                }
+                behind
             }
-            None => {
+            Take::Unknown => {
                 self.metrics.fallbacks.inc();
                 true
             }
         }
     }
 
-    /// After a poll: tells the other replicas what it found when it is news (`changed`, or the
-    /// first poll with a lease just taken), and keeps the lease for `ttl` more; a lease found lost
-    /// is dropped (the next turn follows).
+    /// After a poll: tells the other replicas what it found when it is not what this holder last
+    /// announced, and keeps the lease for `ttl` more; a lease found lost is dropped (the next turn
+    /// follows).
     pub(super) async fn after_poll(
         &self,
         id: &RunId,
         standing: &mut Standing,
         snapshot: Option<&Snapshot>,
-        changed: bool,
         ttl: Duration,
     ) {
         let Some(lease) = &standing.lease else {
             return;
         };
-        let news_worthy = changed || std::mem::take(&mut standing.fresh);
-        let still_ours = match snapshot.filter(|_| news_worthy).map(Self::news) {
-            Some(news) => {
-                let message = self.message(id, news).encode();
-                let published = self.redis.publish_as_holder(id, lease, &message).await;
+        let news = snapshot
+            .map(|snapshot| (state_key(snapshot), snapshot))
+            .filter(|(key, _)| standing.announced.as_ref() != Some(key));
+        let still_ours = match news {
+            Some((key, snapshot)) => {
+                let message = self.message(id, Self::news(snapshot)).encode();
+                let published = self.redis.publish_as_holder(id, lease, &key, &message).await;
                 if published == Some(true) {
                     self.metrics.published.inc();
+                    standing.announced = Some(key);
                 }
                 published != Some(false)
             }
@@ -233,9 +261,9 @@ impl Fleet {
             if let Err(error) = self.receive(&hub).await {
                 // Once per outage, not once per retry.
                 if self.subscribed.load(Ordering::Acquire) {
-                    tracing::warn!(error = %format_args!("{:?}", error.kind()), "the fleet's Redis subscription failed: watchers poll on their own until it is back");
+                    tracing::warn!(error = ?error.kind(), "the fleet's Redis subscription failed: watchers poll on their own until it is back");
                 } else {
-                    tracing::debug!(error = %format_args!("{:?}", error.kind()), "cannot subscribe to the fleet's wake-ups yet");
+                    tracing::debug!(error = ?error.kind(), "cannot subscribe to the fleet's wake-ups yet");
                 }
             }
             self.subscribed.store(false, Ordering::Release);
