@@ -1298,3 +1298,292 @@ async fn a_version_only_a_fenced_holder_saw_still_reaches_the_followers_when_it_
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. What the holder announces, lost wake-ups, older news
+// ---------------------------------------------------------------------------------------------
+
+const CATCH_UPS: &str = "plextera_gateway_fleet_catch_ups_total";
+
+fn announced_key() -> String {
+    format!("{PREFIX}ver:{RUN}")
+}
+
+fn wakeup_channel() -> String {
+    format!("{PREFIX}wakeups")
+}
+
+/// Upstream calls for the run since `from` whose `x-request-id` starts with `who` (`watch-`: a
+/// watcher's poll; `fleet-`: a replica fetching a run a wake-up did not carry).
+fn calls_by(mock: &MockUpstream, who: &str, from: Instant) -> usize {
+    let path = runs_path(RUN);
+    mock.requests()
+        .iter()
+        .filter(|request| {
+            request.target == path
+                && request.at >= from
+                && request
+                    .headers
+                    .get("x-request-id")
+                    .and_then(|id| id.to_str().ok())
+                    .is_some_and(|id| id.starts_with(who))
+        })
+        .count()
+}
+
+/// `SET key value PX ttl` on the test Redis.
+async fn redis_set(redis: &RedisServer, key: &str, value: &str, ttl: Duration) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(u64::try_from(ttl.as_millis()).expect("fits"))
+        .query_async(&mut redis.client().await)
+        .await
+        .expect("SET");
+}
+
+/// How many things a client was given so far.
+fn given_count(client: &Client) -> usize {
+    client.given.borrow().got.len()
+}
+
+/// The holder's channel learns version 2 from a client's request (a long-poll holding it), not
+/// from its own poll: its next poll then finds nothing new here, yet the fleet has never been told.
+/// The holder must announce it (what it polled differs from what it last announced), and the
+/// follower's clients get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_the_holder_learns_from_a_client_reaches_the_other_replicas() {
+    // Long, so the order is certain: the client's request comes right after one of A's polls and
+    // well before the next.
+    const POLL: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start(&[]);
+    let mock = MockUpstream::start().await;
+    mock.set(RUN, Reply::ok(body(1)));
+    let a = TestGateway::start_with(replica_config(&mock, &redis, POLL)).await;
+    let b = TestGateway::start_with(replica_config(&mock, &redis, POLL)).await;
+    let on_a = long_poll(a.public, &version(1), usize::MAX, "long-poll on A");
+    until_held(a.admin, 1, 0).await;
+    assert_eq!(holder(&[a.admin, b.admin]).await, 0);
+    let on_b = [
+        long_poll(b.public, &version(1), usize::MAX, "long-poll on B"),
+        stream(b.public, "stream on B"),
+    ];
+    until_held(b.admin, 1, 1).await;
+    until_each(&[b.admin], SUBSCRIBED, 1.0).await;
+    until_turn(b.admin, 0.0).await;
+    assert_eq!(metric(b.admin, LEASES).await, 0.0, "B follows");
+    let published = metric(a.admin, PUBLISHED).await;
+    let received = metric(b.admin, RECEIVED).await;
+
+    // Right after one of A's polls, upstream moves to version 2 and a client on A asks for it.
+    let calls = lease_calls(a.admin).await;
+    until_turn(a.admin, calls).await;
+    let after_poll = lease_calls(a.admin).await;
+    mock.set(RUN, Reply::ok(body(2)));
+    let plain = TestClient::new()
+        .send(
+            Method::GET,
+            &format!("http://{}{}", a.public, runs_path(RUN)),
+            &[],
+        )
+        .await;
+    assert_eq!(plain.status, StatusCode::OK);
+    let v2 = plain.header("etag").expect("a version").to_owned();
+    assert_eq!(v2, version(2));
+    let knows_v2 = long_poll(a.public, &v2, usize::MAX, "long-poll on A holding version 2");
+    // A's channel has version 2 now, from that request: its own client is given it at once.
+    let learnt = on_a.saw(&v2).await;
+    until_held(a.admin, 2, 0).await;
+    assert_eq!(
+        lease_calls(a.admin).await,
+        after_poll,
+        "the scenario: A's channel learnt version 2 before A's next poll"
+    );
+    assert_eq!(
+        metric(a.admin, PUBLISHED).await,
+        published,
+        "nothing announced before A's next poll"
+    );
+    for client in &on_b {
+        assert!(!client.has_seen(&v2), "{}: given version 2 already", client.name);
+    }
+
+    // A's next poll finds version 2, not new on A but never announced: B's clients must get it.
+    for client in &on_b {
+        let took = lag(client.saw(&v2).await, learnt);
+        eprintln!(
+            "{}: given version 2 {took:?} after A's channel learnt it",
+            client.name
+        );
+    }
+    assert_eq!(
+        metric(a.admin, PUBLISHED).await,
+        published + 1.0,
+        "A announced version 2 once"
+    );
+    assert_eq!(metric(b.admin, RECEIVED).await, received + 1.0);
+    assert_eq!(metric(b.admin, CATCH_UPS).await, 0.0, "B had no need to catch up");
+    assert!(
+        !knows_v2.has_seen(&v2),
+        "the client holding version 2 is still held"
+    );
+
+    until_held(b.admin, 1, 1).await;
+    mock.set(RUN, Reply::ok(completed(RUN)));
+    for client in on_b.iter().chain([&on_a, &knows_v2]) {
+        client.ended().await;
+    }
+    on_b[0].assert_given(&[2]);
+    on_b[1].assert_given(&[1, 2]);
+    on_a.assert_given(&[2]);
+    knows_v2.assert_given(&[]);
+}
+
+/// The holder announced version 2 and B never received the wake-up (pub/sub delivers at most
+/// once). B sees at its next turn that the holder's last announcement is not what it has, polls
+/// once by itself, and its clients get version 2. The holder here is a token set in Redis that no
+/// replica holds, so every watcher call upstream is B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_a_wake_up_catches_up_on_its_next_turn() {
+    const POLL: Duration = Duration::from_millis(200);
+    const HELD_ELSEWHERE: Duration = Duration::from_secs(60);
+    let redis = RedisServer::start(&[]);
+    let mock = MockUpstream::start().await;
+    mock.set(RUN, Reply::ok(body(1)));
+    redis_set(&redis, &lease_key(), "another-replica", HELD_ELSEWHERE).await;
+    redis_set(&redis, &announced_key(), &version(1), HELD_ELSEWHERE).await;
+    let b = TestGateway::start_with(replica_config(&mock, &redis, POLL)).await;
+    let on_b = [
+        long_poll(b.public, &version(1), usize::MAX, "long-poll on B"),
+        stream(b.public, "stream on B"),
+    ];
+    until_held(b.admin, 1, 1).await;
+    until_each(&[b.admin], SUBSCRIBED, 1.0).await;
+    // A turn through the lease: B follows (any poll of its own before, while it was not yet
+    // subscribed, is over).
+    until_turn(b.admin, 0.0).await;
+    assert_eq!(metric(b.admin, LEASES).await, 0.0, "B follows");
+
+    // Up to date with the holder's announcement: B makes no call of its own, turn after turn.
+    let quiet = Instant::now();
+    for _ in 0..3 {
+        until_turn(b.admin, lease_calls(b.admin).await).await;
+    }
+    assert_eq!(calls_by(&mock, "watch-", quiet), 0, "B polled while up to date");
+    assert_eq!(metric(b.admin, CATCH_UPS).await, 0.0);
+
+    // Upstream moves to version 2; the holder announced it, and B lost the wake-up.
+    mock.set(RUN, Reply::ok(body(2)));
+    redis_set(&redis, &announced_key(), &version(2), HELD_ELSEWHERE).await;
+    let announced = Instant::now();
+    eventually("B catches up", || async {
+        metric(b.admin, CATCH_UPS).await >= 1.0
+    })
+    .await;
+    for client in &on_b {
+        let took = lag(client.saw(&version(2)).await, announced);
+        eprintln!("{}: given version 2 {took:?} after the announcement", client.name);
+        assert!(
+            took <= POLL + Duration::from_secs(1),
+            "{}: given version 2 {took:?} after the announcement (B polls every {POLL:?})",
+            client.name
+        );
+    }
+    assert!(
+        calls_by(&mock, "watch-", announced) >= 1,
+        "B's watcher polled upstream itself"
+    );
+    // Once: up to date again, it follows without calls.
+    until_held(b.admin, 1, 1).await;
+    for _ in 0..3 {
+        until_turn(b.admin, lease_calls(b.admin).await).await;
+    }
+    assert_eq!(metric(b.admin, CATCH_UPS).await, 1.0, "one catch-up");
+    assert_eq!(calls_by(&mock, "watch-", announced), 1, "one poll of B's own");
+    assert_eq!(metric(b.admin, LEASES).await, 0.0, "B still follows");
+    assert_eq!(metric(b.admin, RECEIVED).await, 0.0, "no wake-up reached B");
+
+    // The holder announces the end, lost too: B catches up with that as well.
+    mock.set(RUN, Reply::ok(completed(RUN)));
+    redis_set(&redis, &announced_key(), "ended", HELD_ELSEWHERE).await;
+    for client in &on_b {
+        client.ended().await;
+    }
+    on_b[0].assert_given(&[2]);
+    on_b[1].assert_given(&[1, 2]);
+    assert_eq!(metric(b.admin, CATCH_UPS).await, 2.0);
+}
+
+/// A wake-up carrying a version the replica's clients are past (a made-up replica's, well
+/// formed) is older news: B counts it, but its clients holding version 2 are not given version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_version_from_the_fleet_never_sends_clients_back() {
+    const POLL: Duration = Duration::from_millis(150);
+    let redis = RedisServer::start(&[]);
+    let mock = MockUpstream::start().await;
+    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, POLL, POLL).await;
+    // A keeps a client, so it keeps watching once its first one was answered.
+    let _stream_a = stream(a.public, "stream on A");
+    until_held(a.admin, 1, 1).await;
+    mock.set(RUN, Reply::ok(body(2)));
+    on_a.saw(&version(2)).await;
+    for client in &on_b {
+        client.saw(&version(2)).await;
+    }
+    // B's long-poll is back, holding version 2.
+    until_held(b.admin, 1, 1).await;
+    let given: Vec<usize> = on_b.iter().map(given_count).collect();
+    let received = metric(b.admin, RECEIVED).await;
+    let forged = Instant::now();
+
+    let message = serde_json::json!({
+        "from": "a-replica-that-does-not-exist",
+        "run": RUN,
+        "kind": "going",
+        "etag": version(1),
+        "content_type": "application/json",
+        "body": std::str::from_utf8(&body(1)).expect("UTF-8"),
+    })
+    .to_string();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(wakeup_channel())
+        .arg(message)
+        .query_async(&mut redis.client().await)
+        .await
+        .expect("PUBLISH");
+    assert_eq!(receivers, 2, "both replicas are subscribed");
+    eventually("B receives the wake-up", || async {
+        metric(b.admin, RECEIVED).await == received + 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (client, before) in on_b.iter().zip(&given) {
+        assert_eq!(
+            given_count(client),
+            *before,
+            "{}: given something after the older wake-up: {:?}",
+            client.name,
+            client.versions()
+        );
+    }
+    until_held(b.admin, 1, 1).await;
+    assert_eq!(
+        calls_by(&mock, "fleet-", forged),
+        0,
+        "the wake-up carried its version: B fetched nothing"
+    );
+
+    // The run goes on: B's clients are given version 3, then the end.
+    mock.set(RUN, Reply::ok(body(3)));
+    for client in &on_b {
+        client.saw(&version(3)).await;
+    }
+    until_held(b.admin, 1, 1).await;
+    mock.set(RUN, Reply::ok(completed(RUN)));
+    for client in &on_b {
+        client.ended().await;
+    }
+    on_b[0].assert_given(&[2, 3]);
+    on_b[1].assert_given(&[1, 2, 3]);
+}
