@@ -1133,18 +1133,18 @@ async fn with_redis_frozen_clients_are_still_answered_and_sharing_resumes_when_i
 // 6. Fencing
 // ---------------------------------------------------------------------------------------------
 
-/// Replica A holds the lease (a one-shot long-poll on it came first); replica B follows with a
-/// long-poll and a stream. Returns A, B and B's clients.
+/// Replica A holds the lease (a long-poll on it, taking `a_answers` answers, came first); replica B
+/// follows with a long-poll and a stream. Returns A, B and their clients.
 async fn holder_and_follower(
     mock: &MockUpstream,
     redis: &RedisServer,
-    poll_a: Duration,
-    poll_b: Duration,
+    (poll_a, poll_b): (Duration, Duration),
+    a_answers: usize,
 ) -> (TestGateway, TestGateway, Client, [Client; 2]) {
     mock.set(RUN, Reply::ok(body(1)));
     let a = TestGateway::start_with(replica_config(mock, redis, poll_a)).await;
     let b = TestGateway::start_with(replica_config(mock, redis, poll_b)).await;
-    let on_a = long_poll(a.public, &version(1), 1, "long-poll on A");
+    let on_a = long_poll(a.public, &version(1), a_answers, "long-poll on A");
     until_held(a.admin, 1, 0).await;
     assert_eq!(holder(&[a.admin, b.admin]).await, 0);
     let on_b = [
@@ -1180,7 +1180,7 @@ async fn a_holder_whose_lease_was_taken_publishes_nothing() {
     const FENCE: Duration = Duration::from_secs(3);
     let redis = RedisServer::start(&[]);
     let mock = MockUpstream::start().await;
-    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, POLL, POLL).await;
+    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, (POLL, POLL), 1).await;
     let published = metric(a.admin, PUBLISHED).await;
     let received = metric(b.admin, RECEIVED).await;
 
@@ -1251,7 +1251,7 @@ async fn a_version_only_a_fenced_holder_saw_still_reaches_the_followers_when_it_
     const POLL_B: Duration = Duration::from_millis(1000);
     let redis = RedisServer::start(&[]);
     let mock = MockUpstream::start().await;
-    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, POLL_A, POLL_B).await;
+    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, (POLL_A, POLL_B), 1).await;
     // A keeps a client, so it keeps watching once its first one was answered.
     let _stream_a = stream(a.public, "stream on A");
     until_held(a.admin, 1, 1).await;
@@ -1359,20 +1359,7 @@ async fn a_version_the_holder_learns_from_a_client_reaches_the_other_replicas() 
     const POLL: Duration = Duration::from_secs(1);
     let redis = RedisServer::start(&[]);
     let mock = MockUpstream::start().await;
-    mock.set(RUN, Reply::ok(body(1)));
-    let a = TestGateway::start_with(replica_config(&mock, &redis, POLL)).await;
-    let b = TestGateway::start_with(replica_config(&mock, &redis, POLL)).await;
-    let on_a = long_poll(a.public, &version(1), usize::MAX, "long-poll on A");
-    until_held(a.admin, 1, 0).await;
-    assert_eq!(holder(&[a.admin, b.admin]).await, 0);
-    let on_b = [
-        long_poll(b.public, &version(1), usize::MAX, "long-poll on B"),
-        stream(b.public, "stream on B"),
-    ];
-    until_held(b.admin, 1, 1).await;
-    until_each(&[b.admin], SUBSCRIBED, 1.0).await;
-    until_turn(b.admin, 0.0).await;
-    assert_eq!(metric(b.admin, LEASES).await, 0.0, "B follows");
+    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, (POLL, POLL), usize::MAX).await;
     let published = metric(a.admin, PUBLISHED).await;
     let received = metric(b.admin, RECEIVED).await;
 
@@ -1522,7 +1509,7 @@ async fn an_older_version_from_the_fleet_never_sends_clients_back() {
     const POLL: Duration = Duration::from_millis(150);
     let redis = RedisServer::start(&[]);
     let mock = MockUpstream::start().await;
-    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, POLL, POLL).await;
+    let (a, b, on_a, on_b) = holder_and_follower(&mock, &redis, (POLL, POLL), 1).await;
     // A keeps a client, so it keeps watching once its first one was answered.
     let _stream_a = stream(a.public, "stream on A");
     until_held(a.admin, 1, 1).await;
