@@ -18,7 +18,7 @@
 //! and the table shows what each used):
 //!
 //! 1. RSS idle: VmRSS of the gateway (`/proc/<pid>/status`) after a few requests.
-//! 2. RSS with every client's connection open (64 connecting at a time), no request yet.
+//! 2. RSS with every client's connection open (1,024 connecting at a time), no request yet.
 //! 3. RSS after each client's plain GET (learning the version; GETS_AT_ONCE at a time).
 //! 4. RSS held: every client held (a long-poll `?wait=600s` with `If-None-Match`, or an event
 //!    stream), counted by the gateway's `held_requests` gauge. Reported: (held − idle) / CLIENTS,
@@ -34,12 +34,15 @@
 //!      (every watcher is back at INTERVAL_MS by then); a watcher seeing a change polls again
 //!      INTERVAL_MS later, one seeing none 1.5 × that later.
 //!
-//!    Each reports upstream calls per second (counted by the mock), the gateway's CPU (user +
-//!    system, `/proc/<pid>/stat`) per second, per watched run per second and per call, this
-//!    process's CPU, and the gateway's RSS at its end; changing also change → answer p50 / p99 /
-//!    max (for each change made in the window and each client, its first answer carrying that
-//!    version or a later one) and how many of those skipped the version (its watcher made one call
-//!    for two changes).
+//!    Each reports upstream calls per second (counted by the mock) and each run's interval (the
+//!    mean time between two of its calls: the watchers, started within a second or two, stay
+//!    bunched, so the calls counted depend on where the window falls, e.g. two turns of each
+//!    run in 20 s at 9.5 s), the gateway's CPU (user + system, `/proc/<pid>/stat`) per second,
+//!    per watched run per second and per call, this process's CPU, and the gateway's RSS at its
+//!    end; changing also change → answer p50 / p99 / max (for each change made in the window and
+//!    each client, its first answer carrying that version or a later one), how many of those
+//!    skipped the version (its watcher made one call for two changes), and the fan-out (the
+//!    watcher's call answered → the client's answer).
 //! 6. ROUNDS changes, then the end: at a random moment within one poll interval after every client
 //!    is held, the mock moves every run to the next version (or ends them); each client records
 //!    when its answer (a long-poll's 200, a stream's `run` or `end` frame) has arrived, and a
@@ -59,7 +62,10 @@
 //! RUNS may list several counts (`RUNS=1,1000,5000`), each measured in turn with the same CLIENTS;
 //! a summary table follows for each mode. When 1 is among them, each other count's RSS above idle
 //! is compared with its: the difference per extra run is what a watched run costs beyond its held
-//! clients' own cost (same clients, same connections, only spread over more runs).
+//! clients' own cost (same clients, same connections, only spread over more runs). It includes
+//! the upstream pool's idle connections (up to `upstream.pool_max_idle`, 128), which the burst of
+//! first calls when every client holds at once fills: a fixed cost, which weighs less per run the
+//! more runs there are.
 //!
 //! MODES (default `long-poll-h1,long-poll-h2,sse-h1`): `long-poll-h1` and `sse-h1`, one HTTP/1.1
 //! connection per client; `long-poll-h2` and `sse-h2`, STREAMS (100) clients per HTTP/2 (h2c)
@@ -306,6 +312,10 @@ struct Window {
     seconds: f64,
     /// Upstream calls answered by the mock in the window.
     calls: usize,
+    /// The mean time between two calls for the same run in the window: each run's interval,
+    /// whereas `calls` depends on where the window falls while the watchers' calls are bunched
+    /// (all started within a second, they drift apart only by their jitter).
+    gap: Option<Duration>,
     /// The gateway's CPU time (user + system) in the window.
     cpu: Duration,
     /// This process's.
@@ -719,9 +729,11 @@ impl Steady<'_> {
         let mut changes: Vec<(Instant, bool)> = Vec::new();
         let mut next_change = change_every.map(|every| begun + every);
         let mut before = None;
+        let mut started_at = Instant::now();
         let mut window = Window {
             seconds: bench.steady.as_secs_f64(),
             calls: 0,
+            gap: None,
             cpu: Duration::ZERO,
             own_cpu: Duration::ZERO,
             rss: 0,
@@ -765,6 +777,7 @@ impl Steady<'_> {
                 biased;
                 () = tokio::time::sleep_until(at) => match due {
                     Due::Start => {
+                        started_at = Instant::now();
                         before = Some((cpu_time(self.pid), cpu_time(std::process::id()), self.mock.answered()));
                     }
                     Due::Change => {
@@ -779,6 +792,7 @@ impl Steady<'_> {
                         window.cpu = cpu_time(self.pid).saturating_sub(cpu);
                         window.own_cpu = cpu_time(std::process::id()).saturating_sub(own_cpu);
                         window.calls = self.mock.answered() - calls;
+                        window.gap = self.mock.mean_gap(started_at);
                         window.rss = rss_kib(self.pid);
                         next_change = None;
                         ended = true;
@@ -855,9 +869,11 @@ impl Steady<'_> {
         println!("steady, {what}, {:.0} s:", window.seconds);
         let calls = window.calls_per_second();
         println!(
-            "  upstream {calls:.1} calls/s (each run every {:.2} s); gateway CPU {:.1} ms/s = {:.1} µs per watched run \
+            "  upstream {calls:.1} calls/s (each run every {} s: the mean time between its calls); gateway CPU {:.1} ms/s = {:.1} µs per watched run \
              per second ({:.0} µs per call); bench CPU {:.1} ms/s; gateway RSS {:.1} MiB",
-            runs as f64 / calls,
+            window
+                .gap
+                .map_or("?".to_owned(), |gap| format!("{:.2}", gap.as_secs_f64())),
             window.cpu.as_secs_f64() * 1e3 / window.seconds,
             window.cpu_per_run(runs),
             window.cpu.as_secs_f64() * 1e6 / window.calls.max(1) as f64,
@@ -1500,6 +1516,21 @@ impl Mock {
             firsts.entry((answer.run, answer.step)).or_insert(answer.at);
         }
         firsts
+    }
+
+    /// The mean time between two answers for the same run since `since`.
+    fn mean_gap(&self, since: Instant) -> Option<Duration> {
+        let answers = self.state.answers.lock().expect("mock lock");
+        let mut last: Vec<Option<Instant>> = vec![None; self.state.runs];
+        let (mut total, mut gaps) = (Duration::ZERO, 0_u32);
+        let from = answers.partition_point(|answer| answer.at < since);
+        for answer in &answers[from..] {
+            if let Some(before) = last[answer.run].replace(answer.at) {
+                total += answer.at - before;
+                gaps += 1;
+            }
+        }
+        (gaps > 0).then(|| total / gaps)
     }
 
     fn answered(&self) -> usize {
