@@ -129,13 +129,9 @@ async fn ended_part() {
 
 fn shared_config(redis: &RedisServer, key_prefix: &str) -> SharedCacheConfig {
     SharedCacheConfig {
-        url: redis.url(),
-        password_env: None,
-        ttl: None,
         timeout: Duration::from_millis(100),
-        key_prefix: key_prefix.to_owned(),
         lock_wait: Duration::from_secs(2),
-        circuit_open_for: plextera_gateway::config::default_circuit_open_for(),
+        ..redis.shared_config(key_prefix)
     }
 }
 

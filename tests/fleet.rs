@@ -59,14 +59,10 @@ const REDIS_CALLS: &str = "plextera_gateway_shared_cache_duration_seconds_count"
 
 fn shared(redis: &RedisServer) -> SharedCacheConfig {
     SharedCacheConfig {
-        url: redis.url(),
-        password_env: None,
-        ttl: None,
-        timeout: Duration::from_millis(200),
-        key_prefix: PREFIX.to_owned(),
         lock_wait: Duration::from_secs(1),
         // Short, so a test waits for the breaker's rule rather than for the clock.
         circuit_open_for: Duration::from_millis(300),
+        ..redis.shared_config(PREFIX)
     }
 }
 

@@ -16,15 +16,7 @@ use support::{
 const PREFIX: &str = "test-gw:";
 
 fn shared(redis: &RedisServer) -> SharedCacheConfig {
-    SharedCacheConfig {
-        url: redis.url(),
-        password_env: None,
-        ttl: None,
-        timeout: Duration::from_millis(200),
-        key_prefix: PREFIX.to_owned(),
-        lock_wait: Duration::from_secs(5),
-        circuit_open_for: plextera_gateway::config::default_circuit_open_for(),
-    }
+    redis.shared_config(PREFIX)
 }
 
 async fn replica(mock: &MockUpstream, redis: &RedisServer) -> TestGateway {

@@ -34,6 +34,20 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// `[cache.shared]` pointing at this server with `key_prefix`, a 200 ms call timeout and
+    /// otherwise the defaults (callers override what their test is about).
+    pub fn shared_config(&self, key_prefix: &str) -> plextera_gateway::config::SharedCacheConfig {
+        plextera_gateway::config::SharedCacheConfig {
+            url: self.url(),
+            password_env: None,
+            ttl: None,
+            timeout: Duration::from_millis(200),
+            key_prefix: key_prefix.to_owned(),
+            lock_wait: Duration::from_secs(5),
+            circuit_open_for: plextera_gateway::config::default_circuit_open_for(),
+        }
+    }
+
     /// Kills the server at once (SIGKILL): no goodbye to its clients.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
