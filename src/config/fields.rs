@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use serde::Serializer;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 use super::report::shown;
@@ -23,13 +24,17 @@ fn parse_duration<E: de::Error>(text: &str) -> Result<Duration, E> {
         .map_err(|_| E::custom(format_args!("{} is not a duration: {DURATION_HELP}", shown(text))))
 }
 
-/// `"250ms"`, `"10s"`, `"1h 30m"`.
+/// `"250ms"`, `"10s"`, `"1h 30m"`; written back the same way (`--check-config`).
 pub mod duration {
     use super::*;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         parse_duration(&text)
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 }
 
@@ -41,6 +46,25 @@ pub mod optional_duration {
         let text = String::deserialize(deserializer)?;
         parse_duration(&text).map(Some)
     }
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::duration::serialize(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
+/// A size as [`size`] reads it back: whole GiB, MiB or KiB when it is one (`"256MiB"`), else a
+/// number of bytes. (bytesize's own `Display` rounds, e.g. to `"268.4 MB"`.)
+pub fn serialize_size<S: Serializer>(value: &ByteSize, serializer: S) -> Result<S::Ok, S::Error> {
+    let bytes = value.as_u64();
+    for (unit, name) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return serializer.serialize_str(&format!("{}{name}", bytes / unit));
+        }
+    }
+    serializer.serialize_u64(bytes)
 }
 
 /// `"256MiB"`, `"512KiB"`, or a number of bytes.
@@ -122,7 +146,7 @@ pub fn env_var_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option
 
 /// The path of a file that holds a secret; like [`env_var_name`], its errors never repeat it.
 pub fn secret_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
-    const EXPECTED: &str = "must be the path of a file that holds the key, e.g. \"/run/secrets/plextera-api-key\" \
+    const EXPECTED: &str = "must be the path of a file that holds the secret, e.g. \"/run/secrets/plextera-api-key\" \
          (the value given is not shown)";
     let path = deserializer.deserialize_any(Opaque(EXPECTED))?;
     if path.is_empty() {

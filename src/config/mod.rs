@@ -15,6 +15,7 @@
 
 mod fields;
 pub mod report;
+pub mod secret_file;
 pub mod secrets;
 
 use std::net::SocketAddr;
@@ -25,15 +26,24 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use http::{HeaderValue, Uri};
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use self::secret_file::SecretName;
 use crate::run::status::{MAX_TERMINAL_STATUSES, OTHER_STATUS};
 use crate::upstream::credentials::ApiKey;
 
-/// Where the gateway looks for its configuration when `--config` is not given.
+/// Where the gateway looks for its configuration first when `--config` is not given (relative to
+/// the working directory).
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// Where it looks next: the packaged configuration.
+pub const PACKAGED_CONFIG_PATH: &str = "/etc/plextera-gateway/gateway.toml";
 /// The environment variable that holds the key when the file names none.
 pub const DEFAULT_API_KEY_ENV: &str = "PLEXTERA_API_KEY";
+/// `server.secrets_check_interval`'s default.
+pub const DEFAULT_SECRETS_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The range `server.secrets_check_interval` may take.
+const SECRETS_CHECK_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
 /// Most client connections, and most upstream calls in flight, a config may ask for.
 const MAX_CONNECTIONS: usize = 1_000_000;
 /// Most runtime worker threads a config may ask for.
@@ -44,7 +54,7 @@ const MAX_STREAMS: usize = 10_000;
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 3] = ["COMPLETED", "FAILED", "CLOSED"];
 
 /// The whole configuration file. Unknown keys are errors, so a typo never silently means "default".
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -55,7 +65,7 @@ pub struct Config {
 }
 
 /// `[server]`: the two listeners and how they stop.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Public listener: serves the runs path only.
@@ -102,6 +112,14 @@ pub struct ServerConfig {
     /// request needs `Authorization: Bearer <one of them>`.
     #[serde(deserialize_with = "fields::env_var_name")]
     pub client_tokens_env: Option<String>,
+    /// A file holding the client tokens instead (one per line, or comma-separated); re-read when
+    /// it changes. Set only one of the two.
+    #[serde(deserialize_with = "fields::secret_path")]
+    pub client_tokens_file: Option<PathBuf>,
+    /// How often the files holding secrets (`*_file` keys) are read again to pick up a rotation;
+    /// SIGHUP reads them at once.
+    #[serde(with = "fields::duration")]
+    pub secrets_check_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -120,12 +138,14 @@ impl Default for ServerConfig {
             http2_keepalive_interval: Duration::from_secs(20),
             http2_keepalive_timeout: Duration::from_secs(20),
             client_tokens_env: None,
+            client_tokens_file: None,
+            secrets_check_interval: DEFAULT_SECRETS_CHECK_INTERVAL,
         }
     }
 }
 
 /// `[upstream]`: where Plextera is and how the gateway talks to it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Scheme and host of the Plextera API (a path prefix is kept); `http` or `https`.
@@ -140,7 +160,7 @@ pub struct UpstreamConfig {
     #[serde(with = "fields::duration")]
     pub request_timeout: Duration,
     /// Largest upstream body the gateway reads; a larger one is abandoned with a 502.
-    #[serde(deserialize_with = "fields::size")]
+    #[serde(deserialize_with = "fields::size", serialize_with = "fields::serialize_size")]
     pub max_body_size: ByteSize,
     /// Extra CA certificates (PEM) trusted for an `https` upstream, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
@@ -190,14 +210,14 @@ impl Default for UpstreamConfig {
 }
 
 /// `[cache]`: what is kept, for how long, within how much memory.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// How long a terminal run is served from memory (also the clients' `max-age`).
     #[serde(with = "fields::duration")]
     pub ttl: Duration,
     /// Bound on the cached body bytes; least valuable runs are evicted past it.
-    #[serde(deserialize_with = "fields::size")]
+    #[serde(deserialize_with = "fields::size", serialize_with = "fields::serialize_size")]
     pub max_size: ByteSize,
     /// Run statuses that mean the run has ended; only runs in one of them are cached.
     pub terminal_statuses: Vec<String>,
@@ -210,7 +230,7 @@ pub struct CacheConfig {
 
 /// `[watch]`: clients held on a run still going (long-poll and Server-Sent Events), and the one
 /// upstream watcher per run that serves them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Longest hold a client may ask for (`?wait=` or `Prefer: wait=`); longer asks are capped.
@@ -252,7 +272,7 @@ impl Default for WatchConfig {
 }
 
 /// `[webhook]`: Plextera's signed run events, on a port of their own. Off unless `listen` is set.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     /// Where events are received: the only route on that port, so it alone faces the internet.
@@ -264,11 +284,15 @@ pub struct WebhookConfig {
     /// while one is rotated, so no event is refused meanwhile).
     #[serde(deserialize_with = "fields::env_var_name")]
     pub secrets_env: Option<String>,
+    /// A file holding the signing secrets instead (one per line, or comma-separated); re-read
+    /// when it changes. Set only one of the two.
+    #[serde(deserialize_with = "fields::secret_path")]
+    pub secrets_file: Option<PathBuf>,
     /// How far an event's signed timestamp may be from now, either way.
     #[serde(with = "fields::duration")]
     pub tolerance: Duration,
     /// Largest event body read; larger is 413.
-    #[serde(deserialize_with = "fields::size")]
+    #[serde(deserialize_with = "fields::size", serialize_with = "fields::serialize_size")]
     pub max_body_size: ByteSize,
     /// The watchers' interval while events flow: their polls become a slow safety net.
     #[serde(with = "fields::duration")]
@@ -281,6 +305,7 @@ impl Default for WebhookConfig {
             listen: None,
             path: "/webhooks/plextera".to_owned(),
             secrets_env: None,
+            secrets_file: None,
             tolerance: Duration::from_secs(5 * 60),
             max_body_size: ByteSize::mib(1),
             safety_poll_interval: Duration::from_secs(30),
@@ -289,7 +314,7 @@ impl Default for WebhookConfig {
 }
 
 /// `[cache.shared]`: Redis (or Valkey, or a managed Redis) behind the in-memory cache.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SharedCacheConfig {
     /// `redis://host:port/db` or `rediss://…` for TLS. No password here: see `password_env`.
@@ -297,8 +322,15 @@ pub struct SharedCacheConfig {
     /// Name of the environment variable holding the Redis password, if it needs one.
     #[serde(default, deserialize_with = "fields::env_var_name")]
     pub password_env: Option<String>,
+    /// A file holding the Redis password instead; re-read when it changes. Set only one of the two.
+    #[serde(default, deserialize_with = "fields::secret_path")]
+    pub password_file: Option<PathBuf>,
     /// How long runs are kept in Redis; defaults to `cache.ttl`.
-    #[serde(default, with = "fields::optional_duration")]
+    #[serde(
+        default,
+        with = "fields::optional_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl: Option<Duration>,
     /// Bound on every Redis call; past it the gateway carries on without Redis.
     #[serde(default = "default_shared_timeout", with = "fields::duration")]
@@ -362,8 +394,6 @@ pub enum ConfigError {
         "the API key in {0} is not usable: a key is one word of visible ASCII (letters, digits and punctuation; no spaces, no control characters)"
     )]
     KeyInvalid(KeyPlace),
-    #[error("cannot read the API key from {0}: {1}")]
-    KeyFileRead(KeyPlace, std::io::Error),
     #[error(
         "no client token: the environment variable named by server.client_tokens_env is unset or holds no token"
     )]
@@ -376,6 +406,12 @@ pub enum ConfigError {
         "no webhook signing secret: the environment variable named by webhook.secrets_env is unset or holds no secret"
     )]
     WebhookSecretsMissing,
+    /// A `*_file` secret that cannot be used; `key` is the config key naming the file.
+    #[error("the file named by {key} {problem}")]
+    SecretFile {
+        key: &'static str,
+        problem: secret_file::FileProblem,
+    },
 }
 
 /// Where the key was looked for, as a message may name it.
@@ -385,8 +421,6 @@ pub enum KeyPlace {
     DefaultVariable,
     /// The variable `upstream.api_key_env` names.
     NamedVariable,
-    /// The file `upstream.api_key_file` names.
-    File,
 }
 
 impl std::fmt::Display for KeyPlace {
@@ -396,7 +430,6 @@ impl std::fmt::Display for KeyPlace {
             Self::NamedVariable => {
                 formatter.write_str("the environment variable named by upstream.api_key_env")
             }
-            Self::File => formatter.write_str("the file named by upstream.api_key_file"),
         }
     }
 }
@@ -508,10 +541,49 @@ impl Config {
         if upstream.max_body_size.as_u64() == 0 {
             return Err(invalid("upstream.max_body_size", "is 0: it must be more than 0"));
         }
-        if upstream.api_key_env.is_some() && upstream.api_key_file.is_some() {
+        for (secret, env_set, file_set) in [
+            (
+                SecretName::ApiKey,
+                upstream.api_key_env.is_some(),
+                upstream.api_key_file.is_some(),
+            ),
+            (
+                SecretName::ClientTokens,
+                server.client_tokens_env.is_some(),
+                server.client_tokens_file.is_some(),
+            ),
+            (
+                SecretName::RedisPassword,
+                self.cache
+                    .shared
+                    .as_ref()
+                    .is_some_and(|shared| shared.password_env.is_some()),
+                self.cache
+                    .shared
+                    .as_ref()
+                    .is_some_and(|shared| shared.password_file.is_some()),
+            ),
+            (
+                SecretName::WebhookSecrets,
+                self.webhook.secrets_env.is_some(),
+                self.webhook.secrets_file.is_some(),
+            ),
+        ] {
+            if env_set && file_set {
+                return Err(invalid(
+                    secret.file_key(),
+                    format_args!("set only one of {} and {}", secret.env_key(), secret.file_key()),
+                ));
+            }
+        }
+        let (shortest, longest) = SECRETS_CHECK_INTERVAL_RANGE;
+        if !(shortest..=longest).contains(&server.secrets_check_interval) {
             return Err(invalid(
-                "upstream.api_key_file",
-                "set only one of upstream.api_key_env and upstream.api_key_file",
+                "server.secrets_check_interval",
+                format_args!(
+                    "is {:?}: it must be from {shortest:?} to {longest:?}",
+                    server.secrets_check_interval
+                ),
             ));
         }
         if let Some(rate) = upstream.max_requests_per_second
@@ -613,6 +685,10 @@ impl WebhookConfig {
         if self.listen.is_none() {
             return Ok(None);
         }
+        if let Some(path) = &self.secrets_file {
+            let secrets = read_secret_file(SecretName::WebhookSecrets, path, secret_file::list)?;
+            return Ok(Some(secrets.into_iter().map(SecretString::from).collect()));
+        }
         let name = self
             .secrets_env
             .as_ref()
@@ -634,10 +710,11 @@ impl WebhookConfig {
         let Some(listen) = self.listen else {
             return Ok(());
         };
-        if self.secrets_env.is_none() {
+        if self.secrets_env.is_none() && self.secrets_file.is_none() {
             return Err(invalid(
                 "webhook.secrets_env",
-                "is unset: with webhook.listen set, name the environment variable holding the signing secrets",
+                "is unset: with webhook.listen set, name the environment variable holding the signing secrets \
+                 (or the file, with webhook.secrets_file)",
             ));
         }
         if [server.listen, server.admin_listen].contains(&listen) && listen.port() != 0 {
@@ -724,9 +801,7 @@ impl UpstreamConfig {
     /// `env` looks up an environment variable (`std::env::var` in production).
     pub fn load_api_key(&self, env: impl Fn(&str) -> Option<String>) -> Result<ApiKey, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::KeyFileRead(KeyPlace::File, source))?;
-            return ApiKey::new(text.trim()).ok_or(ConfigError::KeyInvalid(KeyPlace::File));
+            return read_secret_file(SecretName::ApiKey, path, secret_file::api_key);
         }
         let (name, place) = match &self.api_key_env {
             Some(name) => (name.as_str(), KeyPlace::NamedVariable),
@@ -774,8 +849,12 @@ impl SharedCacheConfig {
         Ok(())
     }
 
-    /// The password from the variable named by `password_env`, if one is named.
+    /// The password from the file named by `password_file` or the variable named by
+    /// `password_env`, if either is named.
     pub fn load_password(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            return read_secret_file(SecretName::RedisPassword, path, secret_file::password).map(Some);
+        }
         let Some(name) = &self.password_env else {
             return Ok(None);
         };
@@ -787,11 +866,15 @@ impl SharedCacheConfig {
 }
 
 impl ServerConfig {
-    /// The client tokens named by `client_tokens_env`, or `None` when client authentication is off.
+    /// The client tokens in the file named by `client_tokens_file` or the variable named by
+    /// `client_tokens_env`, or `None` when client authentication is off.
     pub fn load_client_tokens(
         &self,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Vec<String>>, ConfigError> {
+        if let Some(path) = &self.client_tokens_file {
+            return read_secret_file(SecretName::ClientTokens, path, secret_file::list).map(Some);
+        }
         let Some(name) = &self.client_tokens_env else {
             return Ok(None);
         };
@@ -807,6 +890,20 @@ impl ServerConfig {
         }
         Ok(Some(tokens))
     }
+}
+
+/// Reads the secret file `path` and checks it with `parse`; a problem names `secret`'s config key.
+fn read_secret_file<T>(
+    secret: SecretName,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, secret_file::FileProblem>,
+) -> Result<T, ConfigError> {
+    secret_file::read(path)
+        .and_then(|text| parse(&text))
+        .map_err(|problem| ConfigError::SecretFile {
+            key: secret.file_key(),
+            problem,
+        })
 }
 
 /// Whether the port in `authority` (`host`, `host:port`, `[v6]:port`), if there is one, is a
@@ -1093,6 +1190,106 @@ mod tests {
             "the configured path is not repeated: {message}"
         );
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn a_secret_from_both_a_variable_and_a_file_is_refused_naming_both_keys() {
+        for (section, env, file) in [
+            ("upstream", "api_key_env", "api_key_file"),
+            ("server", "client_tokens_env", "client_tokens_file"),
+            ("cache.shared", "password_env", "password_file"),
+            ("webhook", "secrets_env", "secrets_file"),
+        ] {
+            let url = if section == "cache.shared" {
+                "url = \"redis://r\"\n"
+            } else {
+                ""
+            };
+            let text = format!("[{section}]\n{url}{env} = \"SOME_VAR\"\n{file} = \"/run/secrets/x\"\n");
+            let message = parse_error(&text);
+            assert!(
+                message.contains(&format!("{section}.{env}"))
+                    && message.contains(&format!("{section}.{file}")),
+                "{message}"
+            );
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn the_secrets_check_interval_is_bounded() {
+        assert_eq!(
+            Config::default().server.secrets_check_interval,
+            Duration::from_secs(5)
+        );
+        for bad in ["\"10ms\"", "\"2h\""] {
+            let message = parse_error(&format!("[server]\nsecrets_check_interval = {bad}\n"));
+            assert!(message.contains("server.secrets_check_interval"), "{message}");
+        }
+        Config::parse("[server]\nsecrets_check_interval = \"100ms\"\n").expect("the shortest");
+    }
+
+    #[test]
+    fn secrets_are_read_from_their_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let mut config = Config::default();
+        config.server.client_tokens_file = Some(write("tokens", "a\nb,c\n"));
+        let mut shared = Config::parse("[cache.shared]\nurl = \"redis://r\"\n")
+            .expect("valid")
+            .cache
+            .shared
+            .expect("shared");
+        shared.password_file = Some(write("password", "pw\n"));
+        config.webhook.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.webhook.secrets_file = Some(write("hooks", "whsec_1\nwhsec_2\n"));
+        let env = |_: &str| None;
+        assert_eq!(
+            config.server.load_client_tokens(env).expect("tokens"),
+            Some(vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])
+        );
+        assert_eq!(
+            shared.load_password(env).expect("password").as_deref(),
+            Some("pw")
+        );
+        assert_eq!(
+            config
+                .webhook
+                .load_secrets(env)
+                .expect("secrets")
+                .map(|s| s.len()),
+            Some(2)
+        );
+        std::fs::write(dir.path().join("tokens"), " \n").expect("blank");
+        let message = config
+            .server
+            .load_client_tokens(env)
+            .expect_err("blank")
+            .to_string();
+        assert!(message.contains("server.client_tokens_file"), "{message}");
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_toml_that_reads_back_the_same() {
+        let shipped =
+            Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH)).expect("shipped");
+        let everything = Config::parse(
+            "[server]\nworker_threads = 3\nclient_tokens_file = \"/t\"\nsecrets_check_interval = \"1m 30s\"\n\
+             [upstream]\napi_key_file = \"/k\"\nmax_requests_per_second = 2.5\nmax_body_size = 1000\n\
+             max_concurrent_requests = 7\nca_file = \"/ca.pem\"\n\
+             [cache]\nmax_size = \"3GiB\"\nttl = \"36h\"\nnot_found_ttl = \"250ms\"\n\
+             [cache.shared]\nurl = \"rediss://r:6380/1\"\npassword_file = \"/p\"\nttl = \"2h\"\n\
+             [webhook]\nlisten = \"127.0.0.1:8443\"\nsecrets_file = \"/w\"\nmax_body_size = \"512KiB\"\n",
+        )
+        .expect("valid");
+        for config in [Config::default(), shipped, everything] {
+            let text = toml::to_string(&config).expect("prints");
+            assert_eq!(Config::parse(&text).expect(&text), config, "{text}");
+        }
     }
 
     /// Strings a key might look like, put where a name or a path belongs.

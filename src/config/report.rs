@@ -21,6 +21,11 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("server.http2_keepalive_interval", "\"20s\""),
     ("server.http2_keepalive_timeout", "\"20s\""),
     ("server.client_tokens_env", "\"PLEXTERA_GATEWAY_CLIENT_TOKENS\""),
+    (
+        "server.client_tokens_file",
+        "\"/run/secrets/plextera-gateway/client-tokens\"",
+    ),
+    ("server.secrets_check_interval", "\"5s\""),
     ("upstream.base_url", "\"https://api.plextera.com\""),
     ("upstream.api_key_env", "\"PLEXTERA_API_KEY\""),
     ("upstream.api_key_file", "\"/run/secrets/plextera-api-key\""),
@@ -44,6 +49,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("cache.not_found_ttl", "\"30s\""),
     ("cache.shared.url", "\"redis://redis:6379/0\""),
     ("cache.shared.password_env", "\"REDIS_PASSWORD\""),
+    (
+        "cache.shared.password_file",
+        "\"/run/secrets/plextera-gateway/redis-password\"",
+    ),
     ("cache.shared.ttl", "\"24h\""),
     ("cache.shared.timeout", "\"50ms\""),
     ("cache.shared.key_prefix", "\"plextera-gateway:\""),
@@ -59,6 +68,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("webhook.listen", "\"0.0.0.0:8443\""),
     ("webhook.path", "\"/webhooks/plextera\""),
     ("webhook.secrets_env", "\"PLEXTERA_WEBHOOK_SECRETS\""),
+    (
+        "webhook.secrets_file",
+        "\"/run/secrets/plextera-gateway/webhook-secrets\"",
+    ),
     ("webhook.tolerance", "\"5m\""),
     ("webhook.max_body_size", "\"1MiB\""),
     ("webhook.safety_poll_interval", "\"30s\""),
@@ -205,8 +218,8 @@ fn secret_hint(field: &str) -> &'static str {
         .any(|word| field.contains(word));
     if secret_like {
         "; secrets never go in this file: name the environment variable that holds one \
-         (upstream.api_key_env, server.client_tokens_env, cache.shared.password_env) or the key's \
-         file (upstream.api_key_file)"
+         (upstream.api_key_env, server.client_tokens_env, cache.shared.password_env, \
+         webhook.secrets_env) or the file (the same keys ending in _file)"
     } else {
         ""
     }

@@ -8,7 +8,7 @@ use super::{Config, ConfigError};
 use crate::edge::client_auth::ClientTokens;
 use crate::upstream::credentials::ApiKey;
 
-/// Everything start-up reads from the environment rather than the config file.
+/// Everything start-up reads from the environment or secret files rather than the config file.
 #[derive(Debug, Clone)]
 pub struct Secrets {
     pub api_key: ApiKey,
@@ -23,8 +23,9 @@ pub struct Secrets {
 
 impl Secrets {
     /// Reads the key (from `api_key_env` or `api_key_file`), the client tokens (from
-    /// `client_tokens_env`), the Redis password (from `password_env`) and the webhook signing
-    /// secrets (from `webhook.secrets_env`). `env` looks up an environment variable.
+    /// `client_tokens_env` or `client_tokens_file`), the Redis password (from `password_env` or
+    /// `password_file`) and the webhook signing secrets (from `webhook.secrets_env` or
+    /// `secrets_file`). `env` looks up an environment variable.
     pub fn load(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let api_key = config.upstream.load_api_key(&env)?;
         let client_tokens = config

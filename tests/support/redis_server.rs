@@ -40,6 +40,7 @@ impl RedisServer {
         plextera_gateway::config::SharedCacheConfig {
             url: self.url(),
             password_env: None,
+            password_file: None,
             ttl: None,
             timeout: Duration::from_millis(200),
             key_prefix: key_prefix.to_owned(),
