@@ -48,6 +48,8 @@ pub struct App {
     pub key_rotation: KeyRotation,
     /// The webhook route, when `[webhook] listen` is set.
     pub webhooks: Option<Webhooks>,
+    /// The Redis tier, when `[cache.shared]` is set (its password can be rotated).
+    pub redis: Option<RedisTier>,
 }
 
 impl App {
@@ -82,7 +84,7 @@ impl App {
             .clone()
             .map(|redis| Fleet::new(redis, metrics.fleet.clone()));
         let runs = RunService::new(
-            Tiers::new(store.clone(), redis),
+            Tiers::new(store.clone(), redis.clone()),
             Fetcher::new(upstream, budget.clone(), metrics.budget.clone()),
             Policy::new(statuses, config.cache.not_found_ttl),
             metrics.clone(),
@@ -126,6 +128,7 @@ impl App {
             client_tokens: secrets.client_tokens.clone(),
             key_rotation,
             webhooks,
+            redis,
         })
     }
 

@@ -1,14 +1,18 @@
 //! Optional client authentication for the gateway itself: `Authorization: Bearer <token>`.
 //!
-//! Off unless `[server] client_tokens_env` names a variable of comma-separated tokens. When on,
-//! every request on the runs path without one of those tokens is answered 401 before routing,
-//! cache or upstream see it. Tokens are kept as SHA-256 digests and compared in constant time, so
-//! neither the comparison's timing nor a memory dump gives them away. (The client's
-//! `Authorization` header is never forwarded upstream either way.)
+//! Off unless `[server] client_tokens_env` names a variable of comma-separated tokens (or
+//! `client_tokens_file` a file of them). When on, every request on the runs path without one of
+//! those tokens is answered 401 before routing, cache or upstream see it. Tokens are kept as
+//! SHA-256 digests and compared in constant time, so neither the comparison's timing nor a memory
+//! dump gives them away. (The client's `Authorization` header is never forwarded upstream either
+//! way.) The set is swapped whole when its file is rotated ([`ClientTokens::replace`]): a request
+//! is checked against the old set or the new one, never a mix.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use http::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use http::{Request, Response};
@@ -19,20 +23,22 @@ use tower::{Layer, Service};
 use crate::edge::error::GatewayError;
 use crate::edge::response::{Body, X_REQUEST_ID};
 
-/// The accepted client tokens, as digests.
+/// The accepted client tokens, as digests. Clones share the set, and see its replacement.
 #[derive(Clone)]
 pub struct ClientTokens {
-    digests: std::sync::Arc<[[u8; 32]]>,
+    digests: Arc<ArcSwap<Vec<[u8; 32]>>>,
 }
 
 impl ClientTokens {
     pub fn new<S: AsRef<str>>(tokens: &[S]) -> Self {
         Self {
-            digests: tokens
-                .iter()
-                .map(|token| sha256(token.as_ref().as_bytes()))
-                .collect(),
+            digests: Arc::new(ArcSwap::from_pointee(digests(tokens))),
         }
+    }
+
+    /// Accepts `tokens` instead of the current set, from the next request on.
+    pub fn replace<S: AsRef<str>>(&self, tokens: &[S]) {
+        self.digests.store(Arc::new(digests(tokens)));
     }
 
     /// Whether `authorization` is `Bearer <an accepted token>`. Every digest is compared, so the
@@ -43,7 +49,7 @@ impl ClientTokens {
         };
         let presented = sha256(token);
         let mut matched = subtle::Choice::from(0);
-        for digest in self.digests.iter() {
+        for digest in self.digests.load().iter() {
             matched |= digest.ct_eq(&presented);
         }
         matched.into()
@@ -52,8 +58,19 @@ impl ClientTokens {
 
 impl std::fmt::Debug for ClientTokens {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(formatter, "ClientTokens([{} redacted])", self.digests.len())
+        write!(
+            formatter,
+            "ClientTokens([{} redacted])",
+            self.digests.load().len()
+        )
     }
+}
+
+fn digests<S: AsRef<str>>(tokens: &[S]) -> Vec<[u8; 32]> {
+    tokens
+        .iter()
+        .map(|token| sha256(token.as_ref().as_bytes()))
+        .collect()
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -148,6 +165,17 @@ mod tests {
             assert!(!accepts(refused), "{refused:?}");
         }
         assert!(!tokens.accepts(None));
+    }
+
+    #[test]
+    fn a_replaced_set_is_seen_by_every_clone() {
+        let tokens = ClientTokens::new(&["old"]);
+        let layer_copy = tokens.clone();
+        let accepts = |value: &str| layer_copy.accepts(Some(&HeaderValue::from_str(value).expect("header")));
+        assert!(accepts("Bearer old"));
+        tokens.replace(&["new"]);
+        assert!(accepts("Bearer new"));
+        assert!(!accepts("Bearer old"));
     }
 
     #[test]

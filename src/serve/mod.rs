@@ -47,6 +47,7 @@ use crate::app::{App, AppError};
 use crate::config::Config;
 use crate::config::secrets::Secrets;
 use crate::edge::response::Body;
+use crate::ops::secret_files::{SecretReloadMetrics, SecretTargets};
 use crate::serve::connection::io::WatchedIo;
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::serve::connection::track::Track;
@@ -103,6 +104,8 @@ pub struct Gateway {
     listener: ListenerSettings,
     shutdown_delay: Duration,
     shutdown_grace: Duration,
+    /// Called once every port accepts (e.g. to tell systemd the service is ready).
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// How one port serves its connections.
@@ -148,7 +151,29 @@ impl Gateway {
             },
             shutdown_delay: server.shutdown_delay,
             shutdown_grace: server.shutdown_grace,
+            on_ready: None,
         })
+    }
+
+    /// Has [`Gateway::serve`] call `ready` once every port accepts, right after it logs
+    /// "gateway ready".
+    pub fn on_ready(&mut self, ready: impl FnOnce() + Send + 'static) {
+        self.on_ready = Some(Box::new(ready));
+    }
+
+    /// The handles that replace secrets while serving (see `ops::secret_files`).
+    pub fn secret_targets(&self) -> SecretTargets {
+        SecretTargets {
+            key: self.app.key_rotation.clone(),
+            client_tokens: self.app.client_tokens.clone(),
+            webhooks: self.app.webhooks.clone(),
+            redis: self.app.redis.clone(),
+        }
+    }
+
+    /// The metrics registry's series for secret reloads.
+    pub fn secret_reload_metrics(&self) -> SecretReloadMetrics {
+        self.app.admin.metrics.secrets.clone()
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -228,6 +253,9 @@ impl Gateway {
                 tracing::info!(%public_addr, %admin_addr, %webhook_addr, "gateway ready")
             }
             None => tracing::info!(%public_addr, %admin_addr, "gateway ready"),
+        }
+        if let Some(ready) = self.on_ready {
+            ready();
         }
         public.accept_until(shutdown).await;
 

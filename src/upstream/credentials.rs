@@ -67,6 +67,12 @@ impl KeyRotation {
             .then(|| credentials.replace_echoes(text))
     }
 
+    /// Whether `key` is the one being sent (for tests).
+    #[cfg(test)]
+    pub(crate) fn sends(&self, key: &ApiKey) -> bool {
+        self.0.load().authorization == key.authorization()
+    }
+
     /// Starts sending `key` instead of the current one. Requests already sent finish with the
     /// old key; bodies that echo either key are still scrubbed.
     pub fn replace(&self, key: &ApiKey) {

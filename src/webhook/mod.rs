@@ -20,6 +20,9 @@
 //! [`BODY_READ_TIMEOUT`], so unsigned posts can pin at most that many `webhook.max_body_size`
 //! buffers. Every verified run event (duplicates included) tells the watchers that events flow
 //! ([`crate::watch::events`]).
+//!
+//! The signing secrets are swapped whole when `webhook.secrets_file` is rotated
+//! ([`Webhooks::replace_secrets`]): each delivery is checked against one set, old or new.
 
 pub mod event;
 pub mod metrics;
@@ -30,6 +33,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
@@ -68,7 +72,9 @@ pub struct Webhooks {
 struct Inner {
     path: String,
     max_body_size: usize,
-    verifier: Verifier,
+    /// Replaced whole when the secrets are rotated.
+    verifier: ArcSwap<Verifier>,
+    tolerance: Duration,
     seen: SeenEvents,
     watches: Watches,
     /// Slots for reading a body: bounds the memory unsigned posts can hold.
@@ -89,7 +95,8 @@ impl Webhooks {
             inner: Arc::new(Inner {
                 path: config.path.clone(),
                 max_body_size: usize::try_from(config.max_body_size.as_u64()).unwrap_or(usize::MAX),
-                verifier: Verifier::new(secrets, config.tolerance),
+                verifier: ArcSwap::from_pointee(Verifier::new(secrets, config.tolerance)),
+                tolerance: config.tolerance,
                 seen: SeenEvents::default(),
                 watches,
                 reading: Semaphore::new(MAX_BODIES_AT_ONCE),
@@ -97,6 +104,12 @@ impl Webhooks {
                 metrics,
             }),
         }
+    }
+
+    /// Verifies deliveries with `secrets` instead of the current ones, from the next one on.
+    pub fn replace_secrets<S: AsRef<[u8]>>(&self, secrets: &[S]) {
+        let verifier = Verifier::new(secrets, self.inner.tolerance);
+        self.inner.verifier.store(Arc::new(verifier));
     }
 
     /// Answers one delivery (see the module documentation).
@@ -176,6 +189,7 @@ impl Inner {
         };
         if let Err(refused) = self
             .verifier
+            .load()
             .verify_signature(&signature, &body, SystemTime::now())
         {
             return self.refused(claimed, refused);

@@ -157,8 +157,9 @@ impl RedisTier {
         Some(set.is_some())
     }
 
-    /// A client for a pub/sub connection of its own (subscriptions take a connection whole).
-    pub fn client(&self) -> &redis::Client {
-        &self.inner.client
+    /// A client for a pub/sub connection of its own (subscriptions take a connection whole),
+    /// with the password in use now.
+    pub fn client(&self) -> redis::Client {
+        self.inner.connections.load().client.clone()
     }
 }

@@ -58,7 +58,7 @@ impl RedisTier {
         if self.inner.breaker.is_open() {
             return;
         }
-        let mut redis = self.inner.redis.clone();
+        let mut redis = self.connection();
         let outcome =
             tokio::time::timeout(self.inner.timeout, invocation.invoke_async::<i64>(&mut redis)).await;
         self.record(matches!(outcome, Ok(Ok(_))));

@@ -7,6 +7,11 @@
 //! carry a small versioned [`envelope`]; anything that does not decode is a miss and is
 //! overwritten. When a run is missing everywhere, the fetch [`lock`] elects one replica to fetch
 //! it. The order of lookups and fills across memory and Redis is [`crate::cache::tiers`]'s.
+//!
+//! A rotated password ([`RedisTier::use_password`]) is proven on a connection of its own (a PING)
+//! before it replaces the current connection; calls in flight finish on the old one, every call
+//! after the swap uses the new one, and so does every pub/sub connection opened from then on (one
+//! already subscribed stays authenticated as it was until it reconnects).
 
 pub mod breaker;
 pub mod envelope;
@@ -17,6 +22,7 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
 
@@ -29,6 +35,40 @@ use crate::config::{ConfigError, SharedCacheConfig};
 use crate::run::id::RunId;
 use crate::run::status::RunStatuses;
 
+/// The connection calls share, and the client it came from (for connections of their own, such
+/// as pub/sub).
+struct Connections {
+    manager: ConnectionManager,
+    client: redis::Client,
+}
+
+impl Connections {
+    /// A client for `url` with `password`; the manager connects on first use.
+    fn open(
+        url: &str,
+        password: Option<String>,
+        manager_config: &ConnectionManagerConfig,
+    ) -> redis::RedisResult<Self> {
+        let mut info = url.into_connection_info()?;
+        if let Some(password) = password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
+        Ok(Self { manager, client })
+    }
+}
+
+/// Why a rotated Redis password was not taken into use (the current one is kept).
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordRefused {
+    #[error("Redis refused the connection made with it ({0})")]
+    Refused(String),
+    #[error("no answer from Redis within {0:?}")]
+    TimedOut(Duration),
+}
+
 /// What a lookup found.
 pub enum Lookup {
     Hit(CachedRun),
@@ -37,6 +77,9 @@ pub enum Lookup {
     Unavailable,
 }
 
+/// The least time a new password's proving PING is given.
+const PASSWORD_PROOF_MIN_WAIT: Duration = Duration::from_secs(1);
+
 /// The Redis client, its settings and its circuit breaker. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisTier {
@@ -44,9 +87,11 @@ pub struct RedisTier {
 }
 
 struct Inner {
-    redis: ConnectionManager,
-    /// For connections of their own (pub/sub).
-    client: redis::Client,
+    /// The multiplexed connection and its client; replaced whole when the password is rotated.
+    connections: ArcSwap<Connections>,
+    /// The URL and settings every connection is made with (the password aside).
+    url: String,
+    manager_config: ConnectionManagerConfig,
     lease_scripts: lease::LeaseScripts,
     prefix: String,
     ttl: Duration,
@@ -77,22 +122,16 @@ impl RedisTier {
                 format_args!("cannot be used ({:?})", error.kind()),
             ))
         };
-        let mut info = config.url.as_str().into_connection_info().map_err(invalid)?;
-        if let Some(password) = password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(invalid)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1);
-        let redis =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config).map_err(invalid)?;
+        let connections = Connections::open(&config.url, password, &manager_config).map_err(invalid)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                redis,
-                client,
+                connections: ArcSwap::from_pointee(connections),
+                url: config.url.clone(),
+                manager_config,
                 lease_scripts: lease::LeaseScripts::default(),
                 prefix: config.key_prefix.clone(),
                 ttl: config.ttl.unwrap_or(default_ttl),
@@ -107,6 +146,31 @@ impl RedisTier {
                 statuses,
             }),
         })
+    }
+
+    /// Connects with `password` and, once Redis has answered a PING on that connection, makes it
+    /// the one every call uses from then on. On failure the current connection stays in use.
+    pub async fn use_password(&self, password: String) -> Result<(), PasswordRefused> {
+        let refused = |error: redis::RedisError| PasswordRefused::Refused(format!("{:?}", error.kind()));
+        let connections = Connections::open(&self.inner.url, Some(password), &self.inner.manager_config)
+            .map_err(refused)?;
+        // A new connection: allow for its handshake (TLS too) beside the call itself.
+        let patience = (self.inner.timeout * 4).max(PASSWORD_PROOF_MIN_WAIT);
+        let mut manager = connections.manager.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(patience, ping.query_async::<String>(&mut manager)).await {
+            Ok(Ok(_)) => {
+                self.inner.connections.store(Arc::new(connections));
+                Ok(())
+            }
+            Ok(Err(error)) => Err(refused(error)),
+            Err(_) => Err(PasswordRefused::TimedOut(patience)),
+        }
+    }
+
+    /// The connection calls use now.
+    pub(super) fn connection(&self) -> ConnectionManager {
+        self.inner.connections.load().manager.clone()
     }
 
     fn run_key(&self, id: &RunId) -> String {
@@ -164,7 +228,7 @@ impl RedisTier {
         if self.inner.breaker.is_open() {
             return None;
         }
-        let mut redis = self.inner.redis.clone();
+        let mut redis = self.connection();
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.inner.timeout, command.query_async::<T>(&mut redis)).await;
         self.inner.metrics.observe(op, started.elapsed());
@@ -195,7 +259,7 @@ impl RedisTier {
         if self.inner.breaker.is_open() {
             return None;
         }
-        let mut redis = self.inner.redis.clone();
+        let mut redis = self.connection();
         let started = Instant::now();
         let outcome =
             tokio::time::timeout(self.inner.timeout, invocation.invoke_async::<T>(&mut redis)).await;

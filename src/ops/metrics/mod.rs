@@ -6,7 +6,8 @@
 //! [`crate::upstream::budget_metrics`], the memory store in [`crate::cache::metrics`], the Redis
 //! tier in [`crate::cache::redis::metrics`], client connections in
 //! [`crate::serve::connection::metrics`], held clients in [`crate::watch::metrics`], webhook
-//! deliveries in [`crate::webhook::metrics`]. They are built from [`family`]'s blocks; [`Metrics`]
+//! deliveries in [`crate::webhook::metrics`], secrets re-read from files in
+//! [`crate::ops::secret_files`]. They are built from [`family`]'s blocks; [`Metrics`]
 //! gathers them, with the few series that belong to no one concern, for wiring and `/metrics`.
 
 pub mod family;
@@ -19,6 +20,7 @@ use self::family::{opts, register};
 use crate::cache::metrics::CacheMetrics;
 use crate::cache::redis::RedisMetrics;
 use crate::edge::request_metrics::RequestMetrics;
+use crate::ops::secret_files::SecretReloadMetrics;
 use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::metrics::ConnectionMetrics;
 use crate::upstream::budget_metrics::BudgetMetrics;
@@ -46,6 +48,7 @@ pub struct Metrics {
     pub watch: WatchMetrics,
     pub fleet: FleetMetrics,
     pub webhook: WebhookMetrics,
+    pub secrets: SecretReloadMetrics,
     /// `plextera_gateway_coalesced_requests_total`.
     pub coalesced_requests: IntCounter,
     /// `plextera_gateway_coalesced_waiters`.
@@ -94,6 +97,7 @@ impl Metrics {
             watch: WatchMetrics::new(&registry)?,
             fleet: FleetMetrics::new(&registry)?,
             webhook: WebhookMetrics::new(&registry)?,
+            secrets: SecretReloadMetrics::new(&registry)?,
             coalesced_requests,
             coalesced_waiters,
             registry,
