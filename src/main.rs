@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use plextera_gateway::config::{Config, DEFAULT_CONFIG_PATH, UpstreamConfig};
+use plextera_gateway::app::AppError;
+use plextera_gateway::config::{Config, DEFAULT_API_KEY_ENV, DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH};
 use plextera_gateway::ops::health_check;
+use plextera_gateway::ops::secret_files::{SecretFiles, Snapshot};
+use plextera_gateway::ops::systemd::{self, Notifier};
 use plextera_gateway::ops::telemetry::{self, LogFormat};
-use plextera_gateway::upstream::credentials::KeyRotation;
 use plextera_gateway::webhook::signature;
-use plextera_gateway::{ApiKey, Gateway, Secrets, demo};
+use plextera_gateway::{ApiKey, Gateway, Secrets, StartError, demo};
 
 /// mimalloc: the request path allocates small, short-lived buffers (headers, bodies, futures) on
 /// every request; mimalloc serves them in fewer instructions than glibc's malloc (see the
@@ -19,16 +21,26 @@ use plextera_gateway::{ApiKey, Gateway, Secrets, demo};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit status for a configuration the gateway refuses (sysexits' EX_CONFIG).
+/// Exit status for a configuration the gateway refuses (sysexits' EX_CONFIG): restarting will
+/// not help (systemd: `RestartPreventExitStatus=78`).
 const EXIT_CONFIG: u8 = 78;
+/// Exit status when a listen address cannot be bound, e.g. a port still held by the previous
+/// process (sysexits' EX_TEMPFAIL): a restart may well succeed.
+const EXIT_BIND: u8 = 75;
+/// Exit status for another failure of the operating system at start-up, e.g. the async runtime
+/// cannot be created (sysexits' EX_OSERR).
+const EXIT_OS: u8 = 71;
+/// Exit status for a failure of the gateway's own (sysexits' EX_SOFTWARE): a bug.
+const EXIT_SOFTWARE: u8 = 70;
 
 /// Caching reverse proxy for Plextera's Get-run endpoint.
 #[derive(Debug, Parser)]
 #[command(name = "plextera-gateway", version, about)]
 struct Cli {
-    /// The TOML configuration file.
-    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// The TOML configuration file [default: config/gateway.toml if it exists, else
+    /// /etc/plextera-gateway/gateway.toml].
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Serve a built-in simulated upstream on loopback and use it: no key, no network needed.
     #[arg(long)]
     demo: bool,
@@ -38,6 +50,11 @@ struct Cli {
     /// Check the running gateway's /healthz on the configured admin port, then exit 0 (healthy) or 1.
     #[arg(long, conflicts_with = "demo")]
     health_check: bool,
+    /// Check the config and every secret it names, print the effective configuration (secrets
+    /// shown only by where they come from), then exit 0, or 78 with one line naming the problem.
+    /// Binds nothing, starts nothing.
+    #[arg(long, conflicts_with_all = ["demo", "health_check"])]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -68,10 +85,20 @@ fn main() -> ExitCode {
         return sign_webhook(secrets_env, *timestamp);
     }
     telemetry::init(cli.log_format);
-    let mut config = match load_config(&cli) {
-        Ok(config) => config,
-        Err(error) => return refuse(error.to_string()),
+    let source = match config_path(&cli) {
+        Ok(source) => source,
+        Err(problem) => return refuse(problem),
     };
+    let mut config = match &source {
+        Some(path) => match Config::load(path) {
+            Ok(config) => config,
+            Err(error) => return refuse(error.to_string()),
+        },
+        None => Config::default(),
+    };
+    if cli.check_config {
+        return check_config(&config, source.as_deref());
+    }
     if cli.health_check {
         let admin = health_check::local_address(config.server.admin_listen);
         return match health_check::check(admin, health_check::TIMEOUT) {
@@ -87,9 +114,53 @@ fn main() -> ExitCode {
     }
     let runtime = match runtime(config.server.worker_threads) {
         Ok(runtime) => runtime,
-        Err(error) => return refuse(format!("cannot start the async runtime: {error}")),
+        Err(error) => return fail(EXIT_OS, format!("cannot start the async runtime: {error}")),
     };
-    runtime.block_on(run(cli, config))
+    runtime.block_on(run(cli, source, config))
+}
+
+/// The config file: `--config`, else the first of [`DEFAULT_CONFIG_PATH`] (relative to the
+/// working directory) and [`PACKAGED_CONFIG_PATH`] that exists. `None`: neither exists and
+/// `--demo` runs on the defaults; without `--demo` that is refused, naming both.
+fn config_path(cli: &Cli) -> Result<Option<PathBuf>, String> {
+    if let Some(path) = &cli.config {
+        return Ok(Some(path.clone()));
+    }
+    let found = [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists());
+    match found {
+        Some(path) => Ok(Some(path)),
+        None if cli.demo => Ok(None),
+        None => Err(format!(
+            "no config file: neither {DEFAULT_CONFIG_PATH} (in the working directory) nor {PACKAGED_CONFIG_PATH} exists; name one with --config"
+        )),
+    }
+}
+
+/// `--check-config`: every secret the config names must be found and usable; then the effective
+/// configuration is printed (as TOML the gateway accepts back) and the status is 0, else 78.
+fn check_config(config: &Config, source: Option<&std::path::Path>) -> ExitCode {
+    if let Err(error) = Secrets::load(config, |name| std::env::var(name).ok()) {
+        return refuse(error.to_string());
+    }
+    let text = match toml::to_string(config) {
+        Ok(text) => text,
+        Err(error) => return fail(EXIT_SOFTWARE, format!("cannot print the configuration: {error}")),
+    };
+    let source = source.map_or_else(
+        || "built-in defaults".to_owned(),
+        |path| path.display().to_string(),
+    );
+    println!("# plextera-gateway --check-config: the configuration in {source} is valid.");
+    println!("# Below, the effective configuration (defaults filled in; unset optional keys left out).");
+    println!("# Secrets are shown only by their source; each one was found and is usable.");
+    if config.upstream.api_key_env.is_none() && config.upstream.api_key_file.is_none() {
+        println!("# The API key is read from the environment variable {DEFAULT_API_KEY_ENV} (the default).");
+    }
+    print!("{text}");
+    ExitCode::SUCCESS
 }
 
 /// Opts this process out of transparent huge pages, before anything sizeable is allocated.
@@ -175,11 +246,13 @@ fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runti
     builder.enable_all().build()
 }
 
-async fn run(cli: Cli, config: Config) -> ExitCode {
+async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
+    // Before the secrets are read: a file rotated in between is then seen as changed.
+    let snapshot = Snapshot::take(&config);
     let (config, secrets, demo_upstream) = if cli.demo {
         match demo_setup(config).await {
             Ok((config, secrets, upstream)) => (config, secrets, Some(upstream)),
-            Err(error) => return refuse(format!("cannot start the demo upstream: {error}")),
+            Err(error) => return fail(EXIT_OS, format!("cannot start the demo upstream: {error}")),
         }
     } else {
         match Secrets::load(&config, |name| std::env::var(name).ok()) {
@@ -188,13 +261,13 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
         }
     };
     tracing::info!(
-        config = %config_source(&cli),
+        config = %config_source(source.as_deref()),
         upstream = config.upstream.origin().unwrap_or_default(),
         "configuration loaded"
     );
-    let gateway = match Gateway::bind(&config, &secrets).await {
+    let mut gateway = match Gateway::bind(&config, &secrets).await {
         Ok(gateway) => gateway,
-        Err(error) => return refuse(error.to_string()),
+        Err(error) => return fail(start_failure(&error), error.to_string()),
     };
     if let Some(upstream) = &demo_upstream {
         let url = demo::page_url(upstream.addr, gateway.public_addr());
@@ -204,69 +277,103 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             tracing::info!(%webhook, "demo mode: a signed event is sent to the webhook listener when each run ends (signing secret \"{}\")", demo::DEMO_WEBHOOK_SECRET);
         }
     }
-    // From here on every log line is searched for the key (current and, after a SIGHUP, previous).
+    // From here on every log line is searched for the key (current and, after a rotation, previous).
     let rotation = gateway.key_rotation();
     telemetry::redact_with(Box::new(move |line| rotation.redact(line)));
+    let notifier = Notifier::new(std::env::var(systemd::NOTIFY_SOCKET).ok().as_deref());
     if !cli.demo {
+        let files = SecretFiles::new(
+            snapshot,
+            gateway.secret_targets(),
+            gateway.secret_reload_metrics(),
+        );
         // Registered before "ready" is announced, so an early SIGHUP cannot take its default
         // action (terminating the process).
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => {
-                tokio::spawn(reload_key_on_sighup(
-                    hangups,
-                    config.upstream.clone(),
-                    gateway.key_rotation(),
-                ));
-            }
+        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => Some(hangups),
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP: the API key can only change with a restart")
+                tracing::warn!(%error, "cannot listen for SIGHUP: secret files are still re-read every server.secrets_check_interval");
+                None
             }
-        }
+        };
+        tokio::spawn(watch_secrets(
+            files,
+            config.server.secrets_check_interval,
+            hangups,
+            notifier.clone(),
+        ));
     }
-    gateway.serve(shutdown_signal()).await;
+    let ready = notifier.clone();
+    gateway.on_ready(move || ready.ready());
+    let shutdown = shutdown_signal();
+    gateway
+        .serve(async move {
+            shutdown.await;
+            notifier.stopping();
+        })
+        .await;
     ExitCode::SUCCESS
 }
 
-/// On SIGHUP, reads the key again from `api_key_file` and sends it from then on. A key that
-/// cannot be read (missing file, empty, not a header value) leaves the current key in place.
-async fn reload_key_on_sighup(
-    mut hangups: tokio::signal::unix::Signal,
-    upstream: UpstreamConfig,
-    rotation: KeyRotation,
+/// Re-reads the secret files every `interval` and at once on SIGHUP (telling systemd a reload is
+/// under way meanwhile); see `ops::secret_files`.
+async fn watch_secrets(
+    mut files: SecretFiles,
+    interval: std::time::Duration,
+    mut hangups: Option<tokio::signal::unix::Signal>,
+    notifier: Notifier,
 ) {
-    while hangups.recv().await.is_some() {
-        let Some(path) = &upstream.api_key_file else {
-            tracing::warn!(
-                "SIGHUP: the API key comes from the environment, which cannot change: restart to rotate it"
-            );
-            continue;
-        };
-        match upstream.load_api_key(|name| std::env::var(name).ok()) {
-            Ok(key) => {
-                rotation.replace(&key);
-                tracing::info!(file = %path.display(), "SIGHUP: API key reloaded");
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let hangup = async {
+            match &mut hangups {
+                Some(hangups) => hangups.recv().await,
+                None => std::future::pending().await,
             }
-            Err(error) => tracing::warn!(%error, "SIGHUP: keeping the current API key"),
+        };
+        tokio::select! {
+            _ = ticks.tick(), if files.any() => files.check().await,
+            received = hangup => {
+                if received.is_none() {
+                    hangups = None;
+                    continue;
+                }
+                notifier.reloading();
+                tracing::info!("SIGHUP: re-reading the secret files");
+                let from_environment: Vec<&str> = files.from_environment().collect();
+                if !from_environment.is_empty() {
+                    tracing::warn!(
+                        secrets = from_environment.join(","),
+                        "SIGHUP: secrets from the environment cannot change while the process runs: restart to rotate them, or read them from files"
+                    );
+                }
+                files.check().await;
+                notifier.ready();
+            }
         }
+    }
+}
+
+/// The exit status for a gateway that could not start: a port that cannot be bound may be free
+/// on a restart; a config problem will not go away.
+fn start_failure(error: &StartError) -> u8 {
+    match error {
+        StartError::Bind { .. } => EXIT_BIND,
+        StartError::App(AppError::Config(_)) => EXIT_CONFIG,
+        StartError::App(AppError::Metrics(_)) => EXIT_SOFTWARE,
     }
 }
 
 /// Where the config came from, for the start-up log.
-fn config_source(cli: &Cli) -> String {
-    if cli.config.exists() {
-        let path = std::fs::canonicalize(&cli.config).unwrap_or_else(|_| cli.config.clone());
-        path.display().to_string()
-    } else {
-        "built-in defaults".to_owned()
+fn config_source(source: Option<&std::path::Path>) -> String {
+    match source {
+        Some(path) => std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_owned())
+            .display()
+            .to_string(),
+        None => "built-in defaults".to_owned(),
     }
-}
-
-/// The config file; in demo mode a missing default file means "all defaults".
-fn load_config(cli: &Cli) -> Result<Config, plextera_gateway::config::ConfigError> {
-    if cli.demo && cli.config.as_path() == std::path::Path::new(DEFAULT_CONFIG_PATH) && !cli.config.exists() {
-        return Ok(Config::default());
-    }
-    Config::load(&cli.config)
 }
 
 /// Starts the simulated upstream and points the gateway at it with the demo key; CORS allows the
@@ -293,18 +400,24 @@ async fn demo_setup(mut config: Config) -> std::io::Result<(Config, Secrets, dem
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled: a SIGTERM
+/// that arrives just after "ready" is announced must start a drain, not kill the process.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut terminate), Ok(mut interrupt)) => {
-            tokio::select! {
-                _ = terminate.recv() => tracing::info!("SIGTERM received"),
-                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match signals {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                    _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                }
             }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; only Ctrl-C stops the gateway");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::warn!("cannot install signal handlers; only Ctrl-C stops the gateway");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
@@ -350,6 +463,11 @@ fn sign_webhook(secrets_env: &str, timestamp: Option<u64>) -> ExitCode {
 
 /// Prints one line naming the problem and returns the configuration-error exit status.
 fn refuse(message: String) -> ExitCode {
+    fail(EXIT_CONFIG, message)
+}
+
+/// Prints one line naming the problem and returns `status`.
+fn fail(status: u8, message: String) -> ExitCode {
     eprintln!("plextera-gateway: {message}");
-    ExitCode::from(EXIT_CONFIG)
+    ExitCode::from(status)
 }

@@ -143,6 +143,8 @@ pub struct Recorded {
 struct MockState {
     replies: Mutex<HashMap<String, Reply>>,
     requests: Mutex<Vec<Recorded>>,
+    /// When set, the only `Authorization` values answered; any other gets a 401.
+    accepted_keys: Mutex<Option<Vec<String>>>,
 }
 
 /// A real HTTP/1.1 server standing in for Plextera. Unknown ids get a 404.
@@ -181,6 +183,13 @@ impl MockUpstream {
             .lock()
             .expect("mock lock")
             .insert(id.to_owned(), reply);
+    }
+
+    /// From now on, answers only requests whose API key is one of `keys` (each as in
+    /// `Authorization: api-key <key>`); any other gets 401, as Plextera answers a revoked key.
+    pub fn accept_only(&self, keys: &[&str]) {
+        *self.state.accepted_keys.lock().expect("mock lock") =
+            Some(keys.iter().map(|key| format!("api-key {key}")).collect());
     }
 
     /// Every request received so far.
@@ -254,7 +263,26 @@ async fn answer_mock(
         at: std::time::Instant::now(),
     });
     arrivals.send_modify(|arrived| *arrived += 1);
-    let reply = state.replies.lock().expect("mock lock").get(&id).cloned();
+    let refused = state
+        .accepted_keys
+        .lock()
+        .expect("mock lock")
+        .as_ref()
+        .is_some_and(|accepted| {
+            let presented = request
+                .headers()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok());
+            !accepted.iter().any(|key| Some(key.as_str()) == presented)
+        });
+    let reply = if refused {
+        Some(Reply::status(
+            StatusCode::UNAUTHORIZED,
+            r#"{"error":{"code":"UNAUTHORIZED","message":"invalid API key","retryable":false}}"#,
+        ))
+    } else {
+        state.replies.lock().expect("mock lock").get(&id).cloned()
+    };
     let mut reply = reply.unwrap_or_else(|| {
         Reply::status(
             StatusCode::NOT_FOUND,
@@ -640,8 +668,17 @@ impl GatewayProcess {
         Self::start_under(&[], args, env)
     }
 
+    /// As [`GatewayProcess::start`], with `dir` as the working directory.
+    pub fn start_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(&[], Some(dir), args, env)
+    }
+
     /// As [`GatewayProcess::start`], run by the command `wrapper` (e.g. `prlimit --nofile=…`).
     pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(wrapper, None, args, env)
+    }
+
+    fn launch(wrapper: &[&str], dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let binary = env!("CARGO_BIN_EXE_plextera-gateway");
         let mut command = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
@@ -660,6 +697,9 @@ impl GatewayProcess {
             .stderr(Stdio::piped());
         for (name, value) in env {
             command.env(name, value);
+        }
+        if let Some(dir) = dir {
+            command.current_dir(dir);
         }
         let mut child = command.spawn().expect("start the gateway binary");
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -744,6 +784,15 @@ impl GatewayProcess {
                 &[],
             )
             .await
+    }
+
+    /// The process's `/metrics`, parsed.
+    pub async fn scrape(&self) -> prom::Scrape {
+        let response = TestClient::new()
+            .send(Method::GET, &format!("http://{}/metrics", self.admin), &[])
+            .await;
+        assert_eq!(response.status, StatusCode::OK);
+        prom::Scrape::parse(std::str::from_utf8(&response.body).expect("utf-8 exposition"))
     }
 
     /// Every line printed so far, stdout and stderr.
