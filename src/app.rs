@@ -57,6 +57,7 @@ impl App {
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
         let upstream = Upstream::new(&config.upstream, &secrets.api_key, metrics.upstream.clone())?;
         let key_rotation = upstream.key_rotation();
+        let upstream_connections = upstream.occupancy();
         let store = RunStore::new(
             config.cache.max_size.as_u64(),
             config.cache.ttl,
@@ -121,6 +122,7 @@ impl App {
                 metrics,
                 store,
                 budget,
+                upstream_connections,
             },
             cors: edge::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),

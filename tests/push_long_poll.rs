@@ -112,8 +112,11 @@ async fn until_upstream_answered(gateway: &TestGateway, code: &str) {
         gateway
             .scrape()
             .await
-            .value(UPSTREAM, &[("code", code)])
-            .unwrap_or(0.0)
+            .series(UPSTREAM)
+            .iter()
+            .filter(|sample| sample.labels.get("code").map(String::as_str) == Some(code))
+            .map(|sample| sample.value)
+            .sum::<f64>()
             >= 1.0
     })
     .await;

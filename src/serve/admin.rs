@@ -18,6 +18,7 @@ use crate::edge::error::error_body;
 use crate::edge::response::{Body, NO_STORE, json};
 use crate::ops::metrics::{self, Metrics};
 use crate::upstream::budget::Budget;
+use crate::upstream::pool::PoolOccupancy;
 
 /// Whether the gateway should receive traffic. Shared by the server (writer) and `/readyz`.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +43,8 @@ pub struct AdminState {
     pub store: RunStore,
     /// Read at scrape time for the cooldown gauge.
     pub budget: Budget,
+    /// Read at scrape time for the upstream connection gauges.
+    pub upstream_connections: PoolOccupancy,
 }
 
 /// Answers one admin request.
@@ -88,6 +91,10 @@ async fn scrape(state: &AdminState) -> Response<Body> {
         .metrics
         .budget
         .set_cooldown(state.budget.cooldown_remaining());
+    state
+        .metrics
+        .upstream
+        .set_connections(state.upstream_connections.now());
     let mut response = Response::new(Body::new(Bytes::from(state.metrics.render()), None));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
