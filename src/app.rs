@@ -116,13 +116,14 @@ impl App {
         };
         Ok(Self {
             runs,
-            watches,
+            watches: watches.clone(),
             admin: AdminState {
                 readiness: Readiness::default(),
                 metrics,
                 store,
                 budget,
                 upstream_connections,
+                watches,
             },
             cors: edge::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),
