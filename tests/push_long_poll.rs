@@ -106,7 +106,8 @@ async fn until_held(gateway: &TestGateway, count: usize) {
     .await;
 }
 
-/// Waits until the gateway has received at least one upstream answer labelled `code`.
+/// Waits until the gateway has made at least one upstream call labelled `code`: an HTTP status
+/// (its `code` label), or a failure kind such as `timeout` (its `outcome`; its code is `none`).
 async fn until_upstream_answered(gateway: &TestGateway, code: &str) {
     eventually(&format!("upstream answered {code}"), || async {
         gateway
@@ -114,7 +115,10 @@ async fn until_upstream_answered(gateway: &TestGateway, code: &str) {
             .await
             .series(UPSTREAM)
             .iter()
-            .filter(|sample| sample.labels.get("code").map(String::as_str) == Some(code))
+            .filter(|sample| {
+                sample.labels.get("code").map(String::as_str) == Some(code)
+                    || sample.labels.get("outcome").map(String::as_str) == Some(code)
+            })
             .map(|sample| sample.value)
             .sum::<f64>()
             >= 1.0
