@@ -294,3 +294,61 @@ async fn with_redis_down_the_memory_copy_is_purged_and_the_answer_says_redis_was
     );
     assert_eq!(mock.count_for("done"), 2);
 }
+
+/// A long-poll holding `if_none_match`, waiting up to `wait`.
+async fn long_poll(gateway: &TestGateway, id: &str, wait: &str, if_none_match: &str) -> TestResponse {
+    gateway
+        .send(
+            Method::GET,
+            &format!("{}?wait={wait}", support::runs_path(id)),
+            &[("if-none-match", if_none_match)],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_purge_drops_the_watch_of_an_ended_run_so_waiting_clients_are_not_given_the_old_answer() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |config| {
+        // The watcher sleeps through the whole test: whatever it knows came from elsewhere.
+        config.watch.poll_interval = Duration::from_secs(60);
+        config.watch.max_poll_interval = Duration::from_secs(60);
+    })
+    .await;
+    mock.set("run", Reply::ok(support::push::running("run", 1, 100)));
+    let going = gateway.get_run("run").await;
+    let version = going.header("etag").expect("a version").to_owned();
+    // A client held on the run starts its watch; its wait runs out with nothing new.
+    let held = long_poll(&gateway, "run", "200ms", &version).await;
+    assert_eq!(held.status, StatusCode::NOT_MODIFIED);
+
+    // The run ends (wrongly). A client holding a version the watch has not seen fetches it, and
+    // the watch learns the end from that call.
+    let wrong = run_body("run", "COMPLETED", 100);
+    mock.set("run", Reply::ok(wrong.clone()));
+    assert_eq!(long_poll(&gateway, "run", "5s", "W/\"other\"").await.body, wrong);
+    assert_eq!(
+        gateway
+            .scrape()
+            .await
+            .expect("plextera_gateway_watched_runs", &[]),
+        1.0,
+        "the ended run's watch is still there, its watcher asleep"
+    );
+
+    let response = purge(&gateway, "/cache/runs/run").await;
+    assert_eq!(response.json()["removed"]["memory"], true);
+    assert_eq!(
+        gateway
+            .scrape()
+            .await
+            .expect("plextera_gateway_watched_runs", &[]),
+        0.0,
+        "the ended run's watch went with the purge"
+    );
+    let corrected = run_body("run", "FAILED", 100);
+    mock.set("run", Reply::ok(corrected.clone()));
+    let next = long_poll(&gateway, "run", "5s", "W/\"other\"").await;
+    assert_eq!(next.body, corrected, "not the purged answer the watch held");
+    assert_eq!(mock.count_for("run"), 4);
+}

@@ -168,9 +168,11 @@ impl Watches {
     }
 
     /// An operator's purge: drops `id`'s stored answer in `scope` here and in Redis, then tells
-    /// the other replicas to drop their memory copy. Clients held on the run are untouched: a
-    /// run still going is never stored, and a watch whose run ended is gone once it answered.
+    /// the other replicas to drop their memory copy. Clients held on a run still going are
+    /// untouched (such a run is never stored); a watch whose run ended or stopped is dropped, so
+    /// a client arriving next is not given its answer (see [`Hub::purged`]).
     pub async fn purge(&self, id: &RunId, scope: Scope) -> PurgeReport {
+        self.hub.purged(id);
         // Redis first, then the announcement: a replica told of the purge must not find the old
         // copy in Redis and keep it again.
         let mut purged = self.runs.purge(id, scope).await;
@@ -389,6 +391,19 @@ impl Hub {
             self.metrics.watched_runs().dec();
         }
         done
+    }
+
+    /// A purge of `id`: its watch, if its run ended or stopped, is dropped now. Such a watch
+    /// otherwise stays until its watcher's next turn (up to `watch.max_poll_interval` when the
+    /// final answer came from elsewhere: a client's call, a run event, another replica), and a
+    /// client held on the run meanwhile would be given that answer, the one just purged. Clients
+    /// it already answered keep what they have; its watcher finds itself released at its turn.
+    fn purged(&self, id: &RunId) {
+        let mut watched = self.lock();
+        if watched.get(id).is_some_and(|entry| entry.channel.is_final()) {
+            watched.remove(id);
+            self.metrics.watched_runs().dec();
+        }
     }
 
     /// Runs watched right now.

@@ -344,6 +344,7 @@ impl Fleet {
             } else {
                 Scope::Run
             };
+            hub.purged(&id);
             let hub = Arc::clone(hub);
             tokio::spawn(async move {
                 let memory = hub.runs.purge_memory(&id, scope).await;
