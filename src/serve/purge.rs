@@ -58,13 +58,18 @@ pub async fn handle(method: &Method, scope: Scope, raw_id: &str, watches: &Watch
         Some(Shared::Unavailable) => "unavailable",
         None => "not_asked",
     };
+    let replicas = match report.replicas_told {
+        Some(true) => "told",
+        Some(false) => "not_told",
+        None => "no_shared_tier",
+    };
     if answer.error.is_some() {
         tracing::warn!(
             run_id = id.as_str(),
             scope = scope.as_str(),
             memory = report.purged.memory,
             shared,
-            replicas_told = ?report.replicas_told,
+            replicas,
             "purged this replica's memory only: Redis could not be reached"
         );
     } else {
@@ -73,7 +78,7 @@ pub async fn handle(method: &Method, scope: Scope, raw_id: &str, watches: &Watch
             scope = scope.as_str(),
             memory = report.purged.memory,
             shared,
-            replicas_told = ?report.replicas_told,
+            replicas,
             "purged"
         );
     }
