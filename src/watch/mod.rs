@@ -170,7 +170,7 @@ impl Watches {
     /// An operator's purge: drops `id`'s stored answer in `scope` here and in Redis, then tells
     /// the other replicas to drop their memory copy. Clients held on a run still going are
     /// untouched (such a run is never stored); a watch whose run ended or stopped is dropped, so
-    /// a client arriving next is not given its answer (see [`Hub::purged`]).
+    /// a client arriving next is not given its answer.
     pub async fn purge(&self, id: &RunId, scope: Scope) -> PurgeReport {
         self.hub.purged(id);
         // Redis first, then the announcement: a replica told of the purge must not find the old
