@@ -59,6 +59,7 @@ impl App {
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
         let upstream = Upstream::new(&config.upstream, &secrets.api_key, metrics.upstream.clone())?;
         let key_rotation = upstream.key_rotation();
+        let upstream_connections = upstream.occupancy();
         let store = RunStore::new(
             config.cache.max_size.as_u64(),
             config.cache.ttl,
@@ -117,12 +118,14 @@ impl App {
         };
         Ok(Self {
             runs,
-            watches,
+            watches: watches.clone(),
             admin: AdminState {
                 readiness: Readiness::default(),
                 metrics,
                 store,
                 budget,
+                upstream_connections,
+                watches,
             },
             cors: edge::cors_layer(&config.server.cors_allowed_origins),
             client_tokens: secrets.client_tokens.clone(),

@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::cache::CacheOutcome;
 use crate::cache::coalesce::{Coalescer, Role};
+use crate::cache::purge::{Purged, Scope, Shared};
 use crate::cache::tiers::{Lookup, Tiers};
 use crate::cache::{CachedRun, Decision, Policy, etag, version};
 use crate::edge::error::GatewayError;
@@ -169,6 +170,22 @@ impl RunService {
     /// run exists).
     pub async fn forget_not_found(&self, id: &RunId) {
         self.proxy.tiers.forget_not_found(id).await;
+    }
+
+    /// Drops `id`'s stored answer in `scope` from the tiers (an operator's purge).
+    pub async fn purge(&self, id: &RunId, scope: Scope) -> Purged {
+        self.proxy.tiers.purge(id, scope).await
+    }
+
+    /// Deletes `id` from Redis once more, once the other replicas were told of its purge.
+    pub async fn purge_shared_again(&self, id: &RunId) -> Option<Shared> {
+        self.proxy.tiers.purge_shared_again(id).await
+    }
+
+    /// Drops `id`'s stored answer in `scope` from memory only (another replica purged it and
+    /// Redis); whether memory held it.
+    pub async fn purge_memory(&self, id: &RunId, scope: Scope) -> bool {
+        self.proxy.tiers.purge_memory(id, scope).await
     }
 
     /// A hit, answered.

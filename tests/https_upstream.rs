@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{TEST_KEY, TestGateway, run_body, test_config};
+use support::{Gate, TEST_KEY, TestGateway, run_body, runs_path, test_config};
 use tokio::net::TcpListener;
 
 /// What the TLS mock saw of each request: protocol version and `Authorization`.
@@ -18,11 +18,12 @@ type Seen = Arc<Mutex<Vec<(Version, String)>>>;
 /// A TLS server for `localhost` with a fresh self-signed certificate; returns its address, the
 /// certificate as PEM, and the requests it sees.
 async fn tls_upstream() -> (SocketAddr, String, Seen) {
-    tls_upstream_with(false).await
+    tls_upstream_with(false, None).await
 }
 
-/// As [`tls_upstream`]; with `goaway`, every connection sends GOAWAY after its first answer.
-async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
+/// As [`tls_upstream`]; with `goaway`, every connection sends GOAWAY after its first answer; with
+/// `gate`, every answer waits for the gate to open.
+async fn tls_upstream_with(goaway: bool, gate: Option<Gate>) -> (SocketAddr, String, Seen) {
     let (acceptor, certificate_pem) = support::tls::localhost_acceptor(&[b"h2", b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -35,6 +36,7 @@ async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
             };
             let acceptor = acceptor.clone();
             let seen = Arc::clone(&seen_by_server);
+            let gate = gate.clone();
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
@@ -59,7 +61,11 @@ async fn tls_upstream_with(goaway: bool) -> (SocketAddr, String, Seen) {
                         .next()
                         .unwrap_or_default()
                         .to_owned();
+                    let gate = gate.clone();
                     async move {
+                        if let Some(gate) = gate {
+                            gate.passed().await;
+                        }
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(run_body(
                             &id,
                             "COMPLETED",
@@ -142,7 +148,7 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
 
 #[tokio::test]
 async fn an_http2_goaway_is_followed_by_a_fresh_connection() {
-    let (addr, ca_pem, seen) = tls_upstream_with(true).await;
+    let (addr, ca_pem, seen) = tls_upstream_with(true, None).await;
     let (gateway, _ca_dir) = gateway_trusting(addr, &ca_pem).await;
 
     // Each upstream connection answers once, then says GOAWAY: every call must still succeed.
@@ -158,5 +164,49 @@ async fn an_http2_goaway_is_followed_by_a_fresh_connection() {
     );
     let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 5);
+    assert!(seen.iter().all(|(version, _)| *version == Version::HTTP_2));
+}
+
+/// The pool's connections by state, from a scrape.
+async fn upstream_connections(gateway: &TestGateway) -> (f64, f64) {
+    let scrape = gateway.scrape().await;
+    let state = |state| scrape.expect("plextera_gateway_upstream_connections", &[("state", state)]);
+    (state("idle"), state("busy"))
+}
+
+#[tokio::test]
+async fn the_http2_connection_counts_as_one_busy_or_idle_connection() {
+    let gate = Gate::new();
+    let (addr, ca_pem, seen) = tls_upstream_with(false, Some(gate.clone())).await;
+    let (gateway, _ca_dir) = gateway_trusting(addr, &ca_pem).await;
+    let calls: Vec<_> = (0..3)
+        .map(|index| {
+            let url = gateway.url(&runs_path(&format!("run_{index}")));
+            tokio::spawn(async move {
+                support::TestClient::new()
+                    .send(http::Method::GET, &url, &[])
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    support::eventually("three calls reach upstream", || async {
+        seen.lock().expect("lock").len() == 3
+    })
+    .await;
+    assert_eq!(
+        upstream_connections(&gateway).await,
+        (0.0, 1.0),
+        "three calls on one multiplexed connection"
+    );
+    gate.open();
+    for call in calls {
+        assert_eq!(call.await.expect("the request task"), StatusCode::OK);
+    }
+    support::eventually("the connection is idle", || async {
+        upstream_connections(&gateway).await == (1.0, 0.0)
+    })
+    .await;
+    let seen = seen.lock().expect("lock").clone();
     assert!(seen.iter().all(|(version, _)| *version == Version::HTTP_2));
 }

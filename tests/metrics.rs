@@ -6,12 +6,19 @@ mod support;
 
 use std::time::Duration;
 
-use http::StatusCode;
-use support::{MockUpstream, Reply, TestGateway, run_body};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use support::{Gate, MockUpstream, Reply, TestGateway, eventually, refused_addr, run_body, runs_path};
+use tokio::net::TcpStream;
 
 const REQUESTS: &str = "plextera_gateway_requests_total";
 const UPSTREAM: &str = "plextera_gateway_upstream_requests_total";
 const RUN_STATUS: &str = "plextera_gateway_run_status_total";
+const UPSTREAM_COUNT: &str = "plextera_gateway_upstream_request_duration_seconds_count";
+const UPSTREAM_CONNECTIONS: &str = "plextera_gateway_upstream_connections";
+const CLIENT_CONNECTIONS: &str = "plextera_gateway_client_connections";
 
 #[tokio::test]
 async fn counters_match_a_known_sequence_exactly() {
@@ -68,11 +75,20 @@ async fn counters_match_a_known_sequence_exactly() {
         assert_eq!(scrape.expect(histogram, &[("cache", cache)]), count, "{cache}");
     }
 
-    assert_eq!(scrape.expect(UPSTREAM, &[("code", "200")]), 4.0);
-    assert_eq!(scrape.expect(UPSTREAM, &[("code", "404")]), 1.0);
-    assert_eq!(scrape.expect(UPSTREAM, &[("code", "reset")]), 1.0);
-    assert_eq!(scrape.expect(UPSTREAM, &[("code", "timeout")]), 0.0);
-    assert_eq!(scrape.expect(UPSTREAM, &[("code", "connect")]), 0.0);
+    for ((outcome, code), count) in [
+        (("2xx", "200"), 4.0),
+        (("4xx", "404"), 1.0),
+        (("reset", "none"), 1.0),
+        (("timeout", "none"), 0.0),
+        (("connect", "none"), 0.0),
+        (("too_large", "none"), 0.0),
+    ] {
+        assert_eq!(
+            scrape.expect(UPSTREAM, &[("outcome", outcome), ("code", code)]),
+            count,
+            "{outcome} {code}"
+        );
+    }
     // "abort" went out on a kept-alive connection that then closed without an answer: sent once
     // more on a fresh connection (which the mock closed too), and counted as a retry.
     assert_eq!(scrape.expect("plextera_gateway_upstream_retries_total", &[]), 1.0);
@@ -244,4 +260,206 @@ async fn expired_entries_are_counted_and_leave_the_gauges() {
             && scrape.expect("plextera_gateway_cache_entries", &[]) == 0.0
     })
     .await;
+}
+
+/// Checks that every `outcome` of the upstream histogram has the same number of calls in the
+/// counter (summed over its codes), and the reverse; returns the counts by outcome.
+fn counter_joins_histogram(scrape: &support::prom::Scrape) -> std::collections::BTreeMap<String, f64> {
+    let outcomes = scrape.label_values(UPSTREAM_COUNT, "outcome");
+    let counted_outcomes = scrape.label_values(UPSTREAM, "outcome");
+    assert!(
+        counted_outcomes.iter().all(|outcome| outcomes.contains(outcome)),
+        "the counter's outcomes {counted_outcomes:?} are the histogram's {outcomes:?}"
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for outcome in &outcomes {
+        // The counter has a series per code seen; the histogram one per outcome from the start.
+        let counted: f64 = scrape
+            .series(UPSTREAM)
+            .iter()
+            .filter(|sample| sample.labels.get("outcome") == Some(outcome))
+            .map(|sample| sample.value)
+            .sum();
+        let timed = scrape.expect(UPSTREAM_COUNT, &[("outcome", outcome)]);
+        assert_eq!(counted, timed, "{outcome}: counter {counted}, histogram {timed}");
+        counts.insert(outcome.clone(), counted);
+    }
+    counts
+}
+
+#[tokio::test]
+async fn upstream_calls_by_outcome_join_the_latency_histogram() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |config| {
+        config.upstream.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    mock.set("down", Reply::status(StatusCode::SERVICE_UNAVAILABLE, "{}"));
+    let never = Gate::new();
+    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&never));
+    for _ in 0..3 {
+        assert_eq!(gateway.get_run("live").await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        assert_eq!(gateway.get_run("gone").await.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            gateway.get_run("down").await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    assert_eq!(gateway.get_run("slow").await.status, StatusCode::GATEWAY_TIMEOUT);
+
+    let scrape = gateway.scrape().await;
+    let counts = counter_joins_histogram(&scrape);
+    for (outcome, count) in [
+        ("2xx", 3.0),
+        ("4xx", 2.0),
+        ("5xx", 2.0),
+        ("timeout", 1.0),
+        ("connect", 0.0),
+    ] {
+        assert_eq!(counts.get(outcome), Some(&count), "{outcome}: {counts:?}");
+    }
+    for ((outcome, code), count) in [
+        (("2xx", "200"), 3.0),
+        (("4xx", "404"), 2.0),
+        (("5xx", "503"), 2.0),
+        (("timeout", "none"), 1.0),
+    ] {
+        assert_eq!(
+            scrape.expect(UPSTREAM, &[("outcome", outcome), ("code", code)]),
+            count,
+            "{outcome} {code}"
+        );
+    }
+    assert_eq!(
+        scrape.series(UPSTREAM).len(),
+        3 + 4,
+        "the three codes seen, and one series per failure kind"
+    );
+
+    // A connect failure, from a gateway whose upstream refuses connections.
+    let refused = refused_addr().await;
+    let unreachable = TestGateway::start(&mock, |config| {
+        config.upstream.base_url = format!("http://{refused}");
+    })
+    .await;
+    assert_eq!(unreachable.get_run("any").await.status, StatusCode::BAD_GATEWAY);
+    let scrape = unreachable.scrape().await;
+    let counts = counter_joins_histogram(&scrape);
+    assert_eq!(counts.get("connect"), Some(&1.0), "{counts:?}");
+    assert_eq!(
+        scrape.expect(UPSTREAM, &[("outcome", "connect"), ("code", "none")]),
+        1.0
+    );
+    never.open();
+}
+
+/// The pool's connections by state, from a scrape.
+async fn upstream_connections(gateway: &TestGateway) -> (f64, f64) {
+    let scrape = gateway.scrape().await;
+    (
+        scrape.expect(UPSTREAM_CONNECTIONS, &[("state", "idle")]),
+        scrape.expect(UPSTREAM_CONNECTIONS, &[("state", "busy")]),
+    )
+}
+
+#[tokio::test]
+async fn the_upstream_pool_gauges_count_busy_and_idle_connections() {
+    let mock = MockUpstream::start().await;
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    assert_eq!(upstream_connections(&gateway).await, (0.0, 0.0), "none yet");
+    let gate = Gate::new();
+    for index in 0..3 {
+        let id = format!("held_{index}");
+        mock.set(&id, Reply::run(&id, "PROCESSING").gated(&gate));
+    }
+    let calls: Vec<_> = (0..3)
+        .map(|index| {
+            let url = gateway.url(&runs_path(&format!("held_{index}")));
+            tokio::spawn(async move {
+                support::TestClient::new()
+                    .send(http::Method::GET, &url, &[])
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    mock.wait_for_requests(3).await;
+    assert_eq!(
+        upstream_connections(&gateway).await,
+        (0.0, 3.0),
+        "three calls waiting for their answers, one connection each"
+    );
+    gate.open();
+    for call in calls {
+        assert_eq!(call.await.expect("the request task"), StatusCode::OK);
+    }
+    // A connection goes back to the pool once its answer is read whole, just before the answer
+    // is handed on: by now all three are back.
+    assert_eq!(
+        upstream_connections(&gateway).await,
+        (3.0, 0.0),
+        "kept alive for the next calls"
+    );
+    assert_eq!(gateway.get_run("held_0").await.status, StatusCode::OK);
+    assert_eq!(
+        upstream_connections(&gateway).await,
+        (3.0, 0.0),
+        "a kept-alive connection was reused"
+    );
+}
+
+/// A kept-alive HTTP/1.1 connection to `addr`, with one request answered on it.
+async fn open_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = Request::get(runs_path("done"))
+        .header(http::header::HOST, "gateway")
+        .body(Empty::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.expect("the body");
+    (sender, driver)
+}
+
+#[tokio::test]
+async fn the_client_connections_gauge_counts_open_connections() {
+    let mock = MockUpstream::start().await;
+    mock.set("done", Reply::run("done", "COMPLETED"));
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let open_now = || async { gateway.scrape().await.expect(CLIENT_CONNECTIONS, &[]) };
+    // The scrapes go to the admin port: they are not counted.
+    assert_eq!(open_now().await, 0.0);
+    let mut connections = Vec::new();
+    for _ in 0..5 {
+        connections.push(open_connection(gateway.public).await);
+    }
+    assert_eq!(open_now().await, 5.0, "five kept-alive connections");
+    for (sender, driver) in connections.drain(..3) {
+        drop(sender);
+        driver.await.expect("the connection ends");
+    }
+    eventually("three closed connections leave the gauge", || async {
+        open_now().await == 2.0
+    })
+    .await;
+    for (sender, driver) in connections {
+        drop(sender);
+        driver.await.expect("the connection ends");
+    }
+    eventually("the gauge is back to zero", || async { open_now().await == 0.0 }).await;
 }

@@ -106,14 +106,21 @@ async fn until_held(gateway: &TestGateway, count: usize) {
     .await;
 }
 
-/// Waits until the gateway has received at least one upstream answer labelled `code`.
+/// Waits until the gateway has made at least one upstream call labelled `code`: an HTTP status
+/// (its `code` label), or a failure kind such as `timeout` (its `outcome`; its code is `none`).
 async fn until_upstream_answered(gateway: &TestGateway, code: &str) {
     eventually(&format!("upstream answered {code}"), || async {
         gateway
             .scrape()
             .await
-            .value(UPSTREAM, &[("code", code)])
-            .unwrap_or(0.0)
+            .series(UPSTREAM)
+            .iter()
+            .filter(|sample| {
+                sample.labels.get("code").map(String::as_str) == Some(code)
+                    || sample.labels.get("outcome").map(String::as_str) == Some(code)
+            })
+            .map(|sample| sample.value)
+            .sum::<f64>()
             >= 1.0
     })
     .await;

@@ -24,6 +24,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 
 use super::metrics::{CacheMetrics, EvictionCause};
+use super::purge::Scope;
 use crate::cache::etag::{STRONG_ETAG_LEN, strong_etag};
 use crate::edge::response::APPLICATION_JSON;
 use crate::run::id::RunId;
@@ -249,6 +250,16 @@ impl RunStore {
         if self.runs.get(id).await.is_some_and(|run| !run.is_terminal()) {
             self.runs.invalidate(id).await;
         }
+    }
+
+    /// Removes `id`'s entry on an operator's request, counted as an explicit eviction: whatever
+    /// it holds for [`Scope::Run`], only a remembered 404 for [`Scope::NotFound`] (an ended run
+    /// is kept). Returns whether an entry was removed.
+    pub async fn purge(&self, id: &RunId, scope: Scope) -> bool {
+        if scope == Scope::NotFound && self.runs.get(id).await.is_none_or(|run| run.is_terminal()) {
+            return false;
+        }
+        self.runs.remove(id).await.is_some()
     }
 
     /// Runs held and their summed weight, after applying pending housekeeping (expiry included).

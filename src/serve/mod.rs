@@ -2,6 +2,8 @@
 //! ([`admin`]), the webhook port (when `[webhook] listen` is set, [`crate::webhook`]) and
 //! graceful shutdown.
 //!
+//! The admin port's purge endpoints are in [`purge`].
+//!
 //! [`Gateway::bind`] builds the gateway's parts first ([`App`]: everything that can fail on
 //! configuration, such as TLS roots) and only then binds both ports, so a bad config never leaves
 //! a half-started process.
@@ -24,6 +26,7 @@
 
 pub mod admin;
 pub mod connection;
+pub mod purge;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -238,6 +241,8 @@ impl Gateway {
         }
 
         let watches = self.app.watches.clone();
+        // Purges from other replicas reach this one from now on, watched runs or not.
+        watches.start();
         let app = self.app;
         let public_service =
             move |connection: &Arc<Connection>| app.public_service::<Incoming>(Some(connection.work_slots()));

@@ -298,6 +298,11 @@ fn host_header(uri: &Uri) -> Option<HeaderValue> {
 }
 
 impl Upstream {
+    /// Reads the pool's connections, for the scrape-time gauges.
+    pub fn occupancy(&self) -> pool::PoolOccupancy {
+        pool::PoolOccupancy::new(Arc::clone(&self.pool))
+    }
+
     /// A handle that replaces the key this client sends.
     pub fn key_rotation(&self) -> KeyRotation {
         KeyRotation(Arc::clone(&self.credentials))

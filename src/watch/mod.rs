@@ -45,6 +45,7 @@ use self::fleet::Fleet;
 use self::metrics::{HeldKind, WatchMetrics};
 use self::snapshot::Snapshot;
 use crate::cache::etag;
+use crate::cache::purge::{Purged, Scope, Shared};
 use crate::config::WatchConfig;
 use crate::edge::error::GatewayError;
 use crate::edge::response::Body;
@@ -157,6 +158,50 @@ impl Watches {
     pub fn held(&self) -> usize {
         self.hub.held.load(Ordering::Acquire)
     }
+
+    /// With a shared Redis tier, starts receiving the other replicas' news now rather than at the
+    /// first watcher, so their purges reach this replica however idle it is. Call once serving.
+    pub fn start(&self) {
+        if let Some(fleet) = &self.hub.fleet {
+            fleet.start(Arc::downgrade(&self.hub));
+        }
+    }
+
+    /// An operator's purge: drops `id`'s stored answer in `scope` here and in Redis, then tells
+    /// the other replicas to drop their memory copy. Clients held on a run still going are
+    /// untouched (such a run is never stored); a watch whose run ended or stopped is dropped, so
+    /// a client arriving next is not given its answer.
+    pub async fn purge(&self, id: &RunId, scope: Scope) -> PurgeReport {
+        self.hub.purged(id);
+        // Redis first, then the announcement: a replica told of the purge must not find the old
+        // copy in Redis and keep it again.
+        let mut purged = self.runs.purge(id, scope).await;
+        let replicas_told = match &self.hub.fleet {
+            Some(fleet) => Some(fleet.announce_purge(id, scope == Scope::NotFound).await),
+            None => None,
+        };
+        // Then Redis once more: a replica writing the run just as it was purged is told now, and
+        // its write, if it landed after the first delete, goes with this one.
+        if purged.shared.is_some_and(|shared| shared != Shared::Unavailable) {
+            purged.shared = match self.runs.purge_shared_again(id).await {
+                Some(Shared::Absent) => purged.shared,
+                again => again,
+            };
+        }
+        PurgeReport {
+            purged,
+            replicas_told,
+        }
+    }
+}
+
+/// What an operator's purge did, on this replica and for the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub purged: Purged,
+    /// Whether the other replicas were told (`None`: no shared Redis tier, no other replicas to
+    /// tell).
+    pub replicas_told: Option<bool>,
 }
 
 impl Service<RunRequest> for Watches {
@@ -346,6 +391,19 @@ impl Hub {
             self.metrics.watched_runs().dec();
         }
         done
+    }
+
+    /// A purge of `id`: its watch, if its run ended or stopped, is dropped now. Such a watch
+    /// otherwise stays until its watcher's next turn (up to `watch.max_poll_interval` when the
+    /// final answer came from elsewhere: a client's call, a run event, another replica), and a
+    /// client held on the run meanwhile would be given that answer, the one just purged. Clients
+    /// it already answered keep what they have; its watcher finds itself released at its turn.
+    fn purged(&self, id: &RunId) {
+        let mut watched = self.lock();
+        if watched.get(id).is_some_and(|entry| entry.channel.is_final()) {
+            watched.remove(id);
+            self.metrics.watched_runs().dec();
+        }
     }
 
     /// Runs watched right now.

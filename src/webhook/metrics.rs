@@ -5,10 +5,10 @@
 //! `other` (before a signature is verified the type comes from the unsigned
 //! `X-Plextera-Event-Type` header, read the same bounded way).
 
-use prometheus::{IntCounter, Registry};
+use prometheus::Registry;
 
 use super::event::EventType;
-use crate::ops::metrics::family::{ByLabel, Label, counter_grid, grid_get, opts};
+use crate::ops::metrics::family::{Grid, Label, counter_grid, grid_get, opts};
 use crate::watch::events::{Call, Confirmation};
 
 /// What became of one delivery.
@@ -89,9 +89,9 @@ impl Label for Confirmation {
 #[derive(Clone)]
 pub struct WebhookMetrics {
     /// One counter per (type, outcome), resolved at start-up.
-    events: ByLabel<EventType, ByLabel<EventOutcome, IntCounter>>,
+    events: Grid<EventType, EventOutcome>,
     /// One counter per (result, call), resolved at start-up.
-    confirmations: ByLabel<Confirmation, ByLabel<Call, IntCounter>>,
+    confirmations: Grid<Confirmation, Call>,
 }
 
 impl WebhookMetrics {
@@ -104,6 +104,7 @@ impl WebhookMetrics {
                     "Webhook deliveries, by event type (workflow.run.completed, workflow.run.failed, other) and outcome: accepted, duplicate (an event id seen before), invalid_signature, stale (timestamp outside webhook.tolerance), ignored (a type not acted on, or no usable run id), too_large, bad_request, busy (503: too many deliveries being read or confirmed).",
                 ),
                 ["type", "outcome"],
+                |_, _| true,
             )?,
             confirmations: counter_grid(
                 registry,
@@ -112,6 +113,9 @@ impl WebhookMetrics {
                     "Run events confirmed with upstream, by what the confirmation found (result: ended, stored and held clients answered; going, upstream still shows the run going; stopped, 404 or the key refused; failed, 5xx, timeout, 429 or the budget) and whether it was an upstream call of its own (call: led; shared, joined one in flight; none, the run was in the cache or the budget refused).",
                 ),
                 ["result", "call"],
+                // With no call of its own the run was in the cache (ended, or a remembered 404)
+                // or the budget refused (failed): never seen going.
+                |confirmation, call| !(confirmation == Confirmation::Going && call == Call::None),
             )?,
         })
     }
@@ -154,5 +158,16 @@ mod tests {
             .find(|family| family.name() == "plextera_gateway_webhook_events_total")
             .expect("exported");
         assert_eq!(events.get_metric().len(), 3 * 8);
+        let confirmations = families
+            .iter()
+            .find(|family| family.name() == "plextera_gateway_webhook_confirmations_total")
+            .expect("exported");
+        assert_eq!(
+            confirmations.get_metric().len(),
+            4 * 3 - 1,
+            "every pair but going with no call of its own, which cannot happen"
+        );
+        metrics.confirmed(Confirmation::Going, Call::None);
+        metrics.confirmed(Confirmation::Going, Call::Led);
     }
 }

@@ -123,7 +123,8 @@ impl Gate {
         self.0.send_replace(true);
     }
 
-    async fn passed(&self) {
+    /// Resolves once the gate is open.
+    pub async fn passed(&self) {
         let mut open = self.0.subscribe();
         let _ = open.wait_for(|open| *open).await;
     }

@@ -20,6 +20,8 @@ pub enum RedisOp {
     Publish,
     /// Webhook event ids marked seen for the fleet.
     Event,
+    /// Runs deleted by an operator's purge.
+    Purge,
 }
 
 impl Label for RedisOp {
@@ -30,6 +32,7 @@ impl Label for RedisOp {
         Self::Lease,
         Self::Publish,
         Self::Event,
+        Self::Purge,
     ];
 
     fn label(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Label for RedisOp {
             Self::Lease => "lease",
             Self::Publish => "publish",
             Self::Event => "event",
+            Self::Purge => "purge",
         }
     }
 }
@@ -83,7 +87,7 @@ impl RedisMetrics {
         let duration = histograms(
             registry,
             "shared_cache_duration_seconds",
-            "Redis call latency, by operation (get, set, lock; lease and publish for watchers shared across replicas; event for webhook event ids).",
+            "Redis call latency, by operation (get, set, lock; lease and publish for watchers shared across replicas; event for webhook event ids; purge for runs an operator purged).",
             UPSTREAM_BUCKETS,
             &["op"],
         )?;

@@ -219,6 +219,14 @@ impl RedisTier {
         }
     }
 
+    /// Deletes the run from Redis (a purge): `Some(true)` when Redis held it, `None` when Redis
+    /// could not be asked.
+    pub async fn delete(&self, id: &RunId) -> Option<bool> {
+        let command = redis::cmd("DEL").arg(self.run_key(id)).clone();
+        let deleted: i64 = self.call(RedisOp::Purge, &command).await?;
+        Some(deleted > 0)
+    }
+
     /// Runs one command within the timeout and through the breaker; `None` on any failure.
     pub(super) async fn call<T: redis::FromRedisValue>(
         &self,

@@ -50,6 +50,14 @@ impl<L: Label, M> ByLabel<L, M> {
         }
     }
 
+    /// Resolves the handle for each value.
+    pub fn of(resolve: impl FnMut(L) -> M) -> Self {
+        Self {
+            handles: L::ALL.iter().copied().map(resolve).collect(),
+            _label: PhantomData,
+        }
+    }
+
     /// The handle for `value` (`None` only for a value missing from [`Label::ALL`]).
     pub fn get(&self, value: L) -> Option<&M> {
         let index = L::ALL.iter().position(|known| *known == value)?;
@@ -63,6 +71,8 @@ pub struct ByCode {
     family: IntCounterVec,
     /// Label values that come before `code`.
     prefix: Vec<&'static str>,
+    /// A label value derived from the code, between `prefix` and the code (its class, say).
+    derived: Option<fn(StatusCode) -> &'static str>,
     slots: Arc<[OnceLock<IntCounter>]>,
 }
 
@@ -73,7 +83,16 @@ impl ByCode {
         Self {
             family,
             prefix,
+            derived: None,
             slots,
+        }
+    }
+
+    /// The counters of a two-label `family`: what `derive` makes of the code, then the code.
+    pub fn classed(family: IntCounterVec, derive: fn(StatusCode) -> &'static str) -> Self {
+        Self {
+            derived: Some(derive),
+            ..Self::new(family, Vec::new())
         }
     }
 
@@ -81,6 +100,7 @@ impl ByCode {
         let slot = &self.slots[usize::from(code.as_u16())];
         slot.get_or_init(|| {
             let mut labels = self.prefix.clone();
+            labels.extend(self.derived.map(|derive| derive(code)));
             labels.push(code.as_str());
             self.family.with_label_values(&labels)
         })
@@ -129,26 +149,27 @@ pub fn counters<L: Label>(
     Ok(ByLabel::new(|label| family.with_label_values(&[label])))
 }
 
+/// A counter family with two labels, one counter per pair of values that can happen.
+pub type Grid<A, B> = ByLabel<A, ByLabel<B, Option<IntCounter>>>;
+
 /// Registers a counter family with two labels, whose values are `A`'s and `B`'s: one counter per
-/// pair, resolved at once.
+/// pair for which `possible` holds, resolved at once. A pair that cannot happen is not exported at
+/// all: a series that never moves only misleads a dashboard.
 pub fn counter_grid<A: Label, B: Label>(
     registry: &Registry,
     opts: Opts,
     label_names: [&str; 2],
-) -> prometheus::Result<ByLabel<A, ByLabel<B, IntCounter>>> {
+    possible: impl Fn(A, B) -> bool,
+) -> prometheus::Result<Grid<A, B>> {
     let family = register(registry, IntCounterVec::new(opts, &label_names)?)?;
-    Ok(ByLabel::new(|a| {
-        ByLabel::new(|b| family.with_label_values(&[a, b]))
+    Ok(ByLabel::of(|a: A| {
+        ByLabel::of(|b: B| possible(a, b).then(|| family.with_label_values(&[a.label(), b.label()])))
     }))
 }
 
-/// The counter for `(a, b)` in a [`counter_grid`].
-pub fn grid_get<A: Label, B: Label>(
-    grid: &ByLabel<A, ByLabel<B, IntCounter>>,
-    a: A,
-    b: B,
-) -> Option<&IntCounter> {
-    grid.get(a)?.get(b)
+/// The counter for `(a, b)` in a [`counter_grid`] (`None` for a pair that cannot happen).
+pub fn grid_get<A: Label, B: Label>(grid: &Grid<A, B>, a: A, b: B) -> Option<&IntCounter> {
+    grid.get(a)?.get(b)?.as_ref()
 }
 
 #[cfg(test)]

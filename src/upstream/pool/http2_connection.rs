@@ -14,6 +14,8 @@ use super::{PoolSettings, RequestBody};
 pub struct Multiplexed {
     pub sender: http2::SendRequest<RequestBody>,
     pub use_times: Arc<UseTimes>,
+    /// Calls on it right now (busy while above zero).
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// When an HTTP/2 connection was made and last used, read by its driver task.

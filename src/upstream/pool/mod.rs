@@ -30,11 +30,19 @@
 //! on a fresh connection (as nginx and Go's HTTP client do for a kept-alive connection). A fresh
 //! connection that fails is not retried: that upstream is failing, not closing idle connections.
 //!
+//! What the pool holds is read at scrape time ([`PoolOccupancy`]): an HTTP/1.1 connection is
+//! busy from the moment a call takes it (from the stack, or fresh from a connect) until its answer
+//! has been read whole (or it failed and was closed), idle while it waits on the stack (those the
+//! upstream already closed, or past `pool_idle_timeout` or `pool_max_connection_age`, are not
+//! counted, though they are only dropped when the pool next meets them). The HTTP/2 connection
+//! counts as one, busy while at least one call is on it, idle otherwise; a retired one still
+//! finishing its last calls is no longer counted. Connects still in progress are not counted.
+//!
 //! Why one long module: `send`'s branches (shared HTTP/2, stacked HTTP/1.1, retry, shared connect)
 //! only make sense read together; the HTTP/2 connection's upkeep (`http2_connection.rs`) and the
 //! reading of errors (`failure.rs`) are split out.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,7 +107,51 @@ pub enum PoolError {
 }
 
 /// A connection lent for one exchange; give it back with [`Pool::put`] once the body is read.
-pub struct Lease(Option<(http1::SendRequest<RequestBody>, Instant)>);
+/// It counts as busy until then (or until dropped: the connection closes).
+pub struct Lease {
+    /// The HTTP/1.1 connection; `None` for a call on the shared HTTP/2 connection.
+    http1: Option<(http1::SendRequest<RequestBody>, Instant)>,
+    _busy: Busy,
+}
+
+/// Counts one call on a connection (an HTTP/1.1 connection taken, or a call on the HTTP/2 one)
+/// for as long as it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Upstream connections by state, at one moment (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    pub idle: usize,
+    pub busy: usize,
+}
+
+/// Reads what the pool holds, for the scrape-time gauges. Cheap to clone.
+#[derive(Clone)]
+pub struct PoolOccupancy(Arc<Pool>);
+
+impl PoolOccupancy {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self(pool)
+    }
+
+    /// The pool's connections now.
+    pub fn now(&self) -> Connections {
+        self.0.connections()
+    }
+}
 
 pub struct Pool {
     idle: Mutex<Vec<IdleConnection>>,
@@ -117,6 +169,8 @@ struct Dialer {
     multiplexed: Arc<Mutex<Option<Multiplexed>>>,
     /// What the upstream speaks, as far as the pool knows: [`UNKNOWN`], [`HTTP1`] or [`HTTP2`].
     protocol: AtomicU8,
+    /// HTTP/1.1 connections taken by calls right now.
+    http1_busy: Arc<AtomicUsize>,
     /// Held by the one connect that concurrent cold calls share while HTTP/2 is possible.
     turn: Arc<tokio::sync::Mutex<()>>,
     /// Shared connects finished so far, and the failure of the last one if it failed.
@@ -135,8 +189,8 @@ struct IdleConnection {
 }
 
 enum Fresh {
-    Http1(http1::SendRequest<RequestBody>, Instant),
-    Http2(http2::SendRequest<RequestBody>),
+    Http1(http1::SendRequest<RequestBody>, Instant, Busy),
+    Http2(http2::SendRequest<RequestBody>, Busy),
 }
 
 impl Pool {
@@ -161,6 +215,7 @@ impl Pool {
                 settings,
                 multiplexed: Arc::default(),
                 protocol: AtomicU8::new(protocol),
+                http1_busy: Arc::default(),
                 turn: Arc::default(),
                 connects: AtomicU64::new(0),
                 last_failure: Mutex::default(),
@@ -176,9 +231,17 @@ impl Pool {
         &self,
         build: impl Fn() -> Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
-        if let Some(mut sender) = self.shared_http2() {
+        if let Some((mut sender, busy)) = self.shared_http2() {
             match sender.try_send_request(self.absolute_form(build())).await {
-                Ok(response) => return Ok((response, Lease(None))),
+                Ok(response) => {
+                    return Ok((
+                        response,
+                        Lease {
+                            http1: None,
+                            _busy: busy,
+                        },
+                    ));
+                }
                 Err(error) if error.message().is_none() => {
                     return Err(PoolError::Request(error.into_error()));
                 }
@@ -188,9 +251,17 @@ impl Pool {
             }
         }
         let mut request = build();
-        while let Some((mut sender, born)) = self.checkout().await {
+        while let Some((mut sender, born, busy)) = self.checkout().await {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Lease(Some((sender, born))))),
+                Ok(response) => {
+                    return Ok((
+                        response,
+                        Lease {
+                            http1: Some((sender, born)),
+                            _busy: busy,
+                        },
+                    ));
+                }
                 Err(mut error) => match error.take_message() {
                     // Not written: the upstream had closed it. Try the next one, or a fresh one.
                     Some(unsent) => request = unsent,
@@ -211,23 +282,34 @@ impl Pool {
             Box::pin(self.connect_shared()).await?
         };
         match fresh {
-            Fresh::Http1(mut sender, born) => {
+            Fresh::Http1(mut sender, born, busy) => {
                 let response = sender.send_request(request).await.map_err(PoolError::Request)?;
-                Ok((response, Lease(Some((sender, born)))))
+                let lease = Lease {
+                    http1: Some((sender, born)),
+                    _busy: busy,
+                };
+                Ok((response, lease))
             }
-            Fresh::Http2(mut sender) => {
+            Fresh::Http2(mut sender, busy) => {
                 let response = sender
                     .send_request(self.absolute_form(request))
                     .await
                     .map_err(PoolError::Request)?;
-                Ok((response, Lease(None)))
+                let lease = Lease {
+                    http1: None,
+                    _busy: busy,
+                };
+                Ok((response, lease))
             }
         }
     }
 
     /// Takes back a connection whose answer was read whole.
     pub fn put(&self, lease: Lease) {
-        let Some((sender, born)) = lease.0 else { return };
+        let Lease { http1, _busy: busy } = lease;
+        // Idle from here: no longer counted as busy, whether it goes on the stack or is closed.
+        drop(busy);
+        let Some((sender, born)) = http1 else { return };
         let now = Instant::now();
         if now.duration_since(born) >= self.dialer.settings.max_connection_age {
             return;
@@ -254,25 +336,54 @@ impl Pool {
 
     /// The most recently used idle connection that is still open and young enough, once it is
     /// ready for a request.
-    async fn checkout(&self) -> Option<(http1::SendRequest<RequestBody>, Instant)> {
+    async fn checkout(&self) -> Option<(http1::SendRequest<RequestBody>, Instant, Busy)> {
         loop {
-            let connection = self.lock_idle().pop()?;
-            if connection.since.elapsed() >= self.dialer.settings.idle_timeout
-                || connection.born.elapsed() >= self.dialer.settings.max_connection_age
-                || connection.sender.is_closed()
-            {
+            let (connection, busy) = {
+                let mut idle = self.lock_idle();
+                // Counted busy as it leaves the stack, under the lock: a scrape sees it once.
+                (idle.pop()?, Busy::new(&self.dialer.http1_busy))
+            };
+            if !self.usable(&connection, Instant::now()) {
                 continue;
             }
             let mut sender = connection.sender;
             // Ready at once unless hyper is still finishing the previous exchange's bookkeeping.
             if sender.ready().await.is_ok() {
-                return Some((sender, connection.born));
+                return Some((sender, connection.born, busy));
             }
         }
     }
 
+    /// Whether a stacked connection may still take a request.
+    fn usable(&self, connection: &IdleConnection, now: Instant) -> bool {
+        let settings = &self.dialer.settings;
+        now.duration_since(connection.since) < settings.idle_timeout
+            && now.duration_since(connection.born) < settings.max_connection_age
+            && !connection.sender.is_closed()
+    }
+
+    /// The connections the pool holds now (see the module documentation).
+    fn connections(&self) -> Connections {
+        let now = Instant::now();
+        let (stacked, http1_busy) = {
+            let idle = self.lock_idle();
+            let stacked = idle
+                .iter()
+                .filter(|connection| self.usable(connection, now))
+                .count();
+            (stacked, self.dialer.http1_busy.load(Ordering::Acquire))
+        };
+        let http2 = self.lock_multiplexed().as_ref().and_then(|connection| {
+            (!connection.sender.is_closed()).then(|| connection.calls.load(Ordering::Acquire) > 0)
+        });
+        Connections {
+            idle: stacked + usize::from(http2 == Some(false)),
+            busy: http1_busy + usize::from(http2 == Some(true)),
+        }
+    }
+
     /// The HTTP/2 connection, if there is one still open and not due to retire.
-    fn shared_http2(&self) -> Option<http2::SendRequest<RequestBody>> {
+    fn shared_http2(&self) -> Option<(http2::SendRequest<RequestBody>, Busy)> {
         let mut multiplexed = self.lock_multiplexed();
         let usable = multiplexed.as_ref().is_some_and(|connection| {
             !connection.sender.is_closed()
@@ -285,7 +396,7 @@ impl Pool {
         }
         let connection = multiplexed.as_ref()?;
         connection.use_times.touch();
-        Some(connection.sender.clone())
+        Some((connection.sender.clone(), Busy::new(&connection.calls)))
     }
 
     /// Drops the shared HTTP/2 connection once it is closed (a newer one made meanwhile stays).
@@ -307,8 +418,8 @@ impl Pool {
         let dialer = &self.dialer;
         let seen = dialer.connects.load(Ordering::Acquire);
         let turn = Arc::clone(&dialer.turn).lock_owned().await;
-        if let Some(sender) = self.shared_http2() {
-            return Ok(Fresh::Http2(sender));
+        if let Some((sender, busy)) = self.shared_http2() {
+            return Ok(Fresh::Http2(sender, busy));
         }
         if dialer.connects.load(Ordering::Acquire) != seen {
             let failure = dialer
@@ -388,6 +499,8 @@ impl Dialer {
                 born,
                 last_used_ms: AtomicU64::new(0),
             });
+            let calls = Arc::default();
+            let busy = Busy::new(&calls);
             tokio::spawn(drive_http2(
                 connection,
                 Arc::clone(&use_times),
@@ -397,8 +510,9 @@ impl Dialer {
             *self.lock_multiplexed() = Some(Multiplexed {
                 sender: sender.clone(),
                 use_times,
+                calls,
             });
-            Ok(Fresh::Http2(sender))
+            Ok(Fresh::Http2(sender, busy))
         } else {
             self.protocol.store(HTTP1, Ordering::Relaxed);
             let (sender, connection) = http1::handshake(io).await.map_err(PoolError::Request)?;
@@ -407,7 +521,7 @@ impl Dialer {
                     tracing::debug!(%error, "upstream HTTP/1.1 connection ended");
                 }
             });
-            Ok(Fresh::Http1(sender, born))
+            Ok(Fresh::Http1(sender, born, Busy::new(&self.http1_busy)))
         }
     }
 

@@ -1,6 +1,7 @@
 //! What replicas tell each other over Redis pub/sub about a watched run: a new version of a run
 //! still going, or its end (each with its body, up to [`MAX_CARRIED_BODY`]), that its watch
-//! stopped (404, key refused), or that an event says it should end soon.
+//! stopped (404, key refused), that an event says it should end soon, or that an operator purged
+//! its stored answer (every replica drops its memory copy).
 //!
 //! JSON, one message per wake-up, tagged with the sending replica so it can skip its own. Only
 //! the gateway's replicas publish on the channel; a message that does not read is dropped.
@@ -42,6 +43,9 @@ pub enum News {
     Stopped,
     /// A run event said it ended, and the confirming call did not see it yet.
     Expect,
+    /// An operator purged the run's stored answer (`not_found_only`: a remembered 404 only);
+    /// Redis is purged already, memory is each replica's to drop.
+    Purged { not_found_only: bool },
 }
 
 impl Message {
@@ -80,6 +84,7 @@ mod tests {
             },
             News::Stopped,
             News::Expect,
+            News::Purged { not_found_only: true },
         ] {
             let message = Message {
                 from: "replica-a".to_owned(),

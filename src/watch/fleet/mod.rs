@@ -13,6 +13,13 @@
 //! fallbacks): more upstream calls, never a wrong or stuck answer; shared watching resumes once
 //! the subscription is back. Webhook events reach every replica too: an end confirmed on one is
 //! published as `ended`, an event not confirmed yet as `expect`.
+//!
+//! An operator's purge on one replica ([`crate::serve::purge`]) is published as `purged`: every
+//! replica that receives it drops the run from its memory, whether or not it watches the run. A
+//! replica whose subscription is down at that moment misses it (pub/sub keeps nothing), and keeps
+//! its copy until `cache.ttl` (or `cache.not_found_ttl`) expires it. The subscription starts
+//! with the gateway ([`crate::watch::Watches::start`]), not at the first watcher, so purges
+//! reach idle replicas too.
 
 pub mod message;
 pub mod metrics;
@@ -28,6 +35,7 @@ use self::message::{Message, News, carried};
 use self::metrics::FleetMetrics;
 use super::snapshot::{Snapshot, State};
 use super::{Hub, request_id};
+use crate::cache::purge::Scope;
 use crate::cache::redis::{Lease, RedisTier, Take};
 use crate::proxy::{Answer, Uncached};
 use crate::run::id::RunId;
@@ -88,7 +96,8 @@ impl Fleet {
         }
     }
 
-    /// Starts the subscription, once (from inside the runtime: at the first watcher).
+    /// Starts the subscription, once (from inside the runtime: when the gateway starts serving,
+    /// or at the first watcher).
     pub(super) fn start(self: &Arc<Self>, hub: Weak<Hub>) {
         if !self.started.swap(true, Ordering::AcqRel) {
             tokio::spawn(Arc::clone(self).subscribe(hub));
@@ -198,6 +207,19 @@ impl Fleet {
         if standing.lease.take().is_some() {
             self.metrics.leases_held.dec();
         }
+    }
+
+    /// Tells every replica that `id`'s stored answer was purged (`not_found_only`: a remembered
+    /// 404 only); whether Redis took the message.
+    pub(super) async fn announce_purge(&self, id: &RunId, not_found_only: bool) -> bool {
+        let published = self
+            .redis
+            .publish(&self.message(id, News::Purged { not_found_only }).encode())
+            .await;
+        if published {
+            self.metrics.published.inc();
+        }
+        published
     }
 
     /// Tells every replica news that needs no lease: a run event's confirmation.
@@ -316,6 +338,25 @@ impl Fleet {
         let Ok(id) = RunId::parse(&message.run) else {
             return;
         };
+        if let News::Purged { not_found_only } = message.news {
+            let scope = if not_found_only {
+                Scope::NotFound
+            } else {
+                Scope::Run
+            };
+            hub.purged(&id);
+            let hub = Arc::clone(hub);
+            tokio::spawn(async move {
+                let memory = hub.runs.purge_memory(&id, scope).await;
+                tracing::info!(
+                    run_id = id.as_str(),
+                    scope = scope.as_str(),
+                    memory,
+                    "purged: another replica asked"
+                );
+            });
+            return;
+        }
         if !hub.is_watched(&id) {
             return;
         }
@@ -338,6 +379,7 @@ impl Fleet {
                 None => refetch(hub, id),
             },
             News::Going { .. } | News::Ended { .. } | News::Stopped => refetch(hub, id),
+            News::Purged { .. } => {}
             News::Expect => {
                 let hub = Arc::clone(hub);
                 tokio::spawn(async move { hub.expect_end(id).await });
