@@ -18,14 +18,14 @@
 
 use std::path::PathBuf;
 
-use prometheus::{IntCounter, Registry};
+use prometheus::Registry;
 use ring::digest::{SHA256, digest};
 
 use crate::cache::redis::RedisTier;
 use crate::config::Config;
 use crate::config::secret_file::{self, SecretName};
 use crate::edge::client_auth::ClientTokens;
-use crate::ops::metrics::family::{ByLabel, Label, counter_grid, grid_get, opts};
+use crate::ops::metrics::family::{Grid, Label, counter_grid, grid_get, opts};
 use crate::upstream::credentials::KeyRotation;
 use crate::webhook::Webhooks;
 
@@ -60,7 +60,7 @@ impl Label for SecretName {
 /// `plextera_gateway_secret_reloads_total{secret, result}`, every series exported from the start.
 #[derive(Clone)]
 pub struct SecretReloadMetrics {
-    reloads: ByLabel<SecretName, ByLabel<ReloadResult, IntCounter>>,
+    reloads: Grid<SecretName, ReloadResult>,
 }
 
 impl SecretReloadMetrics {
@@ -73,6 +73,7 @@ impl SecretReloadMetrics {
                     "Secrets re-read from their files while serving, by secret (api_key, client_tokens, redis_password, webhook_secrets) and result (reloaded: a new value is in force; failed: the file changed but could not be used, the value in force was kept; counted once per distinct problem).",
                 ),
                 ["secret", "result"],
+                |_, _| true,
             )?,
         })
     }
