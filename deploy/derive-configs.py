@@ -73,7 +73,7 @@ container = derive(
          '# container: the Secret `plextera-gateway`, item `api-key`, mounted as a volume\n'
          f'# at {SECRET_DIR} (deployment.yaml); the gateway reads it again when the kubelet\n'
          '# swaps in a new version.\n'
-         '# Run the image elsewhere with the key mounted there, e.g.\n'
+         '# Run the image elsewhere with the key mounted there, readable by uid 65532, e.g.\n'
          f'# docker run -v "$PWD/api-key:{SECRET_DIR}/api-key:ro" plextera-gateway:VERSION\n'
          f'api_key_file = "{SECRET_DIR}/api-key"'),
     ],
