@@ -1154,6 +1154,39 @@ fn the_dockerfile_builds_an_image_whose_binary_runs() {
         .expect("run --help");
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--health-check"));
+    // The image's binary accepts the image's config: `--check-config` on it, with the Secret's
+    // mount point moved to a scratch directory holding a placeholder key.
+    let image_config_text =
+        std::fs::read_to_string(in_image("/etc/plextera-gateway/gateway.toml")).expect("the image's config");
+    let secrets = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        secrets.path().join("api-key"),
+        "placeholder-key-for-check-config\n",
+    )
+    .expect("write key");
+    let mount = "/var/run/secrets/plextera-gateway";
+    assert!(
+        image_config_text.contains(mount),
+        "the config reads the key from the Secret's mount"
+    );
+    let checked_config = secrets.path().join("gateway.toml");
+    std::fs::write(
+        &checked_config,
+        image_config_text.replace(mount, &secrets.path().display().to_string()),
+    )
+    .expect("write config");
+    let check = std::process::Command::new(&binary)
+        .arg("--config")
+        .arg(&checked_config)
+        .arg("--check-config")
+        .output()
+        .expect("run --check-config");
+    assert!(
+        check.status.success(),
+        "--check-config on the image's config: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&check.stdout).contains("placeholder-key-for-check-config"));
     // The image's own command line parses (--help after it: clap checks the rest, then prints).
     let image_command = std::process::Command::new(&binary)
         .args(&cmd)
