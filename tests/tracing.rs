@@ -327,26 +327,101 @@ async fn an_error_body_names_the_requests_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_collector_that_is_down_changes_nothing_for_clients() {
+async fn a_collector_that_is_down_or_hangs_changes_nothing_for_clients() {
     let down = refused_addr().await;
-    let mock = MockUpstream::start().await;
-    mock.set("run_1", Reply::run("run_1", "QUEUED"));
-    let (mut gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"http://{down}\""));
-    for _ in 0..20 {
-        let response = get(&gateway, "run_1", &[]).await;
-        assert_eq!(response.status, StatusCode::OK);
+    // Bound but never accepting: connections complete in the kernel, exports never get an answer.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hanging_addr = hanging.local_addr().expect("addr");
+    for collector in [down, hanging_addr] {
+        let mock = MockUpstream::start().await;
+        mock.set("run_1", Reply::run("run_1", "QUEUED"));
+        let (mut gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"http://{collector}\""));
+        for _ in 0..20 {
+            let response = get(&gateway, "run_1", &[]).await;
+            assert_eq!(response.status, StatusCode::OK, "{collector}");
+        }
+        assert_eq!(mock.request_count(), 20);
+        assert!(
+            mock.requests()
+                .iter()
+                .all(|request| request.headers.contains_key("traceparent"))
+        );
+        // Shutdown exports what is queued, for at most 2 s: less than the 5 s export deadline.
+        let stopping = std::time::Instant::now();
+        assert_eq!(gateway.terminate().code(), Some(0));
+        assert!(
+            stopping.elapsed() < std::time::Duration::from_millis(4500),
+            "the exit waited {:?} on a collector at {collector}",
+            stopping.elapsed()
+        );
     }
-    assert_eq!(mock.request_count(), 20);
-    assert!(
-        mock.requests()
-            .iter()
-            .all(|request| request.headers.contains_key("traceparent"))
+    drop(hanging);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_sharing_one_upstream_call_each_log_their_own_trace() {
+    let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    mock.set("run_1", Reply::run("run_1", "QUEUED").gated(&gate));
+    let (gateway, _dir) = gateway_with(&mock, "");
+    let leader_trace = "11111111111111111111111111111111";
+    let follower_trace = "22222222222222222222222222222222";
+    let send = |trace: &str, request_id: &str| {
+        let url = format!("http://{}{}", gateway.public, runs_path("run_1"));
+        let headers = [
+            ("traceparent".to_owned(), format!("00-{trace}-{PARENT_ID}-01")),
+            ("x-request-id".to_owned(), request_id.to_owned()),
+        ];
+        async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            TestClient::new().send(Method::GET, &url, &headers).await
+        }
+    };
+    let leader = tokio::spawn(send(leader_trace, "leader"));
+    mock.wait_for_requests(1).await;
+    let follower = tokio::spawn(send(follower_trace, "follower"));
+    let metrics = format!("http://{}/metrics", gateway.admin);
+    eventually("the follower waits on the leader's call", || async {
+        let scrape = TestClient::new().send(Method::GET, &metrics, &[]).await;
+        let text = std::str::from_utf8(&scrape.body).expect("utf-8").to_owned();
+        support::prom::Scrape::parse(&text).expect("plextera_gateway_coalesced_waiters", &[]) >= 1.0
+    })
+    .await;
+    gate.open();
+    assert_eq!(leader.await.expect("leader").status, StatusCode::OK);
+    let follower = follower.await.expect("follower");
+    assert_eq!(follower.status, StatusCode::OK);
+    assert_eq!(mock.request_count(), 1, "one upstream call for both");
+    let upstream = mock.requests().pop().expect("the call");
+    let (trace_id, _, _) = traceparent_parts(upstream.headers["traceparent"].to_str().expect("ascii"));
+    assert_eq!(
+        trace_id, leader_trace,
+        "the shared call carries the leader's trace"
     );
-    let stopping = std::time::Instant::now();
-    assert_eq!(gateway.terminate().code(), Some(0));
+    eventually("both requests are logged", || async {
+        gateway.logs().matches("plextera_gateway::access").count() >= 2
+    })
+    .await;
+    for (request_id, trace) in [("leader", leader_trace), ("follower", follower_trace)] {
+        let line: serde_json::Value = gateway
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["target"] == "plextera_gateway::access" && line["request_id"] == request_id)
+            .expect("an access line");
+        assert_eq!(line["trace_id"], trace, "{line}");
+    }
+    let follower_line = gateway
+        .logs()
+        .lines()
+        .find(|line| line.contains("\"request_id\":\"follower\""))
+        .map(str::to_owned)
+        .expect("the follower's line");
     assert!(
-        stopping.elapsed() < std::time::Duration::from_secs(8),
-        "the exit waited {:?} on a collector that is down",
-        stopping.elapsed()
+        follower_line.contains("\"plextera.cache\":\"coalesced\""),
+        "{follower_line}"
     );
 }

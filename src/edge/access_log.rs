@@ -155,9 +155,9 @@ where
         let server = self.settings.spans.server(
             parent.as_ref(),
             &ServerStart {
-                method: &method.to_string(),
+                method: &method,
                 route: is_runs_path(request.uri().path()).then_some(RUNS_ROUTE),
-                path: &path.to_string(),
+                path: &path,
                 protocol,
                 client: self.settings.peer,
             },

@@ -77,11 +77,12 @@ impl Default for Spans {
 
 /// What a server span says about the request when it starts.
 pub struct ServerStart<'a> {
-    pub method: &'a str,
+    /// The method, already bounded; written out only when exporting.
+    pub method: &'a dyn std::fmt::Display,
     /// The route template, when the path is the runs path.
     pub route: Option<&'static str>,
-    /// The path, already bounded.
-    pub path: &'a str,
+    /// The path, already bounded; written out only when exporting.
+    pub path: &'a dyn std::fmt::Display,
     pub protocol: &'static str,
     pub client: Option<SocketAddr>,
 }
@@ -181,13 +182,14 @@ impl Spans {
                 exported: None,
             };
         };
+        let method = start.method.to_string();
         let name = match start.route {
-            Some(route) => format!("{} {route}", start.method),
-            None => start.method.to_owned(),
+            Some(route) => format!("{method} {route}"),
+            None => method.clone(),
         };
         let mut attributes = vec![
-            KeyValue::new("http.request.method", start.method.to_owned()),
-            KeyValue::new("url.path", start.path.to_owned()),
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("url.path", start.path.to_string()),
             KeyValue::new("network.protocol.version", start.protocol),
         ];
         if let Some(route) = start.route {
