@@ -425,3 +425,59 @@ async fn requests_sharing_one_upstream_call_each_log_their_own_trace() {
         "{follower_line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watchers_polls_start_traces_of_their_own() {
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{}[watch]\npoll_interval = \"50ms\"\nmax_poll_interval = \"50ms\"\n",
+            process_config(&mock.base_url(), "")
+        ),
+    );
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let first = get(&gateway, "run_1", &[]).await;
+    let etag = first.header("etag").expect("an etag").to_owned();
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let url = format!("http://{}{}?wait=10s", gateway.public, runs_path("run_1"));
+    let held = tokio::spawn(async move {
+        TestClient::new()
+            .send(
+                Method::GET,
+                &url,
+                &[
+                    ("if-none-match", etag.as_str()),
+                    ("traceparent", traceparent.as_str()),
+                ],
+            )
+            .await
+    });
+    let polls = || {
+        mock.requests()
+            .into_iter()
+            .filter(|request| {
+                request.headers["x-request-id"]
+                    .to_str()
+                    .is_ok_and(|id| id.starts_with("watch-"))
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually("the watcher polls twice", || async { polls().len() >= 2 }).await;
+    mock.set("run_1", Reply::run("run_1", "COMPLETED"));
+    assert_eq!(held.await.expect("the held request").status, StatusCode::OK);
+    let mut traces: Vec<String> = polls()
+        .iter()
+        .map(|poll| traceparent_parts(poll.headers["traceparent"].to_str().expect("ascii")).0)
+        .collect();
+    assert!(
+        traces.iter().all(|trace| trace != TRACE_ID),
+        "a poll continued a client's trace: {traces:?}"
+    );
+    let polled = traces.len();
+    traces.sort();
+    traces.dedup();
+    assert_eq!(traces.len(), polled, "each poll a trace of its own");
+}

@@ -182,6 +182,8 @@ impl Upstream {
             Err(failure) => UpstreamOutcome::Failed(failure.error),
         };
         self.metrics.observe(outcome, elapsed);
+        // A call no client asked for has no request span: its failure line names its own trace.
+        let trace_id = span.context.trace_id;
         match &result {
             Ok(response) => span.end(Some(response.status.as_u16()), None),
             Err(failure) => span.end(None, Some(failure.cause)),
@@ -199,6 +201,7 @@ impl Upstream {
                     failure.detail
                 };
                 tracing::warn!(
+                    %trace_id,
                     upstream = %self.origin,
                     cause = failure.cause,
                     error = %detail,
