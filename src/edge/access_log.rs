@@ -360,6 +360,51 @@ mod tests {
     }
 
     #[test]
+    fn errors_or_slow_keeps_errors_and_slow_answers_but_not_held_ones() {
+        let quick = Duration::from_millis(5);
+        let slow = Duration::from_secs(2);
+        let filter = AccessLog {
+            mode: AccessLogMode::ErrorsOrSlow,
+            slow: Duration::from_secs(1),
+        };
+        assert!(!filter.wants(200, None, false, quick));
+        assert!(
+            !filter.wants(404, None, false, quick),
+            "upstream's 404, passed on"
+        );
+        assert!(filter.wants(503, None, false, quick));
+        assert!(filter.wants(500, None, false, quick));
+        assert!(filter.wants(429, None, false, quick));
+        assert!(filter.wants(400, Some("INVALID_RUN_ID"), false, quick));
+        assert!(filter.wants(200, None, false, slow));
+        assert!(
+            !filter.wants(200, None, true, slow),
+            "a held long-poll's wait is not slowness"
+        );
+        assert!(filter.wants(503, Some("TOO_MANY_WAITERS"), true, slow));
+        let all = AccessLog {
+            mode: AccessLogMode::All,
+            ..filter
+        };
+        assert!(all.wants(200, None, false, quick));
+        let off = AccessLog {
+            mode: AccessLogMode::Off,
+            ..filter
+        };
+        assert!(!off.wants(503, Some("UPSTREAM_UNAVAILABLE"), false, slow));
+    }
+
+    #[test]
+    fn the_runs_route_and_protocol_versions_are_named_as_spans_want() {
+        assert!(is_runs_path("/api/public/v1/workflow-runs/run_1"));
+        assert!(!is_runs_path("/api/public/v1/workflow-runs/"));
+        assert!(!is_runs_path("/api/public/v1/workflow-runs/a/b"));
+        assert!(!is_runs_path("/metrics"));
+        assert_eq!(protocol_version(Version::HTTP_11), "1.1");
+        assert_eq!(protocol_version(Version::HTTP_2), "2");
+    }
+
+    #[test]
     fn generated_ids_are_unique_uuids() {
         let first = new_request_id();
         let second = new_request_id();
