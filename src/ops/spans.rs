@@ -98,13 +98,15 @@ pub struct ServerEnd<'a> {
 /// A client request's span: its ids, and the exported span when exporting.
 pub struct ServerSpan {
     pub context: SpanContext,
-    exported: Option<opentelemetry_sdk::trace::Span>,
+    /// Boxed: without export, a request's future stays small.
+    exported: Option<Box<opentelemetry_sdk::trace::Span>>,
 }
 
 /// An upstream call's span.
 pub struct ClientSpan {
     pub context: SpanContext,
-    exported: Option<opentelemetry_sdk::trace::Span>,
+    /// Boxed: without export, a request's future stays small.
+    exported: Option<Box<opentelemetry_sdk::trace::Span>>,
 }
 
 impl Spans {
@@ -216,7 +218,7 @@ impl Spans {
         let span = export.tracer.build_with_context(builder, &context);
         ServerSpan {
             context: from_otel(span.span_context(), state),
-            exported: Some(span),
+            exported: Some(Box::new(span)),
         }
     }
 
@@ -263,7 +265,7 @@ impl Spans {
         let span = export.tracer.build_with_context(builder, &context);
         ClientSpan {
             context: from_otel(span.span_context(), state),
-            exported: Some(span),
+            exported: Some(Box::new(span)),
         }
     }
 
