@@ -1646,7 +1646,7 @@ impl GatewayProcess {
                 let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
-                if json["fields"]["message"] == "gateway ready" {
+                if json["message"] == "gateway ready" {
                     let _ = ready_tx.send(json);
                 } else if matches!(json["level"].as_str(), Some("WARN" | "ERROR")) {
                     kept.lock().expect("warnings").push(line);
@@ -1657,7 +1657,7 @@ impl GatewayProcess {
             .recv_timeout(Duration::from_secs(30))
             .expect("the gateway did not become ready");
         let addr = |field: &str| -> SocketAddr {
-            ready["fields"][field]
+            ready[field]
                 .as_str()
                 .and_then(|text| text.parse().ok())
                 .unwrap_or_else(|| panic!("no {field} in {ready}"))

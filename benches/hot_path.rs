@@ -140,7 +140,7 @@ fn cache_hit(c: &mut Criterion) {
         fill(app.admin.store.clone()).await;
         app
     });
-    let service = app.public_service::<Empty<Bytes>>(None);
+    let service = app.public_service::<Empty<Bytes>>(None, None);
     c.bench_function("hit/service_stack", |b| {
         b.to_async(&runtime).iter(|| one_hit(&service))
     });
@@ -157,7 +157,7 @@ fn cache_hit(c: &mut Criterion) {
         slots.try_acquire_owned().expect("a free slot"),
     );
     let service = Track::new(
-        app.public_service::<Empty<Bytes>>(Some(connection.work_slots())),
+        app.public_service::<Empty<Bytes>>(Some(connection.work_slots()), None),
         Arc::clone(&connection),
     );
     c.bench_function("hit/connection_stack", |b| {

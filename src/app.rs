@@ -5,6 +5,7 @@
 //! benchmarks and tests can drive [`App::public_service`] directly.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use http::{Request, Response};
 use tower::Service;
@@ -16,9 +17,11 @@ use crate::cache::tiers::Tiers;
 use crate::config::secrets::Secrets;
 use crate::config::{Config, ConfigError};
 use crate::edge;
+use crate::edge::access_log::{AccessLog, RequestLogLayer};
 use crate::edge::client_auth::ClientTokens;
 use crate::edge::response::Body;
 use crate::ops::metrics::Metrics;
+use crate::ops::spans::Spans;
 use crate::proxy::RunService;
 use crate::run::status::RunStatuses;
 use crate::serve::admin::{AdminState, Readiness};
@@ -50,6 +53,10 @@ pub struct App {
     pub webhooks: Option<Webhooks>,
     /// The Redis tier, when `[cache.shared]` is set (its password can be rotated).
     pub redis: Option<RedisTier>,
+    /// Starts the requests' and upstream calls' spans (and exports them, when configured).
+    pub spans: Spans,
+    /// Which requests get an access log line.
+    pub access_log: AccessLog,
 }
 
 impl App {
@@ -57,7 +64,13 @@ impl App {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
         let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
-        let upstream = Upstream::new(&config.upstream, &secrets.api_key, metrics.upstream.clone())?;
+        let spans = Spans::new(&config.telemetry);
+        let upstream = Upstream::new(
+            &config.upstream,
+            &secrets.api_key,
+            metrics.upstream.clone(),
+            spans.clone(),
+        )?;
         let key_rotation = upstream.key_rotation();
         let upstream_connections = upstream.occupancy();
         let store = RunStore::new(
@@ -132,14 +145,17 @@ impl App {
             key_rotation,
             webhooks,
             redis,
+            spans,
+            access_log: AccessLog::new(&config.telemetry),
         })
     }
 
     /// The public port's service stack (see [`edge`]) for one client connection, whose upstream
-    /// work slots are `work`; `None` to drive it without a server.
+    /// work slots are `work` and whose address is `peer`; `None` to drive it without a server.
     pub fn public_service<B: Send + 'static>(
         &self,
         work: Option<WorkSlots>,
+        peer: Option<SocketAddr>,
     ) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
@@ -147,6 +163,7 @@ impl App {
     + 'static
     + use<B> {
         edge::public_service(
+            RequestLogLayer::new(self.spans.clone(), self.access_log, peer),
             self.watches.clone(),
             self.admin.metrics.requests.clone(),
             self.cors.clone(),

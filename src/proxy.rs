@@ -38,6 +38,7 @@ use crate::edge::error::GatewayError;
 use crate::edge::response::{APPLICATION_JSON, Body, NO_STORE, run_response, terminal_cache_control};
 use crate::edge::routes::RunRequest;
 use crate::ops::metrics::Metrics;
+use crate::ops::trace_context::CallIds;
 use crate::run::id::RunId;
 use crate::run::status::{RunStatus, RunStatuses};
 use crate::serve::connection::WorkSlot;
@@ -107,12 +108,7 @@ impl RunService {
 
     /// Steps 2 to 6 of the miss path: joins the call for `id` in flight, or leads a new one
     /// (tiers, fetch, decide, fill). `work` is a slot the led call keeps until it ends.
-    pub async fn resolve(
-        &self,
-        id: RunId,
-        request_id: HeaderValue,
-        work: Option<WorkSlot>,
-    ) -> (Answer, Role) {
+    pub async fn resolve(&self, id: RunId, ids: CallIds, work: Option<WorkSlot>) -> (Answer, Role) {
         let proxy = Arc::clone(&self.proxy);
         let span = tracing::Span::current();
         let call = {
@@ -120,7 +116,7 @@ impl RunService {
             move || {
                 async move {
                     let _work = work;
-                    proxy.call(id, request_id).await
+                    proxy.call(id, ids).await
                 }
                 .instrument(span)
             }
@@ -202,8 +198,7 @@ impl RunService {
             Some(work) => Some(work.acquire().await),
             None => None,
         };
-        self.resolve(request.id.clone(), request.request_id.clone(), work)
-            .await
+        self.resolve(request.id.clone(), request.ids.clone(), work).await
     }
 
     /// Step 7: `answer` as a response to `request` (304 when the client holds its version); a
@@ -225,7 +220,7 @@ impl RunService {
 
 impl Proxy {
     /// The one call for a run, run by the coalescer in a task of its own.
-    async fn call(&self, id: RunId, request_id: HeaderValue) -> Answer {
+    async fn call(&self, id: RunId, ids: CallIds) -> Answer {
         #[cfg(test)]
         if let Some((faulty, signal)) = self.fault.get()
             && *faulty == id
@@ -237,7 +232,7 @@ impl Proxy {
             Lookup::Found(entry) => return Answer::Cached { entry, fresh: false },
             Lookup::Missing(claim) => claim,
         };
-        let mut response = match self.fetcher.fetch(&id, &request_id).await {
+        let mut response = match self.fetcher.fetch(&id, &ids).await {
             Ok(response) => response,
             Err(error) => {
                 self.tiers.fill(&id, claim, None).await;
@@ -293,7 +288,7 @@ impl Proxy {
                 self.render_cached(&entry, outcome, request)
             }
             Answer::Uncached(uncached) => self.render_uncached(&uncached, request),
-            Answer::Failed(error) => error.into_response(Some(&request.request_id)),
+            Answer::Failed(error) => error.into_response(Some(&request.ids)),
         }
     }
 
@@ -429,7 +424,7 @@ mod tests {
         let signal = Arc::new(tokio::sync::Notify::new());
         let app = app_with_fault("run_boom", &signal);
         let requests: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(get(app.public_service::<Empty<Bytes>>(None), "run_boom")))
+            .map(|_| tokio::spawn(get(app.public_service::<Empty<Bytes>>(None, None), "run_boom")))
             .collect();
         // One leads the call; the other three wait on it.
         let waiters = async {

@@ -53,12 +53,13 @@ async fn allowed_origins_get_cors_headers_and_preflights_are_answered_locally() 
         .header("access-control-allow-methods")
         .expect("allow-methods");
     assert!(methods.contains("GET") && methods.contains("HEAD"), "{methods}");
-    assert!(
-        preflight
-            .header("access-control-allow-headers")
-            .expect("allow-headers")
-            .contains("x-request-id")
-    );
+    let allowed = preflight
+        .header("access-control-allow-headers")
+        .expect("allow-headers");
+    // A browser's tracing SDK adds traceparent and tracestate: they must pass a preflight.
+    for header in ["x-request-id", "traceparent", "tracestate"] {
+        assert!(allowed.contains(header), "{header}: {allowed}");
+    }
     assert!(preflight.header("access-control-max-age").is_some());
     assert!(preflight.header("x-request-id").is_some());
     assert_eq!(mock.request_count(), 0, "preflight answered by the gateway");

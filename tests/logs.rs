@@ -19,7 +19,7 @@ fn lines_saying(gateway: &GatewayProcess, message: &str) -> Vec<serde_json::Valu
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|line| {
-            line["fields"]["message"]
+            line["message"]
                 .as_str()
                 .is_some_and(|text| text.starts_with(message))
         })
@@ -43,8 +43,8 @@ async fn start_up_names_the_config_file_and_the_upstream() {
     let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
     let line = logged(&gateway, "configuration loaded").await;
     let canonical = std::fs::canonicalize(&config).expect("config path");
-    assert_eq!(line["fields"]["config"], canonical.to_str().expect("utf-8 path"));
-    assert_eq!(line["fields"]["upstream"], mock.base_url());
+    assert_eq!(line["config"], canonical.to_str().expect("utf-8 path"));
+    assert_eq!(line["upstream"], mock.base_url());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,7 +56,7 @@ async fn the_upstream_is_logged_by_its_origin_alone() {
     let config = write_config(dir.path(), &process_config(&base_url, ""));
     let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
     let line = logged(&gateway, "configuration loaded").await;
-    assert_eq!(line["fields"]["upstream"], mock.base_url());
+    assert_eq!(line["upstream"], mock.base_url());
     TestClient::new()
         .send(
             Method::GET,
@@ -81,7 +81,7 @@ async fn an_upstream_refusing_the_key_is_logged_at_error_level() {
         eventually("the refusal is logged", || async {
             lines_saying(&gateway, "upstream refused the gateway's API key")
                 .iter()
-                .any(|line| line["fields"]["upstream_status"] == status)
+                .any(|line| line["upstream_status"] == status)
         })
         .await;
     }
@@ -108,16 +108,14 @@ async fn an_unreachable_upstream_is_logged_with_its_origin_and_the_cause() {
         let response = gateway.get_run("run_1").await;
         assert_eq!(response.status, StatusCode::BAD_GATEWAY, "{base_url}");
         let line = logged(&gateway, "upstream request failed").await;
-        assert_eq!(line["fields"]["upstream"], base_url.as_str(), "{line}");
-        assert_eq!(line["fields"]["cause"], cause, "{line}");
+        assert_eq!(line["upstream"], base_url.as_str(), "{line}");
+        assert_eq!(line["cause"], cause, "{line}");
         assert!(
-            line["fields"]["error"]
-                .as_str()
-                .is_some_and(|error| !error.is_empty()),
+            line["error"].as_str().is_some_and(|error| !error.is_empty()),
             "{line}"
         );
         assert_eq!(
-            line["span"]["run_id"], "run_1",
+            line["run_id"], "run_1",
             "logged inside the request's span: {line}"
         );
     }
@@ -135,7 +133,7 @@ async fn a_huge_request_target_makes_a_short_log_line() {
         .await;
     assert_eq!(response.status, StatusCode::URI_TOO_LONG);
     let line = logged(&gateway, "served").await;
-    let path = line["span"]["path"].as_str().expect("a path field");
+    let path = line["url.path"].as_str().expect("a path field");
     assert!(path.len() < 512, "{} bytes of path logged", path.len());
     assert!(path.ends_with(&format!("({} bytes)", huge.len())), "{path}");
     let longest = gateway.logs().lines().map(str::len).max().unwrap_or_default();
@@ -287,7 +285,7 @@ async fn an_upstream_that_echoes_the_key_in_a_goaway_gets_it_redacted_from_every
     assert_eq!(response.status, StatusCode::BAD_GATEWAY);
     let line = logged(&gateway, "upstream request failed").await;
     assert!(
-        line["fields"]["error"]
+        line["error"]
             .as_str()
             .is_some_and(|error| error.contains("[redacted]")),
         "the GOAWAY's echo is in the log line, redacted: {line}"
@@ -297,4 +295,190 @@ async fn an_upstream_that_echoes_the_key_in_a_goaway_gets_it_redacted_from_every
     assert!(logs.contains("GoAway"), "h2's own trace lines were logged too");
     assert!(!logs.contains(TEST_KEY), "the key is in the logs");
     assert!(!logs.contains(&TEST_KEY[8..]), "part of the key is in the logs");
+}
+
+/// Every JSON line `gateway` printed.
+fn json_lines(gateway: &GatewayProcess) -> Vec<serde_json::Value> {
+    gateway
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .collect()
+}
+
+/// The access lines `gateway` printed.
+fn access_lines(gateway: &GatewayProcess) -> Vec<serde_json::Value> {
+    json_lines(gateway)
+        .into_iter()
+        .filter(|line| line["target"] == "plextera_gateway::access")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_lines_are_flat_and_a_requests_lines_all_carry_its_trace() {
+    // An upstream that refuses connections: the request logs a warning, then its access line.
+    let refused = refused_addr().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), &process_config(&format!("http://{refused}"), ""));
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let long_agent = format!("agent/{}", "x".repeat(2000));
+    let response = TestClient::new()
+        .send(
+            Method::GET,
+            &format!("http://{}{}", gateway.public, runs_path("run_1")),
+            &[
+                ("traceparent", &format!("00-{trace_id}-b7ad6b7169203331-01")),
+                ("x-request-id", "req-flat"),
+                ("user-agent", &long_agent),
+            ],
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::BAD_GATEWAY);
+    let access = logged(&gateway, "served").await;
+
+    for text in gateway.logs().lines().filter(|text| text.starts_with('{')) {
+        let line: serde_json::Value = serde_json::from_str(text).expect("a JSON line");
+        for nested in ["fields", "span", "spans"] {
+            assert!(line.get(nested).is_none(), "a nested {nested:?}: {line}");
+        }
+        assert!(
+            line.as_object()
+                .expect("object")
+                .values()
+                .all(|value| !value.is_object()),
+            "{line}"
+        );
+        // In this order, first.
+        let at = |key: &str| text.find(&format!("\"{key}\":")).expect(key);
+        assert_eq!(at("timestamp"), 1, "{text}");
+        assert!(
+            at("timestamp") < at("level") && at("level") < at("target") && at("target") < at("message"),
+            "{text}"
+        );
+    }
+    let request_lines: Vec<serde_json::Value> = json_lines(&gateway)
+        .into_iter()
+        .filter(|line| line["request_id"] == "req-flat")
+        .collect();
+    assert!(
+        request_lines.len() >= 2,
+        "the warning and the access line: {request_lines:?}"
+    );
+    for line in &request_lines {
+        assert_eq!(line["trace_id"], trace_id, "{line}");
+        assert_eq!(line["span_id"], access["span_id"], "{line}");
+    }
+    assert!(
+        request_lines
+            .iter()
+            .any(|line| line["message"] == "upstream request failed: could not connect"),
+        "{request_lines:?}"
+    );
+
+    assert_eq!(access["http.request.method"], "GET");
+    assert_eq!(access["url.path"], runs_path("run_1"));
+    assert_eq!(access["http.response.status_code"], 502);
+    assert_eq!(access["error.type"], "UPSTREAM_UNAVAILABLE");
+    assert_eq!(access["plextera.cache"], "error");
+    assert_eq!(access["client.address"], "127.0.0.1");
+    assert!(
+        access["client.port"].as_u64().is_some_and(|port| port > 0),
+        "{access}"
+    );
+    assert_eq!(access["network.protocol.version"], "1.1");
+    assert!(
+        access["http.response.body.size"]
+            .as_u64()
+            .is_some_and(|size| size > 0),
+        "{access}"
+    );
+    let seconds = access["http.server.request.duration"].as_f64().expect("seconds");
+    assert!((0.0..30.0).contains(&seconds), "{access}");
+    let agent = access["user_agent.original"].as_str().expect("a user agent");
+    assert!(agent.len() < 300, "{} bytes of user agent logged", agent.len());
+    assert!(
+        agent.starts_with("agent/xxx") && agent.ends_with(&format!("({} bytes)", long_agent.len())),
+        "{agent}"
+    );
+    for gone in ["duration_us", "upstream_ms", "status", "method", "path", "cache"] {
+        assert!(
+            access.get(gone).is_none(),
+            "the old field {gone:?} is still there: {access}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_or_slow_logs_only_errors_and_slow_requests() {
+    let mock = MockUpstream::start().await;
+    mock.set("fast", support::Reply::run("fast", "QUEUED"));
+    mock.set(
+        "failing",
+        support::Reply::status(StatusCode::SERVICE_UNAVAILABLE, "{}"),
+    );
+    let gate = support::Gate::new();
+    mock.set("slow", support::Reply::run("slow", "QUEUED").gated(&gate));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &process_config(
+            &mock.base_url(),
+            "[telemetry]\naccess_log = \"errors_or_slow\"\nslow_request_threshold = \"300ms\"\n",
+        ),
+    );
+    let gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let send = |id: &str, request_id: &str| {
+        let url = format!("http://{}{}", gateway.public, runs_path(id));
+        let request_id = request_id.to_owned();
+        async move {
+            TestClient::new()
+                .send(Method::GET, &url, &[("x-request-id", request_id.as_str())])
+                .await
+        }
+    };
+    assert_eq!(send("fast", "fast").await.status, StatusCode::OK);
+    assert_eq!(
+        send("failing", "failing").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send("bad%20id", "invalid").await.status, StatusCode::BAD_REQUEST);
+    // The slow request: upstream answers only once the threshold has passed.
+    let slow = tokio::spawn(send("slow", "slow"));
+    mock.wait_for_requests(3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    gate.open();
+    assert_eq!(slow.await.expect("the slow request").status, StatusCode::OK);
+    // Sent last: once its line is there, every earlier request's line would be too.
+    assert_eq!(send("bad%20id", "last").await.status, StatusCode::BAD_REQUEST);
+    eventually("the last request is logged", || async {
+        access_lines(&gateway)
+            .iter()
+            .any(|line| line["request_id"] == "last")
+    })
+    .await;
+    let logged: Vec<String> = access_lines(&gateway)
+        .iter()
+        .map(|line| line["request_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        logged,
+        ["failing", "invalid", "slow", "last"],
+        "the fast 200 is not logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_off_writes_no_access_line() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &process_config(&mock.base_url(), "[telemetry]\naccess_log = \"off\"\n"),
+    );
+    let mut gateway = GatewayProcess::start(&["--config", &config], &[("GW_TEST_KEY", TEST_KEY)]);
+    let response = gateway.get_run("bad%20id").await;
+    assert_eq!(response.status, StatusCode::BAD_REQUEST);
+    assert_eq!(gateway.terminate().code(), Some(0));
+    assert!(access_lines(&gateway).is_empty(), "{}", gateway.logs());
 }

@@ -220,7 +220,7 @@ async fn the_key_appears_in_no_log_line_even_at_trace_level() {
         "auth failure is logged loudly"
     );
     assert!(
-        logs.contains("\"cache\":\"hit\""),
+        logs.contains("\"plextera.cache\":\"hit\""),
         "access log has the outcome: {logs}"
     );
     assert!(logs.lines().count() > 20, "trace logging was on");
@@ -256,20 +256,22 @@ async fn each_request_logs_one_line_with_its_span_fields() {
     assert_eq!(access.len(), 2, "one line per request");
     let (miss, hit) = (&access[0], &access[1]);
     for (line, request_id, cache) in [(miss, "first-call", "miss"), (hit, "second-call", "hit")] {
-        assert_eq!(line["span"]["request_id"], request_id);
-        assert_eq!(line["span"]["run_id"], "done");
-        assert_eq!(line["span"]["method"], "GET");
-        assert_eq!(line["span"]["path"], runs_path("done"));
-        assert_eq!(line["span"]["cache"], cache);
-        assert_eq!(line["fields"]["status"], 200);
-        assert!(line["fields"]["duration_us"].is_u64());
+        assert_eq!(line["request_id"], request_id);
+        assert_eq!(line["run_id"], "done");
+        assert_eq!(line["http.request.method"], "GET");
+        assert_eq!(line["url.path"], runs_path("done"));
+        assert_eq!(line["plextera.cache"], cache);
+        assert_eq!(line["http.response.status_code"], 200);
+        assert!(line["http.server.request.duration"].is_f64(), "{line}");
     }
     assert!(
-        miss["span"]["upstream_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        miss["plextera.upstream.duration"]
+            .as_f64()
+            .is_some_and(|seconds| seconds >= 0.0),
         "{miss}"
     );
     assert!(
-        hit["span"].get("upstream_ms").is_none(),
+        hit.get("plextera.upstream.duration").is_none(),
         "a hit has no upstream latency: {hit}"
     );
 }

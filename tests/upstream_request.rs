@@ -66,8 +66,15 @@ async fn the_key_is_injected_and_client_headers_are_not_forwarded() {
     sent_sorted.sort_unstable();
     assert_eq!(
         sent_sorted,
-        ["accept", "authorization", "host", "user-agent", "x-request-id"],
-        "only the gateway's own headers go upstream"
+        [
+            "accept",
+            "authorization",
+            "host",
+            "traceparent",
+            "user-agent",
+            "x-request-id"
+        ],
+        "only the gateway's own headers go upstream (traceparent names the gateway's call)"
     );
 }
 

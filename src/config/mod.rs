@@ -62,6 +62,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub watch: WatchConfig,
     pub webhook: WebhookConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// `[server]`: the two listeners and how they stop.
@@ -310,6 +311,89 @@ impl Default for WebhookConfig {
             max_body_size: ByteSize::mib(1),
             safety_poll_interval: Duration::from_secs(30),
         }
+    }
+}
+
+/// `[telemetry]`: the access log's volume, and span export over OTLP.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector (`http://otel-collector:4318`): spans go to `<it>/v1/traces`, as
+    /// protobuf. Off when unset.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces started here that are sampled, 0 to 1; a client's trace keeps its own
+    /// decision (its `traceparent`'s sampled flag).
+    pub sample_ratio: f64,
+    /// Which requests get an access log line: `all`, `errors_or_slow` or `off`.
+    pub access_log: AccessLogMode,
+    /// With `access_log = "errors_or_slow"`: a request answered in this long or longer is logged.
+    #[serde(with = "fields::duration")]
+    pub slow_request_threshold: Duration,
+}
+
+/// `telemetry.access_log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogMode {
+    /// A line for every request.
+    All,
+    /// A line for errors (status 5xx or 429, or an error code of the gateway's own) and for
+    /// requests answered in `slow_request_threshold` or longer (held long-polls and event
+    /// streams excepted: their time is the client's wait).
+    ErrorsOrSlow,
+    /// No access log.
+    Off,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            access_log: AccessLogMode::All,
+            slow_request_threshold: Duration::from_secs(1),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let url = endpoint.parse::<Uri>().ok();
+            let http = url.as_ref().is_some_and(|url| {
+                matches!(url.scheme_str(), Some("http" | "https")) && url.host().is_some()
+            });
+            if !http {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    format_args!(
+                        "is {}: it must be an http:// or https:// URL",
+                        report::shown(endpoint)
+                    ),
+                ));
+            }
+            if url.is_some_and(|url| {
+                url.query().is_some() || url.authority().is_some_and(|a| a.as_str().contains('@'))
+            }) {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must hold no credentials and no query: the base URL of the collector",
+                ));
+            }
+        }
+        if !(self.sample_ratio.is_finite() && (0.0..=1.0).contains(&self.sample_ratio)) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format_args!("is {}: use a number from 0 to 1", self.sample_ratio),
+            ));
+        }
+        if self.slow_request_threshold.is_zero() {
+            return Err(invalid(
+                "telemetry.slow_request_threshold",
+                "is 0s: it must be more than 0s",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -625,7 +709,8 @@ impl Config {
             ));
         }
         self.watch.validate(&self.server)?;
-        self.webhook.validate(&self.server)
+        self.webhook.validate(&self.server)?;
+        self.telemetry.validate()
     }
 }
 
@@ -1506,6 +1591,45 @@ mod tests {
         ] {
             let error = Config::parse(text).expect_err(text).to_string();
             assert!(error.contains(key), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn telemetry_values_are_checked_with_one_line_naming_the_key() {
+        let config = Config::parse(
+            "[telemetry]\notlp_endpoint = \"http://otel-collector:4318\"\nsample_ratio = 0.25\n\
+             access_log = \"errors_or_slow\"\nslow_request_threshold = \"250ms\"\n",
+        )
+        .expect("valid telemetry");
+        assert_eq!(config.telemetry.access_log, AccessLogMode::ErrorsOrSlow);
+        assert_eq!(
+            config.telemetry.slow_request_threshold,
+            Duration::from_millis(250)
+        );
+        assert_eq!(Config::default().telemetry.access_log, AccessLogMode::All);
+        assert_eq!(Config::default().telemetry.otlp_endpoint, None);
+        for (text, key) in [
+            (
+                "otlp_endpoint = \"otel-collector:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("otlp_endpoint = \"grpc://otel:4317\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"http://user:pw@otel:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("sample_ratio = 1.5", "telemetry.sample_ratio"),
+            ("sample_ratio = -0.1", "telemetry.sample_ratio"),
+            ("access_log = \"some\"", "access_log"),
+            (
+                "slow_request_threshold = \"0s\"",
+                "telemetry.slow_request_threshold",
+            ),
+        ] {
+            let message = parse_error(&format!("[telemetry]\n{text}\n"));
+            assert!(message.contains(key), "{text}: {message}");
+            assert!(!message.contains('\n'), "{text}: {message}");
+            assert!(!message.contains("pw@"), "{text}: {message}");
         }
     }
 

@@ -75,6 +75,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("webhook.tolerance", "\"5m\""),
     ("webhook.max_body_size", "\"1MiB\""),
     ("webhook.safety_poll_interval", "\"30s\""),
+    ("telemetry.otlp_endpoint", "\"http://otel-collector:4318\""),
+    ("telemetry.sample_ratio", "0.1"),
+    ("telemetry.access_log", "\"errors_or_slow\""),
+    ("telemetry.slow_request_threshold", "\"1s\""),
 ];
 
 /// Longest bad value repeated whole in a message; a longer one (an API key pasted in the wrong

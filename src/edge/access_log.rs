@@ -1,4 +1,5 @@
-//! The outermost layer: the request id, the per-request span, and the one log line per request.
+//! The outermost layer: the request id, the trace context, the per-request span, and the one log
+//! line per request.
 //!
 //! It runs first so that everything below (routing, cache, upstream) logs inside the request's
 //! span and every response, errors included, carries `x-request-id`. A client's `x-request-id` is
@@ -6,25 +7,41 @@
 //! UUID, so a hostile id can neither forge log structure nor flood the logs. The id is written back
 //! into the request headers, where inner layers read it and the upstream request copies it.
 //!
-//! The span carries `request_id`, `method` (its first 32 bytes) and `path` (its first 256 bytes;
-//! for either, its length when it is longer); `run_id` (routing), `upstream_ms` (the
-//! proxy) and `cache` (the outcome, at the end) are filled in as they become known, so every event
+//! The request's server span ([`crate::ops::spans`]) continues the client's `traceparent` when it
+//! is valid, or starts a trace; its ids ride in the request's extensions ([`CallIds`]) to the error
+//! bodies (`traceId`) and the upstream call (`traceparent`).
+//!
+//! The tracing span carries `request_id`, `trace_id`, `span_id`, `http.request.method` (its first
+//! 32 bytes) and `url.path` (its first 256 bytes; for either, when longer, its start, `…` and its
+//! length); `run_id` (routing), `plextera.upstream.duration` (seconds, the proxy) and
+//! `plextera.cache` (the outcome, at the end) are filled in as they become known, so every event
 //! logged while serving the request carries them. The access line itself is at INFO on target
-//! `plextera_gateway::access`, so `RUST_LOG` can silence or keep it alone.
+//! `plextera_gateway::access`, named after OpenTelemetry's HTTP semantic conventions:
+//! `http.response.status_code`, `http.server.request.duration` (seconds, to the response head),
+//! `http.response.body.size` (when known: not for event streams), `error.type` (the gateway's
+//! error code), `client.address`, `client.port`, `network.protocol.version` and
+//! `user_agent.original` (bounded like the path). `[telemetry] access_log` chooses which requests
+//! get a line ([`AccessLog`]); `RUST_LOG` can silence the target or keep it alone.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::header::USER_AGENT;
+use http::{HeaderValue, Request, Response, Version};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, instrument::Instrumented};
 
 use crate::cache::CacheOutcome;
+use crate::config::{AccessLogMode, TelemetryConfig};
 use crate::edge::response::{Body, X_REQUEST_ID};
+use crate::edge::routes::RUNS_PATH;
+use crate::ops::spans::{ServerEnd, ServerSpan, ServerStart, Spans};
+use crate::ops::trace_context::{CallIds, RemoteParent};
 
 /// Longest client-supplied request id that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -32,16 +49,74 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_LOGGED_PATH: usize = 256;
 /// Most bytes of a request's method written to the log (an extension method may be long).
 const MAX_LOGGED_METHOD: usize = 32;
+/// Most bytes of a client's `User-Agent` written to the log.
+const MAX_LOGGED_USER_AGENT: usize = 256;
+/// The runs path's route template, as spans name it.
+const RUNS_ROUTE: &str = "/api/public/v1/workflow-runs/{runId}";
+
+/// Which requests get an access log line (`[telemetry] access_log`, `slow_request_threshold`).
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLog {
+    pub mode: AccessLogMode,
+    pub slow: Duration,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self::new(&TelemetryConfig::default())
+    }
+}
+
+impl AccessLog {
+    pub fn new(config: &TelemetryConfig) -> Self {
+        Self {
+            mode: config.access_log,
+            slow: config.slow_request_threshold,
+        }
+    }
+
+    /// Whether a request gets a line: always (`all`), never (`off`), or (`errors_or_slow`) when it
+    /// is an error (status 5xx or 429, or an error code of the gateway's own) or took `slow` or
+    /// longer to answer; a held long-poll or an event stream is never slow (its time is the
+    /// client's wait).
+    fn wants(&self, status: u16, error: Option<&str>, waited: bool, took: Duration) -> bool {
+        match self.mode {
+            AccessLogMode::All => true,
+            AccessLogMode::Off => false,
+            AccessLogMode::ErrorsOrSlow => {
+                status >= 500 || status == 429 || error.is_some() || (!waited && took >= self.slow)
+            }
+        }
+    }
+}
 
 /// Adds [`RequestLog`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestLogLayer;
+#[derive(Debug, Clone, Default)]
+pub struct RequestLogLayer {
+    spans: Spans,
+    access_log: AccessLog,
+    /// The client connection's peer address.
+    peer: Option<SocketAddr>,
+}
+
+impl RequestLogLayer {
+    pub fn new(spans: Spans, access_log: AccessLog, peer: Option<SocketAddr>) -> Self {
+        Self {
+            spans,
+            access_log,
+            peer,
+        }
+    }
+}
 
 impl<S> Layer<S> for RequestLogLayer {
     type Service = RequestLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestLog { inner }
+        RequestLog {
+            inner,
+            settings: self.clone(),
+        }
     }
 }
 
@@ -49,6 +124,7 @@ impl<S> Layer<S> for RequestLogLayer {
 #[derive(Debug, Clone)]
 pub struct RequestLog<S> {
     inner: S,
+    settings: RequestLogLayer,
 }
 
 impl<S, ReqBody> Service<Request<ReqBody>> for RequestLog<S>
@@ -64,6 +140,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
         let request_id = request
             .headers()
             .get(X_REQUEST_ID)
@@ -71,31 +148,69 @@ where
             .cloned()
             .unwrap_or_else(new_request_id);
         request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        let method = Bounded(request.method().as_str(), MAX_LOGGED_METHOD);
+        let path = Bounded(request.uri().path(), MAX_LOGGED_PATH);
+        let protocol = protocol_version(request.version());
+        let parent = RemoteParent::from_headers(request.headers());
+        let server = self.settings.spans.server(
+            parent.as_ref(),
+            &ServerStart {
+                method: &method,
+                route: is_runs_path(request.uri().path()).then_some(RUNS_ROUTE),
+                path: &path,
+                protocol,
+                client: self.settings.peer,
+            },
+        );
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or_default(),
-            method = %Bounded(request.method().as_str(), MAX_LOGGED_METHOD),
-            path = %Bounded(request.uri().path(), MAX_LOGGED_PATH),
+            trace_id = %server.context.trace_id,
+            span_id = %server.context.span_id,
+            "http.request.method" = %method,
+            "url.path" = %path,
             run_id = tracing::field::Empty,
-            cache = tracing::field::Empty,
-            upstream_ms = tracing::field::Empty,
+            "plextera.cache" = tracing::field::Empty,
+            "plextera.upstream.duration" = tracing::field::Empty,
         );
+        request.extensions_mut().insert(CallIds {
+            request_id: request_id.clone(),
+            span: Some(server.context.clone()),
+        });
+        let user_agent = request.headers().get(USER_AGENT).cloned();
         // Call inside the span so what the inner layers record (e.g. the run id) lands in it.
         let inner = span.in_scope(|| self.inner.call(request));
         RequestLogFuture {
             inner: inner.instrument(span),
-            request_id: Some(request_id),
-            started: Instant::now(),
+            finish: Some(Finish {
+                request_id,
+                server,
+                user_agent,
+                protocol,
+                peer: self.settings.peer,
+                access_log: self.settings.access_log,
+            }),
+            started,
         }
     }
 }
 
+/// What the access line and the span's end need once the response is ready.
+struct Finish {
+    request_id: HeaderValue,
+    server: ServerSpan,
+    user_agent: Option<HeaderValue>,
+    protocol: &'static str,
+    peer: Option<SocketAddr>,
+    access_log: AccessLog,
+}
+
 pin_project! {
-    /// Logs the outcome and adds `x-request-id` once the inner response is ready.
+    /// Logs the outcome, ends the span and adds `x-request-id` once the inner response is ready.
     pub struct RequestLogFuture<F> {
         #[pin]
         inner: Instrumented<F>,
-        request_id: Option<HeaderValue>,
+        finish: Option<Finish>,
         started: Instant,
     }
 }
@@ -109,27 +224,66 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let mut result = ready!(this.inner.as_mut().poll(cx));
-        if let Ok(response) = &mut result {
+        if let (Ok(response), Some(finish)) = (&mut result, this.finish.take()) {
+            let took = this.started.elapsed();
             let span: &Span = this.inner.span();
             let _entered = span.enter();
-            let cache = response.body().outcome().map_or("none", CacheOutcome::as_str);
-            span.record("cache", cache);
-            tracing::info!(
-                target: "plextera_gateway::access",
-                status = response.status().as_u16(),
-                duration_us = u64::try_from(this.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                "served"
-            );
-            if let Some(request_id) = this.request_id.take() {
-                response.headers_mut().insert(X_REQUEST_ID, request_id);
+            let body = response.body();
+            let cache = body.outcome().map_or("none", CacheOutcome::as_str);
+            let status = response.status().as_u16();
+            let error = body.error();
+            span.record("plextera.cache", cache);
+            let waited = body.held() || body.is_stream();
+            if finish.access_log.wants(status, error, waited, took) {
+                let size = http_body::Body::size_hint(body).exact();
+                let user_agent = finish
+                    .user_agent
+                    .as_ref()
+                    .map(|agent| String::from_utf8_lossy(agent.as_bytes()));
+                tracing::event!(
+                    target: "plextera_gateway::access",
+                    tracing::Level::INFO,
+                    "http.response.status_code" = status,
+                    "http.server.request.duration" = took.as_secs_f64(),
+                    "http.response.body.size" = size,
+                    "error.type" = error,
+                    "client.address" = finish.peer.map(|peer| tracing::field::display(peer.ip())),
+                    "client.port" = finish.peer.map(|peer| peer.port()),
+                    "network.protocol.version" = finish.protocol,
+                    "user_agent.original" = user_agent
+                        .as_deref()
+                        .map(|agent| tracing::field::display(Bounded(agent, MAX_LOGGED_USER_AGENT))),
+                    "served"
+                );
             }
+            finish.server.end(&ServerEnd { status, cache, error });
+            response.headers_mut().insert(X_REQUEST_ID, finish.request_id);
         }
         Poll::Ready(result)
     }
 }
 
+/// `network.protocol.version`: `1.1`, `2`, …
+fn protocol_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "other",
+    }
+}
+
+/// Whether `path` names a run (valid or not, it is the runs route).
+fn is_runs_path(path: &str) -> bool {
+    path.strip_prefix(RUNS_PATH)
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+}
+
 /// A client's string as logged: whole up to a bound, else its start and its length, so a client
 /// cannot make one log line as long as its request head.
+#[derive(Clone, Copy)]
 struct Bounded<'a>(&'a str, usize);
 
 impl std::fmt::Display for Bounded<'_> {
@@ -203,6 +357,51 @@ mod tests {
         assert!(logged.len() < MAX_LOGGED_PATH + 32, "{} bytes", logged.len());
         assert!(logged.starts_with(&long[..MAX_LOGGED_PATH]));
         assert!(logged.ends_with("(20001 bytes)"), "{logged}");
+    }
+
+    #[test]
+    fn errors_or_slow_keeps_errors_and_slow_answers_but_not_held_ones() {
+        let quick = Duration::from_millis(5);
+        let slow = Duration::from_secs(2);
+        let filter = AccessLog {
+            mode: AccessLogMode::ErrorsOrSlow,
+            slow: Duration::from_secs(1),
+        };
+        assert!(!filter.wants(200, None, false, quick));
+        assert!(
+            !filter.wants(404, None, false, quick),
+            "upstream's 404, passed on"
+        );
+        assert!(filter.wants(503, None, false, quick));
+        assert!(filter.wants(500, None, false, quick));
+        assert!(filter.wants(429, None, false, quick));
+        assert!(filter.wants(400, Some("INVALID_RUN_ID"), false, quick));
+        assert!(filter.wants(200, None, false, slow));
+        assert!(
+            !filter.wants(200, None, true, slow),
+            "a held long-poll's wait is not slowness"
+        );
+        assert!(filter.wants(503, Some("TOO_MANY_WAITERS"), true, slow));
+        let all = AccessLog {
+            mode: AccessLogMode::All,
+            ..filter
+        };
+        assert!(all.wants(200, None, false, quick));
+        let off = AccessLog {
+            mode: AccessLogMode::Off,
+            ..filter
+        };
+        assert!(!off.wants(503, Some("UPSTREAM_UNAVAILABLE"), false, slow));
+    }
+
+    #[test]
+    fn the_runs_route_and_protocol_versions_are_named_as_spans_want() {
+        assert!(is_runs_path("/api/public/v1/workflow-runs/run_1"));
+        assert!(!is_runs_path("/api/public/v1/workflow-runs/"));
+        assert!(!is_runs_path("/api/public/v1/workflow-runs/a/b"));
+        assert!(!is_runs_path("/metrics"));
+        assert_eq!(protocol_version(Version::HTTP_11), "1.1");
+        assert_eq!(protocol_version(Version::HTTP_2), "2");
     }
 
     #[test]

@@ -21,7 +21,8 @@ use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
 use crate::edge::error::GatewayError;
-use crate::edge::response::{Body, X_REQUEST_ID};
+use crate::edge::response::Body;
+use crate::ops::trace_context::CallIds;
 
 /// The accepted client tokens, as digests. Clones share the set, and see its replacement.
 #[derive(Clone)]
@@ -134,7 +135,7 @@ where
         if self.tokens.accepts(request.headers().get(AUTHORIZATION)) {
             return Either::Right(self.inner.call(request));
         }
-        let mut response = GatewayError::Unauthorized.into_response(request.headers().get(X_REQUEST_ID));
+        let mut response = GatewayError::Unauthorized.into_response(request.extensions().get::<CallIds>());
         response
             .headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

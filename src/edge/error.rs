@@ -1,7 +1,8 @@
 //! The errors the gateway answers with itself, and the one mapping from error to HTTP response.
 //!
 //! Bodies follow Plextera's own error shape, `{"error":{"code","message","requestId","retryable"}}`,
-//! so a frontend handles gateway and upstream errors alike. Messages are fixed strings: no upstream
+//! so a frontend handles gateway and upstream errors alike; answers to client requests add
+//! `traceId`, the W3C trace id the request's log lines and spans carry. Messages are fixed strings: no upstream
 //! detail, no header, no key ever reaches a body.
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use crate::cache::CacheOutcome;
 use crate::edge::response::{Body, json};
+use crate::ops::trace_context::CallIds;
 
 /// Everything the gateway can refuse or fail with on its own account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -112,9 +114,19 @@ impl GatewayError {
     }
 
     /// The JSON error response, `no-store`, with `Allow` on a 405 and `Retry-After` on a 429.
-    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<Body> {
-        let request_id = request_id.and_then(|value| value.to_str().ok());
-        let body = error_body(self.code(), &self.to_string(), request_id, self.retryable());
+    /// `ids`: the request's, for `requestId` and `traceId`.
+    pub fn into_response(self, ids: Option<&CallIds>) -> Response<Body> {
+        let request_id = ids.and_then(|ids| ids.request_id.to_str().ok());
+        let trace_id = ids
+            .and_then(|ids| ids.span.as_ref())
+            .map(|span| span.trace_id.to_string());
+        let body = envelope(
+            self.code(),
+            &self.to_string(),
+            request_id,
+            trace_id.as_deref(),
+            self.retryable(),
+        );
         let mut response = json(self.status(), body);
         match self {
             Self::MethodNotAllowed => {
@@ -132,12 +144,24 @@ impl GatewayError {
             _ => {}
         }
         response.body_mut().set_outcome(CacheOutcome::Error);
+        response.body_mut().set_error(self.code());
         response
     }
 }
 
 /// Serializes Plextera's error envelope.
 pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable: bool) -> Bytes {
+    envelope(code, message, request_id, None, retryable)
+}
+
+/// The envelope, with `traceId` when given.
+fn envelope(
+    code: &str,
+    message: &str,
+    request_id: Option<&str>,
+    trace_id: Option<&str>,
+    retryable: bool,
+) -> Bytes {
     #[derive(Serialize)]
     struct Envelope<'a> {
         error: Detail<'a>,
@@ -149,6 +173,8 @@ pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<&'a str>,
         retryable: bool,
     }
     let envelope = Envelope {
@@ -156,6 +182,7 @@ pub fn error_body(code: &str, message: &str, request_id: Option<&str>, retryable
             code,
             message,
             request_id,
+            trace_id,
             retryable,
         },
     };
@@ -170,8 +197,17 @@ mod tests {
 
     #[tokio::test]
     async fn error_response_uses_plextera_envelope() {
-        let request_id = HeaderValue::from_static("req-1");
-        let response = GatewayError::UpstreamTimeout.into_response(Some(&request_id));
+        let span = crate::ops::trace_context::SpanContext {
+            trace_id: crate::ops::trace_context::TraceId([0xab; 16]),
+            span_id: crate::ops::trace_context::SpanId([1; 8]),
+            sampled: true,
+            state: None,
+        };
+        let ids = CallIds {
+            request_id: HeaderValue::from_static("req-1"),
+            span: Some(span),
+        };
+        let response = GatewayError::UpstreamTimeout.into_response(Some(&ids));
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
@@ -184,6 +220,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(json["error"]["code"], "UPSTREAM_TIMEOUT");
         assert_eq!(json["error"]["requestId"], "req-1");
+        assert_eq!(json["error"]["traceId"], "ab".repeat(16));
         assert_eq!(json["error"]["retryable"], true);
         assert!(json["error"]["message"].is_string());
     }

@@ -30,6 +30,7 @@ use crate::edge::request_metrics::RecordMetricsLayer;
 use crate::edge::request_metrics::RequestMetrics;
 use crate::edge::response::{Body, X_CACHE, X_REQUEST_ID};
 use crate::edge::routes::{LAST_EVENT_ID, RouteLayer};
+use crate::ops::trace_context::{TRACEPARENT, TRACESTATE};
 use crate::serve::connection::WorkSlots;
 use crate::watch::wait::PREFER;
 use crate::watch::{PREFERENCE_APPLIED, Watches};
@@ -38,8 +39,10 @@ use crate::watch::{PREFERENCE_APPLIED, Watches};
 const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Builds the request path for the public port, for one client connection (`work`: its upstream
-/// work slots) or, with `None`, for driving the stack without a server.
+/// work slots; `request_log`: spans, access log and the peer's address) or, with `None`, for
+/// driving the stack without a server.
 pub fn public_service<B>(
+    request_log: RequestLogLayer,
     runs: Watches,
     metrics: RequestMetrics,
     cors: Option<CorsLayer>,
@@ -56,7 +59,7 @@ where
     ServiceBuilder::new()
         // Request id, per-request span and the access log line; outermost so every response,
         // preflights and errors included, is logged and carries x-request-id.
-        .layer(RequestLogLayer)
+        .layer(request_log)
         // A request that frames a body is answered with `Connection: close`, whoever answers it
         // (the body is never read); a HEAD answer is emptied, keeping its Content-Length.
         .layer(FramingLayer)
@@ -91,7 +94,15 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow_origin)
             .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([X_REQUEST_ID, IF_NONE_MATCH, AUTHORIZATION, PREFER, LAST_EVENT_ID])
+            .allow_headers([
+                X_REQUEST_ID,
+                IF_NONE_MATCH,
+                AUTHORIZATION,
+                PREFER,
+                LAST_EVENT_ID,
+                TRACEPARENT,
+                TRACESTATE,
+            ])
             .expose_headers([
                 X_CACHE,
                 X_REQUEST_ID,

@@ -31,6 +31,8 @@ pub struct Body {
     stream: Option<FrameStream>,
     outcome: Option<CacheOutcome>,
     held: bool,
+    /// The gateway's error code, when it answered with an error of its own.
+    error: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Body {
@@ -41,6 +43,7 @@ impl std::fmt::Debug for Body {
             .field("stream", &self.stream.is_some())
             .field("outcome", &self.outcome)
             .field("held", &self.held)
+            .field("error", &self.error)
             .finish()
     }
 }
@@ -52,6 +55,7 @@ impl Body {
             stream: None,
             outcome,
             held: false,
+            error: None,
         }
     }
 
@@ -62,7 +66,22 @@ impl Body {
             stream: Some(stream),
             outcome: Some(outcome),
             held: false,
+            error: None,
         }
+    }
+
+    /// Whether the body is written frame by frame (an event stream).
+    pub fn is_stream(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// The gateway's error code (`UPSTREAM_TIMEOUT`, …) when the answer is an error of its own.
+    pub fn error(&self) -> Option<&'static str> {
+        self.error
+    }
+
+    pub fn set_error(&mut self, code: &'static str) {
+        self.error = Some(code);
     }
 
     /// Whether the answer waited for a run to change (a held long-poll): its latency is the

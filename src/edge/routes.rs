@@ -22,7 +22,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use tower::{Layer, Service};
 
 use crate::edge::error::GatewayError;
-use crate::edge::response::{Body, X_REQUEST_ID};
+use crate::edge::response::Body;
+use crate::ops::trace_context::CallIds;
 use crate::run::id::RunId;
 use crate::serve::connection::WorkSlots;
 use crate::watch::wait::{self, WaitAsk};
@@ -38,8 +39,8 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     pub id: RunId,
-    /// The request id set by the request-log layer; sent upstream and in error bodies.
-    pub request_id: HeaderValue,
+    /// The request id and span set by the request-log layer; sent upstream and in error bodies.
+    pub ids: CallIds,
     /// The client's `If-None-Match`, answered with 304 when it names the stored run's ETag.
     pub if_none_match: Option<HeaderValue>,
     /// How long the client asked to be held for a change (before the cap), if it asked.
@@ -96,16 +97,17 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let request_id = request.headers().get(X_REQUEST_ID).cloned();
+        let ids = request.extensions().get::<CallIds>().cloned();
         match route(&request) {
             Ok((id, wait)) => {
                 tracing::Span::current().record("run_id", id.as_str());
-                let request_id = request_id.unwrap_or_else(|| HeaderValue::from_static("-"));
+                // Outside the request-log layer (benches), ids of its own.
+                let ids = ids.unwrap_or_else(|| CallIds::own("request"));
                 let headers = request.headers();
                 let stream = request.method() == Method::GET && wait::wants_event_stream(headers);
                 Either::Right(self.inner.call(RunRequest {
                     id,
-                    request_id,
+                    ids,
                     if_none_match: list(headers, &IF_NONE_MATCH),
                     wait,
                     stream,
@@ -113,7 +115,7 @@ where
                     work: self.work.clone(),
                 }))
             }
-            Err(error) => Either::Left(ready(Ok(error.into_response(request_id.as_ref())))),
+            Err(error) => Either::Left(ready(Ok(error.into_response(ids.as_ref())))),
         }
     }
 }

@@ -323,6 +323,7 @@ mod tests {
             &config.upstream,
             &key,
             crate::upstream::metrics::UpstreamMetrics::new(&Registry::new()).expect("metrics"),
+            crate::ops::spans::Spans::new(&config.telemetry),
         )
         .expect("upstream");
         let rotation = upstream.key_rotation();

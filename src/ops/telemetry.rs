@@ -8,6 +8,12 @@
 //! Text is coloured only when stdout is a terminal and `NO_COLOR` is unset or empty
 //! (<https://no-color.org>), so files, pipes and log collectors get plain text.
 //!
+//! JSON lines are flat ([`FlatJson`]): `timestamp`, `level`, `target`, `message`, then the event's
+//! fields and those of every span it was logged in (the request's `request_id`, `trace_id`,
+//! `span_id`, …) as top-level keys, an inner span's or the event's own value winning over an outer
+//! one's. Log collectors index them as they are, with no nested `fields` or `span` object to
+//! unpack.
+//!
 //! Every line passes through the key's redactor ([`redact_with`]) on its way out: the gateway's
 //! own lines never hold the key, but its dependencies log what upstream sends them (h2 prints a
 //! GOAWAY's debug data, in which an upstream may echo credentials), so the last word is here.
@@ -16,8 +22,14 @@ use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
 use clap::ValueEnum;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Returns a line with every echo of the key replaced, or `None` when it holds none.
 pub type Redactor = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
@@ -37,7 +49,7 @@ pub enum LogFormat {
     /// Human-readable lines, coloured when stdout is a terminal and NO_COLOR is unset.
     #[default]
     Text,
-    /// One JSON object per line, with the request span's fields.
+    /// One flat JSON object per line, with the request span's fields beside the event's.
     Json,
 }
 
@@ -71,10 +83,107 @@ pub fn init(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
             .init(),
+    }
+}
+
+/// The keys every JSON line starts with; a field of the same name is not repeated.
+const LEADING_KEYS: [&str; 4] = ["timestamp", "level", "target", "message"];
+
+/// One flat JSON object per event: see the module documentation. Span fields are read back from
+/// what [`JsonFields`] stored for each span (a JSON object), so they must be formatted with it.
+pub struct FlatJson;
+
+impl<S> FormatEvent<S, JsonFields> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = Map::new();
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                let Some(stored) = extensions.get::<FormattedFields<JsonFields>>() else {
+                    continue;
+                };
+                if let Ok(Value::Object(span_fields)) = serde_json::from_str::<Value>(stored) {
+                    fields.extend(span_fields);
+                }
+            }
+        }
+        let mut visitor = JsonVisitor(Map::new());
+        event.record(&mut visitor);
+        let mut own = visitor.0;
+        let message = own.remove("message");
+        fields.extend(own);
+
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let metadata = event.metadata();
+        let mut line = Map::new();
+        line.insert("timestamp".into(), Value::String(timestamp));
+        line.insert("level".into(), Value::String(metadata.level().as_str().into()));
+        line.insert("target".into(), Value::String(metadata.target().into()));
+        line.insert("message".into(), message.unwrap_or(Value::String(String::new())));
+        // Written by hand to keep the leading keys first (a `Map` sorts its keys).
+        writer.write_char('{')?;
+        let leading = LEADING_KEYS
+            .iter()
+            .filter_map(|key| Some((*key, line.get(*key)?)));
+        let rest = fields
+            .iter()
+            .filter(|(key, _)| !LEADING_KEYS.contains(&key.as_str()))
+            .map(|(key, value)| (key.as_str(), value));
+        for (at, (key, value)) in leading.chain(rest).enumerate() {
+            if at > 0 {
+                writer.write_char(',')?;
+            }
+            let key = serde_json::to_string(key).map_err(|_| std::fmt::Error)?;
+            let value = serde_json::to_string(value).map_err(|_| std::fmt::Error)?;
+            write!(writer, "{key}:{value}")?;
+        }
+        writeln!(writer, "}}")
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonVisitor(Map<String, Value>);
+
+impl Visit for JsonVisitor {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        let value = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
+        self.0.insert(field.name().into(), value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().into(), value.to_string().into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().into(), format!("{value:?}").into());
     }
 }
 

@@ -243,9 +243,11 @@ impl Gateway {
         let watches = self.app.watches.clone();
         // Purges from other replicas reach this one from now on, watched runs or not.
         watches.start();
+        let spans = self.app.spans.clone();
         let app = self.app;
-        let public_service =
-            move |connection: &Arc<Connection>| app.public_service::<Incoming>(Some(connection.work_slots()));
+        let public_service = move |connection: &Arc<Connection>| {
+            app.public_service::<Incoming>(Some(connection.work_slots()), connection.peer())
+        };
         let mut public = Acceptor::new(
             self.public,
             public_service,
@@ -284,8 +286,14 @@ impl Gateway {
                 tracing::error!(%error, "admin or webhook listener task failed");
             }
         }
+        // The last spans, exported within a bound (a collector that is down does not hold the
+        // exit up).
+        spans.shutdown(SPAN_FLUSH_BOUND).await;
     }
 }
+
+/// Longest the exit waits for queued spans to be exported.
+const SPAN_FLUSH_BOUND: Duration = Duration::from_secs(2);
 
 /// Serves a port beside the public one (admin, webhook) until `stop` turns true, then gives its
 /// connections [`SIDE_PORT_GRACE`] to finish.
@@ -443,7 +451,8 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let connection = Connection::new(self.limits, slot);
+        let peer = stream.peer_addr().ok();
+        let connection = Connection::with_peer(self.limits, slot, peer);
         let service = Track::new((self.make_service)(&connection), Arc::clone(&connection));
         let io = TokioIo::new(WatchedIo::new(stream, Arc::clone(&connection)));
         let served = self

@@ -9,12 +9,13 @@
 //! is labelled); a 429 is forwarded and starts the budget's shared cooldown. What is left is an
 //! answer worth forwarding, and perhaps storing.
 
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 
 use super::budget::{self, Budget, Refusal};
 use super::budget_metrics::{BudgetMetrics, RefusalReason};
 use super::{Upstream, UpstreamError, UpstreamResponse};
 use crate::edge::error::GatewayError;
+use crate::ops::trace_context::CallIds;
 use crate::run::id::RunId;
 
 /// The upstream client behind its budget. Cheap to clone.
@@ -36,22 +37,17 @@ impl Fetcher {
 
     /// Fetches `id` once: an answer to forward (2xx, 4xx other than 401/403, 5xx), or the error a
     /// client gets instead.
-    pub async fn fetch(
-        &self,
-        id: &RunId,
-        request_id: &HeaderValue,
-    ) -> Result<UpstreamResponse, GatewayError> {
+    pub async fn fetch(&self, id: &RunId, ids: &CallIds) -> Result<UpstreamResponse, GatewayError> {
         let admission = self
             .budget
             .admit()
             .await
             .map_err(|refusal| self.refused(refusal))?;
-        let answer = self.upstream.fetch(id, request_id).await;
+        let answer = self.upstream.fetch(id, ids).await;
         drop(admission);
         // A failure is logged by the upstream client, with the upstream's origin and the cause.
         let answer = answer.map_err(upstream_failure)?;
-        let upstream_ms = (answer.elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
-        tracing::Span::current().record("upstream_ms", upstream_ms);
+        tracing::Span::current().record("plextera.upstream.duration", answer.elapsed.as_secs_f64());
         self.read_status(answer)
     }
 

@@ -4,7 +4,10 @@
 //! run's URL, the server-side `Authorization: api-key …`, `Accept: application/json`, a
 //! `User-Agent` and the request id. So no client credential, cookie, hop-by-hop header or routing
 //! header (`Host`, `X-Forwarded-*`, `Forwarded`, `X-Original-URL`, …) can ever travel upstream,
-//! and no client header can make two requests for one run differ upstream.
+//! and no client header can make two requests for one run differ upstream. Trace context is the
+//! one thing continued: each call is a span of its own ([`crate::ops::spans`]), a child of the
+//! request's, and sends `traceparent` naming it, with the client's `tracestate` (validated and
+//! bounded) unchanged; a call no client asked for starts a trace of its own.
 //!
 //! Whatever comes back is checked for the key, in any spelling an encoder could give it (raw,
 //! JSON-escaped, percent-encoded; see [`crate::upstream::key_echo`]): a body that echoes it (current or,
@@ -43,6 +46,8 @@ use self::metrics::{UpstreamMetrics, UpstreamOutcome};
 use self::tls::tls_config;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::edge::response::{APPLICATION_JSON, X_REQUEST_ID};
+use crate::ops::spans::Spans;
+use crate::ops::trace_context::{CallIds, SpanContext};
 use crate::run::id::RunId;
 use crate::upstream::credentials::ApiKey;
 use crate::upstream::pool::{Pool, PoolError, PoolSettings, describe_chain, error_chain};
@@ -92,10 +97,19 @@ pub struct Upstream {
     timeout: Duration,
     max_body_size: usize,
     metrics: UpstreamMetrics,
+    /// The calls' spans, named by `server_host` and `server_port`.
+    spans: Spans,
+    server_host: Arc<str>,
+    server_port: u16,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, key: &ApiKey, metrics: UpstreamMetrics) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        key: &ApiKey,
+        metrics: UpstreamMetrics,
+        spans: Spans,
+    ) -> Result<Self, ConfigError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -111,7 +125,15 @@ impl Upstream {
         let origin: Uri = runs_url_prefix.parse().map_err(|_| {
             ConfigError::Invalid(format!("upstream.base_url {:?} is not a URL", config.base_url))
         })?;
+        let server_host: Arc<str> = origin.host().unwrap_or_default().into();
+        let server_port = origin.port_u16().unwrap_or(match origin.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
         Ok(Self {
+            spans,
+            server_host,
+            server_port,
             host: host_header(&origin).ok_or_else(|| {
                 ConfigError::Invalid(format!("upstream.base_url {:?} has no host", config.base_url))
             })?,
@@ -140,13 +162,12 @@ impl Upstream {
 
     /// Fetches one run, bounded by `request_timeout` as a whole, records the call's metrics, and
     /// logs a failure with the upstream's origin and its cause.
-    pub async fn fetch(
-        &self,
-        id: &RunId,
-        request_id: &HeaderValue,
-    ) -> Result<UpstreamResponse, UpstreamError> {
+    pub async fn fetch(&self, id: &RunId, ids: &CallIds) -> Result<UpstreamResponse, UpstreamError> {
+        let span = self
+            .spans
+            .client(ids.span.as_ref(), &self.server_host, self.server_port);
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.exchange(id, request_id))
+        let result = tokio::time::timeout(self.timeout, self.exchange(id, &ids.request_id, &span.context))
             .await
             .unwrap_or_else(|_| {
                 Err(Failure {
@@ -161,6 +182,12 @@ impl Upstream {
             Err(failure) => UpstreamOutcome::Failed(failure.error),
         };
         self.metrics.observe(outcome, elapsed);
+        // A call no client asked for has no request span: its failure line names its own trace.
+        let trace_id = span.context.trace_id;
+        match &result {
+            Ok(response) => span.end(Some(response.status.as_u16()), None),
+            Err(failure) => span.end(None, Some(failure.cause)),
+        }
         match result {
             Ok(response) => Ok(UpstreamResponse { elapsed, ..response }),
             Err(failure) => {
@@ -174,6 +201,7 @@ impl Upstream {
                     failure.detail
                 };
                 tracing::warn!(
+                    %trace_id,
                     upstream = %self.origin,
                     cause = failure.cause,
                     error = %detail,
@@ -185,7 +213,12 @@ impl Upstream {
         }
     }
 
-    async fn exchange(&self, id: &RunId, request_id: &HeaderValue) -> Result<UpstreamResponse, Failure> {
+    async fn exchange(
+        &self,
+        id: &RunId,
+        request_id: &HeaderValue,
+        span: &SpanContext,
+    ) -> Result<UpstreamResponse, Failure> {
         // Owned for the whole exchange: a rotation mid-request must not change how its answer is
         // scrubbed.
         let credentials = self.credentials.load_full();
@@ -203,6 +236,7 @@ impl Upstream {
             headers.insert(ACCEPT, APPLICATION_JSON);
             headers.insert(USER_AGENT, self.user_agent.clone());
             headers.insert(X_REQUEST_ID, request_id.clone());
+            span.inject(headers);
             request
         };
 

@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
+use super::Watches;
 use super::fleet::Fleet;
 use super::fleet::message::News;
 use super::snapshot::{Snapshot, State};
-use super::{Watches, request_id};
 use crate::cache::coalesce::Role;
 use crate::edge::error::GatewayError;
+use crate::ops::trace_context::CallIds;
 use crate::proxy::Answer;
 use crate::run::id::RunId;
 
@@ -158,7 +159,7 @@ impl Watches {
     pub async fn confirm(&self, id: RunId) -> (Confirmation, Call) {
         let hub = &self.hub;
         hub.runs.forget_not_found(&id).await;
-        let (answer, role) = hub.runs.resolve(id.clone(), request_id("webhook"), None).await;
+        let (answer, role) = hub.runs.resolve(id.clone(), CallIds::own("webhook"), None).await;
         let call = Call::of(&answer, role);
         let snapshot = Snapshot::of(answer, hub.runs.statuses());
         let confirmation = match &snapshot {

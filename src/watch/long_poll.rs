@@ -101,7 +101,7 @@ fn too_many(request: &RunRequest) -> Response<Body> {
     GatewayError::TooManyWaiters {
         retry_after_secs: super::FULL_RETRY_AFTER_SECS,
     }
-    .into_response(Some(&request.request_id))
+    .into_response(Some(&request.ids))
 }
 
 /// 304 when the wait ran out before the run's version was known: nothing is known to have

@@ -523,13 +523,6 @@ impl Drop for Held {
     }
 }
 
-/// The `x-request-id` a call made for no client sends upstream: `<who>-` and a fresh id
-/// (`watch-…` for a watcher's poll, `webhook-…` for an event's confirming call).
-fn request_id(who: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("{who}-{}", uuid::Uuid::new_v4().simple()))
-        .expect("a name, a dash and hex digits are a valid header value")
-}
-
 /// `wait` less a random part of up to a sixteenth of it, so clients held together do not all
 /// come back at once (Consul's blocking queries do the same).
 fn jittered_deadline(wait: Duration) -> Duration {

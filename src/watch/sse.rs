@@ -222,7 +222,7 @@ fn too_many(request: &RunRequest) -> Response<Body> {
     GatewayError::TooManyWaiters {
         retry_after_secs: super::FULL_RETRY_AFTER_SECS,
     }
-    .into_response(Some(&request.request_id))
+    .into_response(Some(&request.ids))
 }
 
 /// Upstream could not be asked for the run right now (5xx, a timeout, a 429 or the budget): a

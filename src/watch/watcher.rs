@@ -29,7 +29,8 @@ use tracing::Instrument;
 
 use super::fleet::{LEASE_MARGIN, Standing};
 use super::snapshot::Snapshot;
-use super::{Channel, Hub, request_id};
+use super::{Channel, Hub};
+use crate::ops::trace_context::CallIds;
 use crate::run::id::RunId;
 
 /// Growth of the interval while nothing changes.
@@ -87,7 +88,7 @@ pub(super) async fn watch(hub: Arc<Hub>, id: RunId, channel: Arc<Channel>) {
                 delay = next_delay(&hub, interval);
                 continue;
             }
-            let (answer, _) = hub.runs.resolve(id.clone(), request_id("watch"), None).await;
+            let (answer, _) = hub.runs.resolve(id.clone(), CallIds::own("watch"), None).await;
             let snapshot = Snapshot::of(answer, hub.runs.statuses());
             let changed = snapshot
                 .as_ref()

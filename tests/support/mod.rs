@@ -718,7 +718,7 @@ impl GatewayProcess {
             )
         });
         let addr = |field: &str| -> SocketAddr {
-            ready["fields"][field]
+            ready[field]
                 .as_str()
                 .and_then(|text| text.parse().ok())
                 .unwrap_or_else(|| panic!("no {field} in {ready}"))
@@ -726,9 +726,7 @@ impl GatewayProcess {
         Self {
             public: addr("public_addr"),
             admin: addr("admin_addr"),
-            webhook: ready["fields"]["webhook_addr"]
-                .as_str()
-                .and_then(|text| text.parse().ok()),
+            webhook: ready["webhook_addr"].as_str().and_then(|text| text.parse().ok()),
             child,
             logs,
             readers,
@@ -819,7 +817,7 @@ fn spawn_line_reader(
             let Ok(line) = line else { break };
             if let Some(ready) = &ready
                 && let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                && json["fields"]["message"] == "gateway ready"
+                && json["message"] == "gateway ready"
             {
                 let _ = ready.send(json);
             }

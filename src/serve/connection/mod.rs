@@ -131,11 +131,22 @@ pub struct Connection {
     work: Arc<Semaphore>,
     /// The listener's connection slot, given back when the last reference goes.
     _slot: OwnedSemaphorePermit,
+    /// The client's address, for the access log and spans.
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Connection {
     /// A connection that just opened, holding `slot` until it and its work are gone.
     pub fn new(limits: Limits, slot: OwnedSemaphorePermit) -> Arc<Self> {
+        Self::with_peer(limits, slot, None)
+    }
+
+    /// [`Connection::new`], from the client at `peer`.
+    pub fn with_peer(
+        limits: Limits,
+        slot: OwnedSemaphorePermit,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits,
             born: Instant::now(),
@@ -150,7 +161,13 @@ impl Connection {
             close: Notify::new(),
             work: Arc::new(Semaphore::new(limits.max_streams as usize)),
             _slot: slot,
+            peer,
         })
+    }
+
+    /// The client's address, when known.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
     }
 
     /// A handle the request path uses to take work slots on this connection.

@@ -33,10 +33,11 @@ use http::{HeaderValue, StatusCode};
 
 use self::message::{Message, News, carried};
 use self::metrics::FleetMetrics;
+use super::Hub;
 use super::snapshot::{Snapshot, State};
-use super::{Hub, request_id};
 use crate::cache::purge::Scope;
 use crate::cache::redis::{Lease, RedisTier, Take};
+use crate::ops::trace_context::CallIds;
 use crate::proxy::{Answer, Uncached};
 use crate::run::id::RunId;
 use crate::upstream::UpstreamResponse;
@@ -431,7 +432,7 @@ fn carried_snapshot(
 fn refetch(hub: &Arc<Hub>, id: RunId) {
     let hub = Arc::clone(hub);
     tokio::spawn(async move {
-        let (answer, _) = hub.runs.resolve(id.clone(), request_id("fleet"), None).await;
+        let (answer, _) = hub.runs.resolve(id.clone(), CallIds::own("fleet"), None).await;
         if let Some(snapshot) = Snapshot::of(answer, hub.runs.statuses()) {
             hub.offer(&id, &snapshot);
         }
