@@ -4,7 +4,8 @@
 //! 1. **hit**: the run is in memory; answered at once, nothing parsed;
 //! 2. **join or lead** the one call for the run ([`Coalescer`]), holding one of the client
 //!    connection's work slots (see [`crate::serve::connection`]); a call led keeps the slot until
-//!    it ends, and runs in a task of its own so no client's disconnect cancels it;
+//!    it ends, and runs in a task of its own so no client's disconnect cancels it; a call that
+//!    started before the latest purge is not joined (it may bring back what was purged);
 //! 3. **tiers**: memory once more, then Redis ([`Tiers::lookup`]);
 //! 4. **fetch**: budget, upstream, status semantics ([`Fetcher::fetch`]): one typed answer;
 //! 5. **decide**: may it be stored ([`Policy::decide`], including the 404 rule);
@@ -107,7 +108,9 @@ impl RunService {
     }
 
     /// Steps 2 to 6 of the miss path: joins the call for `id` in flight, or leads a new one
-    /// (tiers, fetch, decide, fill). `work` is a slot the led call keeps until it ends.
+    /// (tiers, fetch, decide, fill). A call in flight that started before the latest purge is
+    /// not joined: it may bring back the answer the purge dropped. `work` is a slot the led call
+    /// keeps until it ends.
     pub async fn resolve(&self, id: RunId, ids: CallIds, work: Option<WorkSlot>) -> (Answer, Role) {
         let proxy = Arc::clone(&self.proxy);
         let span = tracing::Span::current();
@@ -121,7 +124,8 @@ impl RunService {
                 .instrument(span)
             }
         };
-        let (answer, role) = proxy.coalescer.run(id, call).await;
+        let purges = proxy.tiers.purges_now();
+        let (answer, role) = proxy.coalescer.run(id, purges, call).await;
         let answer = answer.unwrap_or_else(|_| {
             tracing::error!("the upstream call for this run panicked");
             Answer::Failed(GatewayError::Internal)

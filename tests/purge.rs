@@ -234,6 +234,38 @@ async fn a_call_in_flight_during_a_purge_does_not_store_what_it_brings_back() {
 }
 
 #[tokio::test]
+async fn a_request_after_a_purge_does_not_join_the_call_from_before_it() {
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    let stale = run_body("done", "COMPLETED", 200);
+    mock.set("done", Reply::ok(stale.clone()).gated(&gate));
+    let gateway = TestGateway::start(&mock, |_| {}).await;
+    let url = gateway.url(&support::runs_path("done"));
+    let before = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    mock.wait_for_requests(1).await;
+    assert_eq!(purge(&gateway, "/cache/runs/done").await.status, StatusCode::OK);
+
+    // Plextera answers the corrected run now; the call from before the purge is still held.
+    let corrected = run_body("done", "FAILED", 200);
+    mock.set("done", Reply::ok(corrected.clone()));
+    let after = tokio::time::timeout(Duration::from_secs(10), gateway.get_run("done"))
+        .await
+        .expect("the request after the purge does not wait on the call from before it");
+    assert_eq!(after.body, corrected);
+    assert_eq!(after.x_cache(), Some("MISS"), "its own call, stored");
+    assert_eq!(mock.count_for("done"), 2);
+
+    gate.open();
+    let answered = before.await.expect("the request task");
+    assert_eq!(answered.body, stale, "it asked before the purge");
+    assert_eq!(answered.x_cache(), Some("PASS"));
+    let next = gateway.get_run("done").await;
+    assert_eq!(next.x_cache(), Some("HIT"));
+    assert_eq!(next.body, corrected);
+    assert_eq!(mock.count_for("done"), 2);
+}
+
+#[tokio::test]
 async fn purge_paths_take_delete_and_a_valid_run_id() {
     let mock = MockUpstream::start().await;
     let gateway = TestGateway::start(&mock, |_| {}).await;

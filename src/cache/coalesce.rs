@@ -9,6 +9,13 @@
 //!
 //! The result is handed over in one shared cell (`tokio::sync::SetOnce`) that the task fills and
 //! everyone waits on: the work costs the task and the cell, nothing per waiter.
+//!
+//! Work is started at a *generation* the caller names (in the proxy: the purge count), and a
+//! caller only joins work started at its own generation or a later one. Work from an older
+//! generation may bring back what the change between the two generations was meant to drop (a
+//! purged run), so a caller from a newer generation leads work of its own instead and takes the
+//! key over; the older work carries on for those who had joined it. Checking costs one integer
+//! comparison.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,8 +40,14 @@ pub struct Panicked;
 /// Where the work's result lands, shared by the task and everyone waiting.
 type InFlight<V> = Arc<SetOnce<Result<V, Panicked>>>;
 
+/// The work in flight for a key: where its result lands, and the generation it started at.
+struct Flight<V> {
+    generation: u64,
+    result: InFlight<V>,
+}
+
 /// Keys in flight. foldhash, seeded per process: a key is only in the map while its work runs.
-type InFlightMap<K, V> = HashMap<K, InFlight<V>, foldhash::fast::RandomState>;
+type InFlightMap<K, V> = HashMap<K, Flight<V>, foldhash::fast::RandomState>;
 
 /// An in-flight map from key to shared work.
 pub struct Coalescer<K, V> {
@@ -56,12 +69,14 @@ where
         }
     }
 
-    /// Runs the work `start` makes for `key` unless the same key is already in flight, in which
-    /// case it waits for that work's result instead. `start` is only called when this caller
-    /// leads, and its future is made inside the task: a waiter never holds it, and a large future
-    /// is not moved around to get there. A waiter drops `start` (and whatever it captured) as it
-    /// joins, not when the work ends.
-    pub async fn run<S, F>(&self, key: K, start: S) -> (Result<V, Panicked>, Role)
+    /// Runs the work `start` makes for `key` unless work for the same key started at
+    /// `generation` or later is already in flight, in which case it waits for that work's result
+    /// instead. Work in flight from an older generation is not joined: this caller leads new work,
+    /// which later callers join. `start` is only called when this caller leads, and its future is
+    /// made inside the task: a waiter never holds it, and a large future is not moved around to
+    /// get there. A waiter drops `start` (and whatever it captured) as it joins, not when the work
+    /// ends.
+    pub async fn run<S, F>(&self, key: K, generation: u64, start: S) -> (Result<V, Panicked>, Role)
     where
         S: FnOnce() -> F + Send + 'static,
         F: Future<Output = V> + Send + 'static,
@@ -70,12 +85,18 @@ where
         let (result, role) = {
             let mut in_flight = self.lock();
             match in_flight.get(&key) {
-                Some(result) => (Arc::clone(result), Role::Waiter),
-                None => {
+                Some(flight) if flight.generation >= generation => (Arc::clone(&flight.result), Role::Waiter),
+                // None in flight, or only work from before `generation`: it keeps running for
+                // those who joined it, and its end leaves the new work's key alone.
+                _ => {
                     let result = InFlight::default();
                     let start = start.take().expect("taken only here");
                     self.spawn(key.clone(), start, Arc::clone(&result));
-                    in_flight.insert(key, Arc::clone(&result));
+                    let flight = Flight {
+                        generation,
+                        result: Arc::clone(&result),
+                    };
+                    in_flight.insert(key, flight);
                     (result, Role::Leader)
                 }
             }
@@ -114,7 +135,8 @@ where
     }
 }
 
-/// Ends the work: removes the key from the in-flight map, then hands out the result. Dropped
+/// Ends the work: removes the key from the in-flight map (unless newer work took it over), then
+/// hands out the result. Dropped
 /// without [`Release::finish`] (the work panicked, or the runtime is shutting down), it hands out
 /// [`Panicked`].
 struct Release<K: Hash + Eq, V> {
@@ -135,7 +157,12 @@ impl<K: Hash + Eq, V> Release<K, V> {
             .in_flight
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        in_flight.remove(&self.key);
+        if in_flight
+            .get(&self.key)
+            .is_some_and(|flight| Arc::ptr_eq(&flight.result, &self.result))
+        {
+            in_flight.remove(&self.key);
+        }
     }
 }
 
@@ -184,7 +211,7 @@ mod tests {
         let coalescer_for_leader = Arc::clone(coalescer);
         let leader = tokio::spawn(async move {
             coalescer_for_leader
-                .run("k", move || async move {
+                .run("k", 0, move || async move {
                     let _ = released.await;
                     finish()
                 })
@@ -211,7 +238,7 @@ mod tests {
                 let (coalescer, runs) = (Arc::clone(&coalescer), Arc::clone(&runs));
                 tokio::spawn(async move {
                     coalescer
-                        .run("k", move || async move { runs.fetch_add(1, Ordering::SeqCst) })
+                        .run("k", 0, move || async move { runs.fetch_add(1, Ordering::SeqCst) })
                         .await
                 })
             })
@@ -232,8 +259,56 @@ mod tests {
     #[tokio::test]
     async fn finished_work_is_not_reused() {
         let coalescer = coalescer();
-        assert_eq!(coalescer.run("k", || async { 1 }).await, (Ok(1), Role::Leader));
-        assert_eq!(coalescer.run("k", || async { 2 }).await, (Ok(2), Role::Leader));
+        assert_eq!(coalescer.run("k", 0, || async { 1 }).await, (Ok(1), Role::Leader));
+        assert_eq!(coalescer.run("k", 0, || async { 2 }).await, (Ok(2), Role::Leader));
+    }
+
+    #[tokio::test]
+    async fn work_from_an_older_generation_is_not_joined() {
+        let coalescer = Arc::new(coalescer());
+        let (release_old, released_old) = oneshot::channel::<()>();
+        let old = held_leader(&coalescer, released_old, || 1).await;
+        // Generation 1 (after a purge) leads work of its own rather than wait for generation 0's.
+        let (release_new, released_new) = oneshot::channel::<()>();
+        let (started_tx, started) = oneshot::channel::<()>();
+        let new = {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                coalescer
+                    .run("k", 1, move || async move {
+                        let _ = started_tx.send(());
+                        let _ = released_new.await;
+                        2
+                    })
+                    .await
+            })
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), started)
+            .await
+            .expect("the newer caller starts work of its own")
+            .expect("started");
+        assert_eq!(coalescer.waiting.get(), 0);
+        // The old work ending leaves the key to the new work, which later callers of either
+        // generation join.
+        release_old.send(()).expect("old work waiting");
+        assert_eq!(old.await.expect("old leader"), (Ok(1), Role::Leader));
+        assert_eq!(coalescer.in_flight(), 1, "the new work keeps its key");
+        let joiners: Vec<_> = [0, 1]
+            .into_iter()
+            .map(|generation| {
+                let coalescer = Arc::clone(&coalescer);
+                tokio::spawn(async move { coalescer.run("k", generation, || async { 3 }).await })
+            })
+            .collect();
+        while coalescer.waiting.get() < 2 {
+            tokio::task::yield_now().await;
+        }
+        release_new.send(()).expect("new work waiting");
+        assert_eq!(new.await.expect("new leader"), (Ok(2), Role::Leader));
+        for joiner in joiners {
+            assert_eq!(joiner.await.expect("joiner"), (Ok(2), Role::Waiter));
+        }
+        assert_eq!(coalescer.in_flight(), 0);
     }
 
     #[tokio::test]
@@ -260,7 +335,7 @@ mod tests {
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let coalescer = Arc::clone(&coalescer);
-                tokio::spawn(async move { coalescer.run("k", || async { 9 }).await })
+                tokio::spawn(async move { coalescer.run("k", 0, || async { 9 }).await })
             })
             .collect();
         while coalescer.waiting.get() < 3 {
@@ -277,7 +352,7 @@ mod tests {
         }
         assert_eq!(coalescer.in_flight(), 0);
         assert_eq!(coalescer.waiting.get(), 0);
-        assert_eq!(coalescer.run("k", || async { 3 }).await.0, Ok(3));
+        assert_eq!(coalescer.run("k", 0, || async { 3 }).await.0, Ok(3));
     }
 
     #[tokio::test]
@@ -292,7 +367,7 @@ mod tests {
             let coalescer = Arc::clone(&coalescer);
             tokio::spawn(async move {
                 coalescer
-                    .run("k", move || async move {
+                    .run("k", 0, move || async move {
                         drop(captured);
                         2
                     })

@@ -6,9 +6,11 @@
 //! (the run as it was before Plextera corrected it). So every purge on this replica (its own, or
 //! one another replica announced) counts once, a claim remembers the count it was made at, and
 //! [`crate::cache::tiers::Tiers`] stores nothing, in memory or in Redis, for a claim made before
-//! the latest purge; it checks again after each write and takes back what a purge crossed. The
-//! count is one for all runs: purges are rare, and a call in flight at that moment costs one
-//! more upstream call later at worst.
+//! the latest purge; it checks again after each write and takes back what a purge crossed. Nor
+//! does a request that arrives after a purge join a call made before it: it leads a call of its
+//! own ([`crate::cache::coalesce`], the count as the call's generation), so only the clients that
+//! asked before the purge get the answer from before it. The count is one for all runs: purges
+//! are rare, and a call in flight at that moment costs one more upstream call at worst.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

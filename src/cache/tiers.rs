@@ -10,7 +10,8 @@
 //! whatever the fetch gave, even nothing: that is what releases the lock.
 //!
 //! A purge ([`Tiers::purge`]) drops a run from memory and Redis; a claim made before it stores
-//! nothing anywhere, and a write a purge crossed is taken back (see [`super::purge`]).
+//! nothing anywhere, a write a purge crossed is taken back, and a call made before it is not
+//! joined by requests that come after it (see [`super::purge`]).
 
 use super::purge::{Purged, Purges, Scope, Shared};
 use super::redis::{self, Election, Lock, RedisTier};
@@ -81,6 +82,12 @@ impl Tiers {
     pub async fn purge_memory(&self, id: &RunId, scope: Scope) -> bool {
         self.purges.count();
         self.memory.purge(id, scope).await
+    }
+
+    /// The purge count now: a call for a run that started at an older count is not to be
+    /// joined (see [`crate::cache::coalesce`]).
+    pub fn purges_now(&self) -> u64 {
+        self.purges.now()
     }
 
     /// Forgets a remembered 404 for `id` (404s live in memory only).
