@@ -22,6 +22,7 @@ use http::{HeaderValue, StatusCode};
 use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::ops::compute::{CompResult, Op};
 
 use super::metrics::{CacheMetrics, EvictionCause};
 use super::purge::Scope;
@@ -196,6 +197,10 @@ pub struct RunStore {
     runs: Cache<RunId, CachedRun, foldhash::fast::RandomState>,
     /// `cache.max_size`: an answer weighing more is never admitted.
     max_bytes: u64,
+    /// Tests only: a purge says it has looked at the entry (first), then waits for a go-ahead
+    /// (second) before removing it.
+    #[cfg(test)]
+    purge_pause: Option<std::sync::Arc<(tokio::sync::Semaphore, tokio::sync::Semaphore)>>,
 }
 
 impl RunStore {
@@ -220,7 +225,12 @@ impl RunStore {
             // Seeded per process, so ids cannot be picked to collide without the seed, and every
             // id in here cost an upstream call. SipHash (the default) cost more than the lookup.
             .build_with_hasher(foldhash::fast::RandomState::default());
-        Self { runs, max_bytes }
+        Self {
+            runs,
+            max_bytes,
+            #[cfg(test)]
+            purge_pause: None,
+        }
     }
 
     /// Whether an answer of `body_len` bytes for `id` can be stored at all: one that weighs more
@@ -237,9 +247,15 @@ impl RunStore {
     /// as soon as the insert is done rather than at the next housekeeping tick. Returns whether the
     /// run is held: a full cache declines a newcomer asked for less often than what it would evict
     /// (moka's TinyLFU admission).
+    ///
+    /// Written through the entry's lock, as [`RunStore::purge`] reads and removes under it, so a
+    /// 404 purge cannot remove an ended run stored between its look and its removal.
     pub async fn insert(&self, id: RunId, run: CachedRun) -> bool {
         let key = id.clone();
-        self.runs.insert(id, run).await;
+        self.runs
+            .entry(id)
+            .and_upsert_with(|_| std::future::ready(run))
+            .await;
         self.runs.run_pending_tasks().await;
         self.runs.contains_key(&key)
     }
@@ -247,19 +263,33 @@ impl RunStore {
     /// Drops `id`'s entry if it is a remembered 404 (counted as an explicit eviction): a run event
     /// says the run exists. An ended run is kept.
     pub async fn forget_not_found(&self, id: &RunId) {
-        if self.runs.get(id).await.is_some_and(|run| !run.is_terminal()) {
-            self.runs.invalidate(id).await;
-        }
+        self.purge(id, Scope::NotFound).await;
     }
 
     /// Removes `id`'s entry on an operator's request, counted as an explicit eviction: whatever
     /// it holds for [`Scope::Run`], only a remembered 404 for [`Scope::NotFound`] (an ended run
-    /// is kept). Returns whether an entry was removed.
+    /// is kept). Returns whether an entry was removed. The entry is looked at and removed under
+    /// its lock, in one step.
     pub async fn purge(&self, id: &RunId, scope: Scope) -> bool {
-        if scope == Scope::NotFound && self.runs.get(id).await.is_none_or(|run| run.is_terminal()) {
-            return false;
+        let outcome = self
+            .runs
+            .entry_by_ref(id)
+            .and_compute_with(|held| async move {
+                let in_scope = held.is_some_and(|held| scope == Scope::Run || !held.value().is_terminal());
+                #[cfg(test)]
+                self.paused_in_purge().await;
+                if in_scope { Op::Remove } else { Op::Nop }
+            })
+            .await;
+        matches!(outcome, CompResult::Removed(_))
+    }
+
+    #[cfg(test)]
+    async fn paused_in_purge(&self) {
+        if let Some(pause) = &self.purge_pause {
+            pause.0.add_permits(1);
+            let _ = pause.1.acquire().await.map(|permit| permit.forget());
         }
-        self.runs.remove(id).await.is_some()
     }
 
     /// Runs held and their summed weight, after applying pending housekeeping (expiry included).
@@ -362,6 +392,36 @@ mod tests {
             ),
             (StatusCode::NOT_FOUND, None, None, Bytes::from_static(b"{}"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_404_purge_never_removes_an_ended_run_stored_while_it_looks() {
+        let mut store = store(1 << 20, HOUR);
+        let pause = std::sync::Arc::new((tokio::sync::Semaphore::new(0), tokio::sync::Semaphore::new(0)));
+        store.purge_pause = Some(std::sync::Arc::clone(&pause));
+        let id = RunId::parse("later").expect("id");
+        store
+            .insert(id.clone(), CachedRun::not_found(b"{}", APPLICATION_JSON))
+            .await;
+        let purge = tokio::spawn({
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.purge(&id, Scope::NotFound).await }
+        });
+        // The purge has seen the 404; the run ends, and is stored, before the purge goes on.
+        pause.0.acquire().await.expect("open").forget();
+        let insert = tokio::spawn({
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.insert(id, run_of(5)).await }
+        });
+        // No signal says the insert is blocked on the entry: let it go as far as it can.
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        pause.1.add_permits(1);
+        assert!(purge.await.expect("purge"), "the 404 it saw is removed");
+        assert!(insert.await.expect("insert"));
+        let held = store.get("later").await.expect("the ended run is kept");
+        assert!(held.is_terminal());
     }
 
     #[tokio::test]
