@@ -56,6 +56,17 @@ pub enum Shared {
     Unavailable,
 }
 
+impl From<Option<bool>> for Shared {
+    /// A Redis delete's result: whether it removed the key, `None` when Redis could not be asked.
+    fn from(deleted: Option<bool>) -> Self {
+        match deleted {
+            Some(true) => Self::Removed,
+            Some(false) => Self::Absent,
+            None => Self::Unavailable,
+        }
+    }
+}
+
 /// Purges counted on this replica. Cheap to clone; clones share the count.
 #[derive(Debug, Clone, Default)]
 pub struct Purges(Arc<AtomicU64>);

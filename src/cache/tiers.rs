@@ -56,11 +56,7 @@ impl Tiers {
         self.purges.count();
         let memory = self.memory.purge(id, scope).await;
         let shared = match (&self.redis, scope) {
-            (Some(redis), Scope::Run) => Some(match redis.delete(id).await {
-                Some(true) => Shared::Removed,
-                Some(false) => Shared::Absent,
-                None => Shared::Unavailable,
-            }),
+            (Some(redis), Scope::Run) => Some(Shared::from(redis.delete(id).await)),
             _ => None,
         };
         Purged { memory, shared }
@@ -71,11 +67,7 @@ impl Tiers {
     /// its write back. `None` without Redis; otherwise as [`Tiers::purge`] reports Redis.
     pub async fn purge_shared_again(&self, id: &RunId) -> Option<Shared> {
         let redis = self.redis.as_ref()?;
-        Some(match redis.delete(id).await {
-            Some(true) => Shared::Removed,
-            Some(false) => Shared::Absent,
-            None => Shared::Unavailable,
-        })
+        Some(Shared::from(redis.delete(id).await))
     }
 
     /// Another replica purged `id`: drops it from memory here; whether memory held it.
