@@ -39,7 +39,7 @@ use tracing::{Instrument, Span, instrument::Instrumented};
 use crate::cache::CacheOutcome;
 use crate::config::{AccessLogMode, TelemetryConfig};
 use crate::edge::response::{Body, X_REQUEST_ID};
-use crate::edge::routes::RUNS_PATH;
+use crate::edge::routes::{RUNS_PATH, RUNS_ROUTE};
 use crate::ops::spans::{ServerEnd, ServerSpan, ServerStart, Spans};
 use crate::ops::trace_context::{CallIds, RemoteParent};
 
@@ -51,8 +51,6 @@ const MAX_LOGGED_PATH: usize = 256;
 const MAX_LOGGED_METHOD: usize = 32;
 /// Most bytes of a client's `User-Agent` written to the log.
 const MAX_LOGGED_USER_AGENT: usize = 256;
-/// The runs path's route template, as spans name it.
-const RUNS_ROUTE: &str = "/api/public/v1/workflow-runs/{runId}";
 
 /// Which requests get an access log line (`[telemetry] access_log`, `slow_request_threshold`).
 #[derive(Debug, Clone, Copy)]

@@ -28,8 +28,18 @@ use crate::run::id::RunId;
 use crate::serve::connection::WorkSlots;
 use crate::watch::wait::{self, WaitAsk};
 
+/// The runs path prefix, as a literal so the route template below is built from it.
+macro_rules! runs_path {
+    () => {
+        "/api/public/v1/workflow-runs/"
+    };
+}
+
 /// The only path prefix served on the public port.
-pub const RUNS_PATH: &str = "/api/public/v1/workflow-runs/";
+pub const RUNS_PATH: &str = runs_path!();
+/// The runs path's route template, as spans and access logs name it (OpenTelemetry's
+/// `http.route`).
+pub const RUNS_ROUTE: &str = concat!(runs_path!(), "{runId}");
 /// Longest request target accepted (path and query), in bytes.
 pub const MAX_URI_LEN: usize = 2048;
 /// Largest header block accepted (names plus values), in bytes.
