@@ -19,8 +19,8 @@ use crate::ops::trace_context::CallIds;
 pub enum GatewayError {
     #[error("no such route: the gateway serves GET /api/public/v1/workflow-runs/{{runId}}")]
     NotFound,
-    #[error("method not allowed: use GET or HEAD")]
-    MethodNotAllowed,
+    #[error("method not allowed: use {allowed}")]
+    MethodNotAllowed { allowed: Allowed },
     #[error("missing or invalid client token: send Authorization: Bearer <token>")]
     Unauthorized,
     #[error("a Get-run request has no body: Content-Length and Transfer-Encoding are refused")]
@@ -55,12 +55,39 @@ pub enum GatewayError {
     Internal,
 }
 
+/// The methods a path answers, for a 405's message and its `Allow` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// `GET` and `HEAD`: the runs path.
+    Read,
+    /// `DELETE`: the admin port's purge paths.
+    Delete,
+}
+
+impl Allowed {
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::Read => "GET, HEAD",
+            Self::Delete => "DELETE",
+        })
+    }
+}
+
+impl std::fmt::Display for Allowed {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            Self::Read => "GET or HEAD",
+            Self::Delete => "DELETE",
+        })
+    }
+}
+
 impl GatewayError {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidRunId | Self::BodyNotAllowed | Self::BadHost | Self::InvalidWait => {
                 StatusCode::BAD_REQUEST
             }
@@ -82,7 +109,7 @@ impl GatewayError {
         match self {
             Self::NotFound => "NOT_FOUND",
             Self::Unauthorized => "UNAUTHORIZED",
-            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::InvalidRunId => "INVALID_RUN_ID",
             Self::InvalidWait => "INVALID_WAIT",
             Self::TooManyWaiters { .. } => "TOO_MANY_WAITERS",
@@ -129,10 +156,8 @@ impl GatewayError {
         );
         let mut response = json(self.status(), body);
         match self {
-            Self::MethodNotAllowed => {
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            Self::MethodNotAllowed { allowed } => {
+                response.headers_mut().insert(ALLOW, allowed.header());
             }
             Self::RateLimited { retry_after_secs }
             | Self::UpstreamCoolingDown { retry_after_secs }
@@ -240,7 +265,10 @@ mod tests {
 
     #[test]
     fn method_not_allowed_says_what_is() {
-        let response = GatewayError::MethodNotAllowed.into_response(None);
-        assert_eq!(response.headers()[ALLOW], "GET, HEAD");
+        for (allowed, header) in [(Allowed::Read, "GET, HEAD"), (Allowed::Delete, "DELETE")] {
+            let response = GatewayError::MethodNotAllowed { allowed }.into_response(None);
+            assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(response.headers()[ALLOW], header);
+        }
     }
 }

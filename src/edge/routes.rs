@@ -21,7 +21,7 @@ use http::header::{CONTENT_LENGTH, HOST, IF_NONE_MATCH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
 use tower::{Layer, Service};
 
-use crate::edge::error::GatewayError;
+use crate::edge::error::{Allowed, GatewayError};
 use crate::edge::response::Body;
 use crate::ops::trace_context::CallIds;
 use crate::run::id::RunId;
@@ -156,7 +156,9 @@ pub fn route<B>(request: &Request<B>) -> Result<(RunId, Option<WaitAsk>), Gatewa
         .filter(|rest| !rest.contains('/'))
         .ok_or(GatewayError::NotFound)?;
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Err(GatewayError::MethodNotAllowed);
+        return Err(GatewayError::MethodNotAllowed {
+            allowed: Allowed::Read,
+        });
     }
     if has_body_framing(request.headers()) {
         return Err(GatewayError::BodyNotAllowed);
@@ -308,7 +310,9 @@ mod tests {
         ] {
             assert_eq!(
                 route(&request(method.clone(), "/api/public/v1/workflow-runs/a")).err(),
-                Some(GatewayError::MethodNotAllowed),
+                Some(GatewayError::MethodNotAllowed {
+                    allowed: Allowed::Read
+                }),
                 "{method}"
             );
         }
@@ -350,7 +354,9 @@ mod tests {
             .insert(CONTENT_LENGTH, HeaderValue::from_static("4"));
         assert_eq!(
             route(&post).err(),
-            Some(GatewayError::MethodNotAllowed),
+            Some(GatewayError::MethodNotAllowed {
+                allowed: Allowed::Read
+            }),
             "a method that is not allowed is 405 whatever its body"
         );
         let mut empty = request(Method::GET, "/api/public/v1/workflow-runs/a");

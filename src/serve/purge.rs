@@ -13,12 +13,11 @@
 //! one that is not valid is 400 `INVALID_RUN_ID`. One log line per purge says what went.
 
 use bytes::Bytes;
-use http::header::{ALLOW, HeaderValue};
 use http::{Method, Response, StatusCode};
 use serde::Serialize;
 
 use crate::cache::purge::{Scope, Shared};
-use crate::edge::error::GatewayError;
+use crate::edge::error::{Allowed, GatewayError};
 use crate::edge::response::{Body, json};
 use crate::run::id::RunId;
 use crate::watch::{PurgeReport, Watches};
@@ -39,13 +38,8 @@ pub fn target(path: &str) -> Option<(Scope, &str)> {
 /// Answers a request on a purge path.
 pub async fn handle(method: &Method, scope: Scope, raw_id: &str, watches: &Watches) -> Response<Body> {
     if method != Method::DELETE {
-        let body =
-            crate::edge::error::error_body("METHOD_NOT_ALLOWED", "a purge path answers DELETE", None, false);
-        let mut response = json(StatusCode::METHOD_NOT_ALLOWED, body);
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("DELETE"));
-        return response;
+        let allowed = Allowed::Delete;
+        return GatewayError::MethodNotAllowed { allowed }.into_response(None);
     }
     let Ok(id) = RunId::parse(raw_id) else {
         return GatewayError::InvalidRunId.into_response(None);
