@@ -1628,10 +1628,16 @@ mod tests {
                 "otlp_endpoint = \"http://user:pw@otel:4318\"",
                 "telemetry.otlp_endpoint",
             ),
-            ("otlp_endpoint = \"grpc://u:pw@c:4317\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"grpc://u:pw@c:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
             ("otlp_endpoint = \"u:pw@c:4317\"", "telemetry.otlp_endpoint"),
             ("otlp_endpoint = \"grpc://c?pw=1\"", "telemetry.otlp_endpoint"),
-            ("otlp_endpoint = \"http://c:4318/x?pw=1\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"http://c:4318/x?pw=1\"",
+                "telemetry.otlp_endpoint",
+            ),
             ("sample_ratio = 1.5", "telemetry.sample_ratio"),
             ("sample_ratio = -0.1", "telemetry.sample_ratio"),
             ("access_log = \"some\"", "access_log"),

@@ -254,8 +254,14 @@ fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
 /// A list member without the optional white space (`OWS`: spaces and tabs) around it.
 fn trim_ows(member: &[u8]) -> &[u8] {
     let blank = |byte: &u8| *byte == b' ' || *byte == b'\t';
-    let start = member.iter().position(|byte| !blank(byte)).unwrap_or(member.len());
-    let end = member.iter().rposition(|byte| !blank(byte)).map_or(start, |last| last + 1);
+    let start = member
+        .iter()
+        .position(|byte| !blank(byte))
+        .unwrap_or(member.len());
+    let end = member
+        .iter()
+        .rposition(|byte| !blank(byte))
+        .map_or(start, |last| last + 1);
     &member[start..end]
 }
 
@@ -266,7 +272,9 @@ fn valid_key(key: &[u8]) -> bool {
     let rest = |bytes: &[u8], most: usize| {
         bytes.len() <= most
             && bytes.iter().all(|byte| {
-                byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'_' | b'-' | b'*' | b'/')
+                byte.is_ascii_lowercase()
+                    || byte.is_ascii_digit()
+                    || matches!(byte, b'_' | b'-' | b'*' | b'/')
             })
     };
     let mut parts = key.splitn(2, |byte| *byte == b'@');
@@ -433,10 +441,24 @@ mod tests {
     #[test]
     fn tracestate_values_follow_the_w3c_grammar() {
         let longest = "v".repeat(256);
-        for good in ["t61rcWkgMzE", "a b", " leading", "!~\"#$%&'()*+-./:;<>?@[\\]^_`{|}", &longest] {
+        for good in [
+            "t61rcWkgMzE",
+            "a b",
+            " leading",
+            "!~\"#$%&'()*+-./:;<>?@[\\]^_`{|}",
+            &longest,
+        ] {
             assert!(valid_value(good.as_bytes()), "{good:?}");
         }
-        for bad in ["", "trailing ", "a,b", "a=b", "tab\there", "caf\u{e9}", &format!("{longest}v")] {
+        for bad in [
+            "",
+            "trailing ",
+            "a,b",
+            "a=b",
+            "tab\there",
+            "caf\u{e9}",
+            &format!("{longest}v"),
+        ] {
             assert!(!valid_value(bad.as_bytes()), "{bad:?}");
         }
         // A trailing space before a comma is white space around the comma, not the value's.
