@@ -62,9 +62,10 @@ pub struct App {
 impl App {
     pub fn new(config: &Config, secrets: &Secrets) -> Result<Self, AppError> {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
-        let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(registry.clone(), &statuses)?;
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
-        let spans = Spans::new(&config.telemetry);
+        let spans = Spans::registered(&config.telemetry, &registry)?;
         let upstream = Upstream::new(
             &config.upstream,
             &secrets.api_key,
