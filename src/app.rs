@@ -21,7 +21,7 @@ use crate::edge::access_log::{AccessLog, RequestLogLayer};
 use crate::edge::client_auth::ClientTokens;
 use crate::edge::response::Body;
 use crate::ops::metrics::Metrics;
-use crate::ops::spans::Spans;
+use crate::ops::spans::{Spans, SpansError};
 use crate::proxy::RunService;
 use crate::run::status::RunStatuses;
 use crate::serve::admin::{AdminState, Readiness};
@@ -181,4 +181,13 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+impl From<SpansError> for AppError {
+    fn from(error: SpansError) -> Self {
+        match error {
+            SpansError::Config(error) => Self::Config(error),
+            SpansError::Metrics(error) => Self::Metrics(error),
+        }
+    }
 }

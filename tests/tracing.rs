@@ -29,10 +29,23 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 struct Collector {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
+    /// `https://localhost:<port>` when serving TLS.
+    tls: bool,
 }
 
 impl Collector {
     async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// Serving TLS with a fresh self-signed certificate for `localhost`; also returns its PEM.
+    async fn start_tls() -> (Self, String) {
+        let (acceptor, pem) = support::tls::localhost_acceptor(&[b"http/1.1"]);
+        (Self::serve(Some(acceptor)).await, pem)
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let serves_tls = tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let spans = Arc::new(Mutex::new(Vec::new()));
@@ -63,18 +76,35 @@ impl Collector {
                         Ok::<_, hyper::Error>(response)
                     }
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Self { addr, spans }
+        Self {
+            addr,
+            spans,
+            tls: serves_tls,
+        }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     fn spans(&self) -> Vec<Span> {
@@ -644,4 +674,63 @@ async fn a_watchers_polls_start_traces_of_their_own() {
     traces.sort();
     traces.dedup();
     assert_eq!(traces.len(), polled, "each poll a trace of its own");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_collector_is_trusted_through_telemetry_ca_file_and_only_so() {
+    let (collector, pem) = Collector::start_tls().await;
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let ca_dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = ca_dir.path().join("collector-ca.pem");
+    std::fs::write(&ca_file, &pem).expect("write CA");
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+
+    // Without the CA: the public roots do not vouch for it; the failure is counted and its cause
+    // (the certificate) named.
+    let (untrusting, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"{}\"", collector.endpoint()));
+    assert_eq!(
+        get(&untrusting, "run_1", &[("traceparent", &traceparent)])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    eventually("the export fails on the certificate", || async {
+        scrape(&untrusting)
+            .await
+            .expect(DROPPED, &[("reason", "export_failed")])
+            >= 2.0
+    })
+    .await;
+    let logs = untrusting.logs();
+    let warning = logs
+        .lines()
+        .find(|line| line.contains("spans cannot be exported"))
+        .expect("a warning");
+    assert!(warning.contains("certificate"), "{warning}");
+    assert!(collector.spans().is_empty());
+    drop(untrusting);
+
+    let (trusting, _dir) = gateway_with(
+        &mock,
+        &format!(
+            "otlp_endpoint = \"{}\"\nca_file = \"{}\"",
+            collector.endpoint(),
+            ca_file.display()
+        ),
+    );
+    assert_eq!(
+        get(&trusting, "run_1", &[("traceparent", &traceparent)])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    collector.request_spans(TRACE_ID).await;
+    eventually("the export is counted", || async {
+        scrape(&trusting)
+            .await
+            .expect("plextera_gateway_spans_exported_total", &[])
+            >= 2.0
+    })
+    .await;
 }

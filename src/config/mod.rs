@@ -321,6 +321,8 @@ pub struct TelemetryConfig {
     /// An OTLP/HTTP collector (`http://otel-collector:4318`): spans go to `<it>/v1/traces`, as
     /// protobuf. Off when unset.
     pub otlp_endpoint: Option<String>,
+    /// Extra CA certificates (PEM) trusted for an `https` collector, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
     /// The share of traces started here that are sampled, 0 to 1; a client's trace keeps its own
     /// decision (its `traceparent`'s sampled flag).
     pub sample_ratio: f64,
@@ -349,6 +351,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            ca_file: None,
             sample_ratio: 1.0,
             access_log: AccessLogMode::All,
             slow_request_threshold: Duration::from_secs(1),

@@ -12,7 +12,7 @@
 //! export is on: without it none of them could move.
 //!
 //! Exports are sent on the gateway's Tokio runtime, over rustls with the public web roots
-//! (`webpki-roots`); a collector behind a private CA is not supported.
+//! (`webpki-roots`) and the CAs in `telemetry.ca_file`, if set.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,14 +96,16 @@ impl SpanExportMetrics {
     }
 }
 
-/// The batch processor exporting to `traces_url` on `runtime`, bounded, counted into `metrics`.
+/// The batch processor exporting to `traces_url` on `runtime` over `tls`, bounded, counted into
+/// `metrics`.
 pub fn processor(
     traces_url: String,
     runtime: tokio::runtime::Handle,
+    tls: rustls::ClientConfig,
     metrics: SpanExportMetrics,
 ) -> Result<impl SpanProcessor + 'static, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    let client = ExportClient::new(runtime);
+    let client = ExportClient::new(runtime, tls);
     let cause = Arc::clone(&client.last_failure);
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -286,21 +288,10 @@ struct ExportClient {
 }
 
 impl ExportClient {
-    fn new(runtime: tokio::runtime::Handle) -> Self {
+    fn new(runtime: tokio::runtime::Handle, tls: rustls::ClientConfig) -> Self {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(EXPORT_TIMEOUT));
-        let tls = crate::upstream::tls::tls_config(None).unwrap_or_else(|error| {
-            tracing::error!(
-                %error,
-                "telemetry.otlp_endpoint: cannot load the TLS roots; exports over https will fail"
-            );
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

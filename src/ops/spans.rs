@@ -25,7 +25,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use prometheus::Registry;
 
-use crate::config::TelemetryConfig;
+use crate::config::{ConfigError, TelemetryConfig};
 use crate::ops::span_export::{self, SpanExportMetrics};
 use crate::ops::trace_context::{RemoteParent, SpanContext, SpanId, TraceId};
 
@@ -62,6 +62,16 @@ impl Default for Spans {
             sample_ratio: 1.0,
         }
     }
+}
+
+/// Why spans could not be set up as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum SpansError {
+    /// `telemetry.ca_file` cannot be read or holds no certificate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// What a server span says about the request when it starts.
@@ -101,29 +111,37 @@ pub struct ClientSpan {
 impl Spans {
     /// Spans as `[telemetry]` says: exported when `otlp_endpoint` is set, their export counted in
     /// series registered nowhere (see [`Spans::registered`]). Call within the Tokio runtime:
-    /// exports are sent on it; outside one, an error is logged and nothing is exported.
+    /// exports are sent on it; outside one, or with a `ca_file` that cannot be read, an error is
+    /// logged and nothing is exported.
     pub fn new(config: &TelemetryConfig) -> Self {
-        Self::with_metrics(config, || SpanExportMetrics::new(&Registry::new()))
-            .expect("a new registry holds no series yet")
+        Self::with_metrics(config, || SpanExportMetrics::new(&Registry::new())).unwrap_or_else(|error| {
+            tracing::error!(%error, "spans are not exported");
+            Self::unexported(config)
+        })
     }
 
     /// As [`Spans::new`], with the export's series (`plextera_gateway_spans_*`) registered into
-    /// `registry` when, and only when, spans are exported.
-    pub fn registered(config: &TelemetryConfig, registry: &Registry) -> prometheus::Result<Self> {
+    /// `registry` when, and only when, spans are exported, and a bad `ca_file` an error.
+    pub fn registered(config: &TelemetryConfig, registry: &Registry) -> Result<Self, SpansError> {
         Self::with_metrics(config, || SpanExportMetrics::new(registry))
+    }
+
+    fn unexported(config: &TelemetryConfig) -> Self {
+        Self {
+            export: None,
+            sample_ratio: config.sample_ratio,
+        }
     }
 
     fn with_metrics(
         config: &TelemetryConfig,
         metrics: impl FnOnce() -> prometheus::Result<SpanExportMetrics>,
-    ) -> prometheus::Result<Self> {
-        let unexported = Self {
-            export: None,
-            sample_ratio: config.sample_ratio,
-        };
+    ) -> Result<Self, SpansError> {
+        let unexported = Self::unexported(config);
         let Some(endpoint) = &config.otlp_endpoint else {
             return Ok(unexported);
         };
+        let tls = crate::upstream::tls::tls_config_for("telemetry.ca_file", config.ca_file.as_deref())?;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(
                 "telemetry.otlp_endpoint: spans are not exported: the gateway was built outside a Tokio runtime"
@@ -131,7 +149,7 @@ impl Spans {
             return Ok(unexported);
         };
         let traces_url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-        let processor = match span_export::processor(traces_url, runtime, metrics()?) {
+        let processor = match span_export::processor(traces_url, runtime, tls, metrics()?) {
             Ok(processor) => processor,
             Err(error) => {
                 // The config check accepted the URL; should the SDK not, spans are not exported.
@@ -418,6 +436,18 @@ mod tests {
             "{names:?}"
         );
         spans.shutdown(Duration::from_millis(100)).await;
+
+        let bad_ca = TelemetryConfig {
+            ca_file: Some("/nonexistent/collector-ca.pem".into()),
+            ..exporting_config()
+        };
+        let error = Spans::registered(&bad_ca, &Registry::new())
+            .expect_err("a ca_file that cannot be read is refused");
+        assert!(
+            matches!(&error, SpansError::Config(_)) && error.to_string().contains("telemetry.ca_file"),
+            "{error}"
+        );
+        assert!(!Spans::new(&bad_ca).exporting(), "logged, not exported");
 
         let quiet = Registry::new();
         let unexported = Spans::registered(&TelemetryConfig::default(), &quiet).expect("registers");
