@@ -21,7 +21,7 @@ use crate::edge::access_log::{AccessLog, RequestLogLayer};
 use crate::edge::client_auth::ClientTokens;
 use crate::edge::response::Body;
 use crate::ops::metrics::Metrics;
-use crate::ops::spans::Spans;
+use crate::ops::spans::{Spans, SpansError};
 use crate::proxy::RunService;
 use crate::run::status::RunStatuses;
 use crate::serve::admin::{AdminState, Readiness};
@@ -62,9 +62,10 @@ pub struct App {
 impl App {
     pub fn new(config: &Config, secrets: &Secrets) -> Result<Self, AppError> {
         let statuses = RunStatuses::new(&config.cache.terminal_statuses);
-        let metrics = Metrics::new(prometheus::Registry::new(), &statuses)?;
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(registry.clone(), &statuses)?;
         metrics.cache.set_max_size(config.cache.max_size.as_u64());
-        let spans = Spans::new(&config.telemetry);
+        let spans = Spans::registered(&config.telemetry, &registry)?;
         let upstream = Upstream::new(
             &config.upstream,
             &secrets.api_key,
@@ -180,4 +181,13 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+impl From<SpansError> for AppError {
+    fn from(error: SpansError) -> Self {
+        match error {
+            SpansError::Config(error) => Self::Config(error),
+            SpansError::Metrics(error) => Self::Metrics(error),
+        }
+    }
 }

@@ -29,10 +29,23 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 struct Collector {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
+    /// `https://localhost:<port>` when serving TLS.
+    tls: bool,
 }
 
 impl Collector {
     async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// Serving TLS with a fresh self-signed certificate for `localhost`; also returns its PEM.
+    async fn start_tls() -> (Self, String) {
+        let (acceptor, pem) = support::tls::localhost_acceptor(&[b"http/1.1"]);
+        (Self::serve(Some(acceptor)).await, pem)
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let serves_tls = tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let spans = Arc::new(Mutex::new(Vec::new()));
@@ -63,18 +76,35 @@ impl Collector {
                         Ok::<_, hyper::Error>(response)
                     }
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Self { addr, spans }
+        Self {
+            addr,
+            spans,
+            tls: serves_tls,
+        }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     fn spans(&self) -> Vec<Span> {
@@ -231,15 +261,179 @@ async fn a_clients_trace_is_continued_upstream_and_exported_as_server_and_client
     assert_eq!(access["trace_id"], TRACE_ID, "{access}");
     assert_eq!(access["span_id"], hex(&server.span_id), "{access}");
 
-    // No attribute holds the key or a header value the client sent but the path.
+    // The client's tracestate travels in both spans' context, as it does upstream.
+    assert_eq!(server.trace_state, "vendor=opaque,other=1");
+    assert_eq!(client.trace_state, "vendor=opaque,other=1");
+
+    // No span holds the key; no attribute holds a header value the client sent but the path.
     for span in collector.spans() {
         let text = format!("{span:?}");
         assert!(!text.contains(TEST_KEY), "the key in a span: {text}");
+        let attributes = format!("{:?}", span.attributes);
         assert!(
-            !text.contains("vendor=opaque"),
-            "a header value in a span: {text}"
+            !attributes.contains("vendor=opaque") && !attributes.contains("trace-test"),
+            "a header value in a span's attributes: {attributes}"
         );
     }
+}
+
+/// OpenTelemetry's status code `Error` (`STATUS_CODE_ERROR`).
+const STATUS_ERROR: i32 = 2;
+
+fn status_code(span: &Span) -> i32 {
+    span.status.as_ref().map_or(0, |status| status.code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_4xx_fails_the_client_span_but_not_the_server_span() {
+    let collector = Collector::start().await;
+    let mock = MockUpstream::start().await;
+    let (gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"{}\"", collector.endpoint()));
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    // The mock answers 404 for a run it does not know.
+    let response = get(&gateway, "missing", &[("traceparent", &traceparent)]).await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    let (server, client) = collector.request_spans(TRACE_ID).await;
+    assert_eq!(
+        attribute(&client, "http.response.status_code").as_deref(),
+        Some("404")
+    );
+    assert_eq!(attribute(&client, "error.type").as_deref(), Some("404"));
+    assert_eq!(
+        status_code(&client),
+        STATUS_ERROR,
+        "a client span's 4xx is an error: {client:?}"
+    );
+    assert_eq!(
+        attribute(&server, "http.response.status_code").as_deref(),
+        Some("404")
+    );
+    assert_ne!(
+        status_code(&server),
+        STATUS_ERROR,
+        "a server span's 4xx is the client's mistake, not an error: {server:?}"
+    );
+}
+
+async fn scrape(gateway: &GatewayProcess) -> support::prom::Scrape {
+    let metrics = format!("http://{}/metrics", gateway.admin);
+    let scrape = TestClient::new().send(Method::GET, &metrics, &[]).await;
+    support::prom::Scrape::parse(std::str::from_utf8(&scrape.body).expect("utf-8"))
+}
+
+const DROPPED: &str = "plextera_gateway_spans_dropped_total";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_exports_are_counted_and_warned_about_once_a_minute() {
+    let down = refused_addr().await;
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let (gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"http://{down}\""));
+    let before = scrape(&gateway).await;
+    assert_eq!(before.expect(DROPPED, &[("reason", "export_failed")]), 0.0);
+    assert_eq!(before.expect(DROPPED, &[("reason", "queue_full")]), 0.0);
+    assert_eq!(before.expect("plextera_gateway_spans_exported_total", &[]), 0.0);
+    // Two rounds, each exported (and failing) apart: a server and a client span per request.
+    for round in 1..=2 {
+        for _ in 0..10 {
+            let response = get(&gateway, "run_1", &[]).await;
+            assert_eq!(response.status, StatusCode::OK);
+        }
+        eventually(
+            &format!("round {round}'s spans are counted as failed"),
+            || async {
+                scrape(&gateway)
+                    .await
+                    .expect(DROPPED, &[("reason", "export_failed")])
+                    >= f64::from(20 * round)
+            },
+        )
+        .await;
+    }
+    let logs = gateway.logs();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("spans cannot be exported"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning a minute: {warnings:?}");
+    assert!(warnings[0].contains("\"WARN\""), "{}", warnings[0]);
+    assert!(
+        warnings[0].to_lowercase().contains("refused"),
+        "the cause is named: {}",
+        warnings[0]
+    );
+    assert!(!warnings[0].contains(TEST_KEY), "{}", warnings[0]);
+    assert_eq!(
+        scrape(&gateway)
+            .await
+            .expect("plextera_gateway_spans_exported_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_export_queue_drops_spans_and_never_slows_a_request() {
+    // Bound but never accepting: connections complete in the kernel, exports never get an answer
+    // (each gives up after 5 s), so spans pile up until the queue is full.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hanging_addr = hanging.local_addr().expect("addr");
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let (gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"http://{hanging_addr}\""));
+    let gateway = Arc::new(gateway);
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let gateway = Arc::clone(&gateway);
+            let full = Arc::clone(&full);
+            tokio::spawn(async move {
+                let client = TestClient::new();
+                let url = format!("http://{}{}", gateway.public, runs_path("run_1"));
+                let (mut sent, mut slowest) = (0u32, std::time::Duration::ZERO);
+                while !full.load(std::sync::atomic::Ordering::Relaxed) {
+                    let asked = std::time::Instant::now();
+                    let response = client.send(Method::GET, &url, &[]).await;
+                    assert_eq!(response.status, StatusCode::OK);
+                    slowest = slowest.max(asked.elapsed());
+                    sent += 1;
+                }
+                (sent, slowest)
+            })
+        })
+        .collect();
+    // Two spans a request, and at most one batch of 512 leaving the queue every 5 s.
+    let deadline = std::time::Duration::from_secs(60);
+    loop {
+        let dropped = scrape(&gateway)
+            .await
+            .expect(DROPPED, &[("reason", "queue_full")]);
+        if dropped > 0.0 {
+            break;
+        }
+        assert!(started.elapsed() < deadline, "the queue never filled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    full.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        let (sent, slowest) = worker.await.expect("worker");
+        total += sent;
+        assert!(
+            slowest < std::time::Duration::from_secs(1),
+            "a request took {slowest:?} while the export queue was full"
+        );
+    }
+    let spans = total as usize * 2;
+    assert!(
+        spans > plextera_gateway::ops::span_export::MAX_QUEUE,
+        "{total} requests, {spans} spans: more than the queue holds"
+    );
+    // Still answering at once after the queue filled.
+    let asked = std::time::Instant::now();
+    assert_eq!(get(&gateway, "run_1", &[]).await.status, StatusCode::OK);
+    assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+    drop(hanging);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -480,4 +674,63 @@ async fn a_watchers_polls_start_traces_of_their_own() {
     traces.sort();
     traces.dedup();
     assert_eq!(traces.len(), polled, "each poll a trace of its own");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_collector_is_trusted_through_telemetry_ca_file_and_only_so() {
+    let (collector, pem) = Collector::start_tls().await;
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let ca_dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = ca_dir.path().join("collector-ca.pem");
+    std::fs::write(&ca_file, &pem).expect("write CA");
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+
+    // Without the CA: the public roots do not vouch for it; the failure is counted and its cause
+    // (the certificate) named.
+    let (untrusting, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"{}\"", collector.endpoint()));
+    assert_eq!(
+        get(&untrusting, "run_1", &[("traceparent", &traceparent)])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    eventually("the export fails on the certificate", || async {
+        scrape(&untrusting)
+            .await
+            .expect(DROPPED, &[("reason", "export_failed")])
+            >= 2.0
+    })
+    .await;
+    let logs = untrusting.logs();
+    let warning = logs
+        .lines()
+        .find(|line| line.contains("spans cannot be exported"))
+        .expect("a warning");
+    assert!(warning.contains("certificate"), "{warning}");
+    assert!(collector.spans().is_empty());
+    drop(untrusting);
+
+    let (trusting, _dir) = gateway_with(
+        &mock,
+        &format!(
+            "otlp_endpoint = \"{}\"\nca_file = \"{}\"",
+            collector.endpoint(),
+            ca_file.display()
+        ),
+    );
+    assert_eq!(
+        get(&trusting, "run_1", &[("traceparent", &traceparent)])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    collector.request_spans(TRACE_ID).await;
+    eventually("the export is counted", || async {
+        scrape(&trusting)
+            .await
+            .expect("plextera_gateway_spans_exported_total", &[])
+            >= 2.0
+    })
+    .await;
 }

@@ -321,6 +321,8 @@ pub struct TelemetryConfig {
     /// An OTLP/HTTP collector (`http://otel-collector:4318`): spans go to `<it>/v1/traces`, as
     /// protobuf. Off when unset.
     pub otlp_endpoint: Option<String>,
+    /// Extra CA certificates (PEM) trusted for an `https` collector, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
     /// The share of traces started here that are sampled, 0 to 1; a client's trace keeps its own
     /// decision (its `traceparent`'s sampled flag).
     pub sample_ratio: f64,
@@ -349,6 +351,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            ca_file: None,
             sample_ratio: 1.0,
             access_log: AccessLogMode::All,
             slow_request_threshold: Duration::from_secs(1),
@@ -359,6 +362,15 @@ impl Default for TelemetryConfig {
 impl TelemetryConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(endpoint) = &self.otlp_endpoint {
+            // Credentials first, and never echoed: a value that may hold one is not repeated,
+            // whatever else is wrong with it.
+            if holds_userinfo_or_query(endpoint) {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must hold no credentials and no query: the base URL of the collector \
+                     (send its headers with OTEL_EXPORTER_OTLP_HEADERS)",
+                ));
+            }
             let url = endpoint.parse::<Uri>().ok();
             let http = url.as_ref().is_some_and(|url| {
                 matches!(url.scheme_str(), Some("http" | "https")) && url.host().is_some()
@@ -370,14 +382,6 @@ impl TelemetryConfig {
                         "is {}: it must be an http:// or https:// URL",
                         report::shown(endpoint)
                     ),
-                ));
-            }
-            if url.is_some_and(|url| {
-                url.query().is_some() || url.authority().is_some_and(|a| a.as_str().contains('@'))
-            }) {
-                return Err(invalid(
-                    "telemetry.otlp_endpoint",
-                    "must hold no credentials and no query: the base URL of the collector",
                 ));
             }
         }
@@ -395,6 +399,15 @@ impl TelemetryConfig {
         }
         Ok(())
     }
+}
+
+/// Whether a URL-ish `value` has a user-info part (`user:token@`) or a query (`?token=…`),
+/// judged on the text itself, so that even a value no parser accepts is caught: an `@` or a `?`
+/// before the path, with or without a scheme.
+fn holds_userinfo_or_query(value: &str) -> bool {
+    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
+    let authority = rest.split(['/', '#']).next().unwrap_or_default();
+    authority.contains('@') || value.contains('?')
 }
 
 /// `[cache.shared]`: Redis (or Valkey, or a managed Redis) behind the in-memory cache.
@@ -1618,6 +1631,16 @@ mod tests {
                 "otlp_endpoint = \"http://user:pw@otel:4318\"",
                 "telemetry.otlp_endpoint",
             ),
+            (
+                "otlp_endpoint = \"grpc://u:pw@c:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("otlp_endpoint = \"u:pw@c:4317\"", "telemetry.otlp_endpoint"),
+            ("otlp_endpoint = \"grpc://c?pw=1\"", "telemetry.otlp_endpoint"),
+            (
+                "otlp_endpoint = \"http://c:4318/x?pw=1\"",
+                "telemetry.otlp_endpoint",
+            ),
             ("sample_ratio = 1.5", "telemetry.sample_ratio"),
             ("sample_ratio = -0.1", "telemetry.sample_ratio"),
             ("access_log = \"some\"", "access_log"),
@@ -1629,7 +1652,7 @@ mod tests {
             let message = parse_error(&format!("[telemetry]\n{text}\n"));
             assert!(message.contains(key), "{text}: {message}");
             assert!(!message.contains('\n'), "{text}: {message}");
-            assert!(!message.contains("pw@"), "{text}: {message}");
+            assert!(!message.contains("pw"), "{text}: {message}");
         }
     }
 

@@ -76,6 +76,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("webhook.max_body_size", "\"1MiB\""),
     ("webhook.safety_poll_interval", "\"30s\""),
     ("telemetry.otlp_endpoint", "\"http://otel-collector:4318\""),
+    ("telemetry.ca_file", "\"/etc/plextera-gateway/collector-ca.pem\""),
     ("telemetry.sample_ratio", "0.1"),
     ("telemetry.access_log", "\"errors_or_slow\""),
     ("telemetry.slow_request_threshold", "\"1s\""),

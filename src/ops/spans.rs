@@ -4,42 +4,31 @@
 //!
 //! Without an endpoint nothing is recorded: ids are drawn here, a trace a client started keeps its
 //! sampled flag, and one started here is sampled at `sample_ratio`. With one, the OpenTelemetry SDK
-//! draws the ids and decides by the same rule (parent-based, then the ratio), and a batch processor
-//! exports on a thread of its own: its queue is bounded ([`MAX_QUEUE`]; a span that finds it full
-//! is dropped, so the request path never waits on the collector), each export has a deadline, the
-//! exporter never retries, and [`Spans::shutdown`] flushes for at most a bound.
+//! draws the ids and decides by the same rule (parent-based, then the ratio), and
+//! [`crate::ops::span_export`] exports them off the request path: a bounded queue whose overflow
+//! is dropped and counted, never a slower request. A client's `tracestate` travels in the
+//! exported spans' context as it does upstream. [`Spans::shutdown`] flushes for at most a bound.
 //!
-//! Attributes follow OpenTelemetry's HTTP semantic conventions and hold no header value: never the
-//! key, never a client token, never a cookie; the path is bounded like the access log's.
+//! Status follows OpenTelemetry's HTTP semantic conventions: a server span is an error for a 5xx
+//! answer, a client span for any 4xx or 5xx answer and for a call that got no answer. Attributes
+//! hold no header value: never the key, never a client token, never a cookie; the path is bounded
+//! like the access log's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use opentelemetry::trace::{
     Span as _, SpanKind, Status, TraceContextExt, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
-};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use prometheus::Registry;
 
-use crate::config::TelemetryConfig;
+use crate::config::{ConfigError, TelemetryConfig};
+use crate::ops::span_export::{self, SpanExportMetrics};
 use crate::ops::trace_context::{RemoteParent, SpanContext, SpanId, TraceId};
 
-/// Most finished spans waiting for export; beyond, new ones are dropped.
-pub const MAX_QUEUE: usize = 2048;
-/// Most spans in one export request.
-const MAX_BATCH: usize = 512;
-/// How often queued spans are exported.
-const EXPORT_INTERVAL: Duration = Duration::from_secs(2);
-/// Longest one export may take, connect to answer.
-pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest collector answer read.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// The service name spans are exported under.
 const SERVICE_NAME: &str = "plextera-gateway";
 
@@ -73,6 +62,16 @@ impl Default for Spans {
             sample_ratio: 1.0,
         }
     }
+}
+
+/// Why spans could not be set up as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum SpansError {
+    /// `telemetry.ca_file` cannot be read or holds no certificate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// What a server span says about the request when it starts.
@@ -110,44 +109,54 @@ pub struct ClientSpan {
 }
 
 impl Spans {
-    /// Spans as `[telemetry]` says: exported when `otlp_endpoint` is set. Call within the Tokio
-    /// runtime: exports are sent on it.
+    /// Spans as `[telemetry]` says: exported when `otlp_endpoint` is set, their export counted in
+    /// series registered nowhere (see [`Spans::registered`]). Call within the Tokio runtime:
+    /// exports are sent on it; outside one, or with a `ca_file` that cannot be read, an error is
+    /// logged and nothing is exported.
     pub fn new(config: &TelemetryConfig) -> Self {
+        Self::with_metrics(config, || SpanExportMetrics::new(&Registry::new())).unwrap_or_else(|error| {
+            tracing::error!(%error, "spans are not exported");
+            Self::unexported(config)
+        })
+    }
+
+    /// As [`Spans::new`], with the export's series (`plextera_gateway_spans_*`) registered into
+    /// `registry` when, and only when, spans are exported, and a bad `ca_file` an error.
+    pub fn registered(config: &TelemetryConfig, registry: &Registry) -> Result<Self, SpansError> {
+        Self::with_metrics(config, || SpanExportMetrics::new(registry))
+    }
+
+    fn unexported(config: &TelemetryConfig) -> Self {
+        Self {
+            export: None,
+            sample_ratio: config.sample_ratio,
+        }
+    }
+
+    fn with_metrics(
+        config: &TelemetryConfig,
+        metrics: impl FnOnce() -> prometheus::Result<SpanExportMetrics>,
+    ) -> Result<Self, SpansError> {
+        let unexported = Self::unexported(config);
         let Some(endpoint) = &config.otlp_endpoint else {
-            return Self {
-                export: None,
-                sample_ratio: config.sample_ratio,
-            };
+            return Ok(unexported);
+        };
+        let tls = crate::upstream::tls::tls_config_for("telemetry.ca_file", config.ca_file.as_deref())?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                "telemetry.otlp_endpoint: spans are not exported: the gateway was built outside a Tokio runtime"
+            );
+            return Ok(unexported);
         };
         let traces_url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-        let client = ExportClient::new(tokio::runtime::Handle::current());
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(traces_url)
-            .with_timeout(EXPORT_TIMEOUT)
-            .with_http_client(client)
-            .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
-            .build();
-        let exporter = match exporter {
-            Ok(exporter) => exporter,
+        let processor = match span_export::processor(traces_url, runtime, tls, metrics()?) {
+            Ok(processor) => processor,
             Err(error) => {
                 // The config check accepted the URL; should the SDK not, spans are not exported.
                 tracing::error!(%error, "telemetry.otlp_endpoint: cannot export spans to it");
-                return Self {
-                    export: None,
-                    sample_ratio: config.sample_ratio,
-                };
+                return Ok(unexported);
             }
         };
-        let processor = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(
-                BatchConfigBuilder::default()
-                    .with_max_queue_size(MAX_QUEUE)
-                    .with_max_export_batch_size(MAX_BATCH)
-                    .with_scheduled_delay(EXPORT_INTERVAL)
-                    .build(),
-            )
-            .build();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -161,10 +170,15 @@ impl Spans {
             )
             .build();
         let tracer = provider.tracer(SERVICE_NAME);
-        Self {
+        Ok(Self {
             export: Some(Arc::new(Export { provider, tracer })),
             sample_ratio: config.sample_ratio,
-        }
+        })
+    }
+
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.export.is_some()
     }
 
     /// The span of a client request, continuing `parent` when the client sent a valid one.
@@ -212,6 +226,7 @@ impl Spans {
                 parent.span_id,
                 parent.sampled,
                 true,
+                parent.state.as_ref(),
             )),
             None => Context::new(),
         };
@@ -259,6 +274,7 @@ impl Spans {
                 parent.span_id,
                 parent.sampled,
                 false,
+                parent.state.as_ref(),
             )),
             None => Context::new(),
         };
@@ -312,7 +328,10 @@ impl ClientSpan {
         if let Some(status) = status {
             span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
             if status >= 400 {
+                // A client span's call failed for any 4xx or 5xx answer (a server span's only
+                // for a 5xx: a 4xx there is the client's mistake).
                 span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                span.set_status(Status::error(status.to_string()));
             }
         }
         if let Some(error) = error {
@@ -328,6 +347,7 @@ fn otel_context(
     span_id: SpanId,
     sampled: bool,
     remote: bool,
+    state: Option<&http::HeaderValue>,
 ) -> opentelemetry::trace::SpanContext {
     opentelemetry::trace::SpanContext::new(
         opentelemetry::trace::TraceId::from_bytes(trace_id.0),
@@ -338,8 +358,17 @@ fn otel_context(
             TraceFlags::default()
         },
         remote,
-        TraceState::default(),
+        trace_state(state),
     )
+}
+
+/// A `tracestate` as the SDK holds it: the client's, already checked against the W3C grammar
+/// ([`crate::ops::trace_context`]), or none.
+fn trace_state(state: Option<&http::HeaderValue>) -> TraceState {
+    state
+        .and_then(|state| state.to_str().ok())
+        .and_then(|state| state.parse().ok())
+        .unwrap_or_default()
 }
 
 fn from_otel(context: &opentelemetry::trace::SpanContext, state: Option<http::HeaderValue>) -> SpanContext {
@@ -351,65 +380,78 @@ fn from_otel(context: &opentelemetry::trace::SpanContext, state: Option<http::He
     }
 }
 
-/// Sends the exporter's requests on the gateway's runtime (the batch processor's thread has
-/// none), each within [`EXPORT_TIMEOUT`], reading at most [`MAX_ANSWER_BYTES`] of the answer.
-#[derive(Debug, Clone)]
-struct ExportClient {
-    runtime: tokio::runtime::Handle,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl ExportClient {
-    fn new(runtime: tokio::runtime::Handle) -> Self {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(EXPORT_TIMEOUT));
-        let tls = crate::upstream::tls::tls_config(None).unwrap_or_else(|_| {
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector);
-        Self { runtime, client }
-    }
-}
-
-#[async_trait::async_trait]
-impl opentelemetry_http::HttpClient for ExportClient {
-    async fn send_bytes(
-        &self,
-        request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
-        let client = self.client.clone();
-        let exchange = async move {
-            let response = client.request(request.map(Full::new)).await?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|error| -> opentelemetry_http::HttpError { error.to_string().into() })?
-                .to_bytes();
-            Ok::<_, opentelemetry_http::HttpError>(http::Response::from_parts(parts, body))
-        };
-        let sent = self
-            .runtime
-            .spawn(async move { tokio::time::timeout(EXPORT_TIMEOUT, exchange).await });
-        match sent.await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err("the collector did not answer within the export timeout".into()),
-            Err(error) => Err(error.into()),
+    fn exporting_config() -> TelemetryConfig {
+        TelemetryConfig {
+            // Nothing listens there: nothing is sent within these tests anyway.
+            otlp_endpoint: Some("http://127.0.0.1:9".to_owned()),
+            ..TelemetryConfig::default()
         }
+    }
+
+    fn start() -> ServerStart<'static> {
+        ServerStart {
+            method: &"GET",
+            route: None,
+            path: &"/",
+            protocol: "1.1",
+            client: None,
+        }
+    }
+
+    #[test]
+    fn outside_a_runtime_nothing_is_exported_and_nothing_panics() {
+        let spans = Spans::new(&exporting_config());
+        assert!(!spans.exporting());
+        let server = spans.server(None, &start());
+        let client = spans.client(Some(&server.context), "upstream", 443);
+        assert_eq!(client.context.trace_id, server.context.trace_id);
+        client.end(Some(200), None);
+        server.end(&ServerEnd {
+            status: 200,
+            cache: "pass",
+            error: None,
+        });
+    }
+
+    #[tokio::test]
+    async fn within_a_runtime_spans_are_exported_and_their_series_registered() {
+        let registry = Registry::new();
+        let spans = Spans::registered(&exporting_config(), &registry).expect("registers");
+        assert!(spans.exporting());
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_owned())
+            .collect();
+        assert!(
+            names.contains(&"plextera_gateway_spans_dropped_total".to_owned()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"plextera_gateway_spans_exported_total".to_owned()),
+            "{names:?}"
+        );
+        spans.shutdown(Duration::from_millis(100)).await;
+
+        let bad_ca = TelemetryConfig {
+            ca_file: Some("/nonexistent/collector-ca.pem".into()),
+            ..exporting_config()
+        };
+        let error = Spans::registered(&bad_ca, &Registry::new())
+            .expect_err("a ca_file that cannot be read is refused");
+        assert!(
+            matches!(&error, SpansError::Config(_)) && error.to_string().contains("telemetry.ca_file"),
+            "{error}"
+        );
+        assert!(!Spans::new(&bad_ca).exporting(), "logged, not exported");
+
+        let quiet = Registry::new();
+        let unexported = Spans::registered(&TelemetryConfig::default(), &quiet).expect("registers");
+        assert!(!unexported.exporting());
+        assert!(quiet.gather().is_empty(), "no span series without export");
     }
 }

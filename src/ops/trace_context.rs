@@ -6,9 +6,9 @@
 //! whatever follows ignored (the spec's rule). Anything else is ignored as if it had not been sent:
 //! a new trace starts, and the client's `tracestate` is dropped with it (the spec forbids reading
 //! `tracestate` without a valid `traceparent`). A `tracestate` is kept, unchanged, only when it is
-//! printable ASCII of at most [`MAX_TRACESTATE_BYTES`] in at most [`MAX_TRACESTATE_MEMBERS`]
-//! `key=value` members; otherwise it is dropped whole (never cut, which could split a vendor's
-//! entry). Nothing else of the client's headers is kept: what goes upstream is rebuilt here.
+//! a valid W3C list of at most [`MAX_TRACESTATE_BYTES`] in at most [`MAX_TRACESTATE_MEMBERS`]
+//! `key=value` members, keys and values by the spec's grammar and no key twice; otherwise it is
+//! dropped whole (never cut or repaired, which could split or change a vendor's entry). Nothing else of the client's headers is kept: what goes upstream is rebuilt here.
 //!
 //! Ids are random ([`fastrand`]): they correlate, they do not authenticate.
 
@@ -213,8 +213,11 @@ fn hex_byte(pair: &[u8]) -> Option<u8> {
     }
 }
 
-/// The client's `tracestate` (several headers joined with commas), when printable ASCII, at most
-/// [`MAX_TRACESTATE_BYTES`], at most [`MAX_TRACESTATE_MEMBERS`] members, each `key=value`.
+/// The client's `tracestate` (several headers joined with commas), when it is a valid W3C list:
+/// at most [`MAX_TRACESTATE_BYTES`], at most [`MAX_TRACESTATE_MEMBERS`] members, each a valid
+/// `key=value` ([`valid_key`], [`valid_value`]) with a key of its own. Empty members (`a=1,,b=2`)
+/// and the optional white space around commas are allowed, as the spec says; anything else drops
+/// the whole header (the spec lets a vendor drop an invalid `tracestate` whole).
 fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
     let mut joined: Vec<u8> = Vec::new();
     for value in headers.get_all(TRACESTATE) {
@@ -226,25 +229,80 @@ fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
             return None;
         }
     }
-    if joined.iter().any(|byte| !(0x20..=0x7e).contains(byte)) {
-        return None;
-    }
-    let mut members = 0;
+    let mut keys: Vec<&[u8]> = Vec::new();
     for member in joined.split(|byte| *byte == b',') {
-        let member = member.trim_ascii();
+        let member = trim_ows(member);
         if member.is_empty() {
             continue;
         }
-        members += 1;
         let equals = member.iter().position(|byte| *byte == b'=')?;
-        if equals == 0 || members > MAX_TRACESTATE_MEMBERS {
+        let (key, value) = (&member[..equals], &member[equals + 1..]);
+        if !valid_key(key) || !valid_value(value) || keys.contains(&key) {
+            return None;
+        }
+        keys.push(key);
+        if keys.len() > MAX_TRACESTATE_MEMBERS {
             return None;
         }
     }
-    if members == 0 {
+    if keys.is_empty() {
         return None;
     }
     HeaderValue::from_bytes(&joined).ok()
+}
+
+/// A list member without the optional white space (`OWS`: spaces and tabs) around it.
+fn trim_ows(member: &[u8]) -> &[u8] {
+    let blank = |byte: &u8| *byte == b' ' || *byte == b'\t';
+    let start = member
+        .iter()
+        .position(|byte| !blank(byte))
+        .unwrap_or(member.len());
+    let end = member
+        .iter()
+        .rposition(|byte| !blank(byte))
+        .map_or(start, |last| last + 1);
+    &member[start..end]
+}
+
+/// A `tracestate` key: `lcalpha 0*255(lcalpha / DIGIT / "_" / "-" / "*" / "/")`, or the
+/// multi-tenant `tenant@system`, the tenant `(lcalpha / DIGIT) 0*240(…)` and the system
+/// `lcalpha 0*13(…)`.
+fn valid_key(key: &[u8]) -> bool {
+    let rest = |bytes: &[u8], most: usize| {
+        bytes.len() <= most
+            && bytes.iter().all(|byte| {
+                byte.is_ascii_lowercase()
+                    || byte.is_ascii_digit()
+                    || matches!(byte, b'_' | b'-' | b'*' | b'/')
+            })
+    };
+    let mut parts = key.splitn(2, |byte| *byte == b'@');
+    let first = parts.next().unwrap_or_default();
+    match parts.next() {
+        None => match first.split_first() {
+            Some((head, tail)) => head.is_ascii_lowercase() && rest(tail, 255),
+            None => false,
+        },
+        Some(system) => {
+            let tenant = match first.split_first() {
+                Some((head, tail)) => (head.is_ascii_lowercase() || head.is_ascii_digit()) && rest(tail, 240),
+                None => false,
+            };
+            let system = match system.split_first() {
+                Some((head, tail)) => head.is_ascii_lowercase() && rest(tail, 13),
+                None => false,
+            };
+            tenant && system
+        }
+    }
+}
+
+/// A `tracestate` value: `0*255(chr) nblk-chr`, where `chr` is printable ASCII but `,` and `=`,
+/// and the last one is not a space; so 1 to 256 characters.
+fn valid_value(value: &[u8]) -> bool {
+    let chr = |byte: &u8| (0x20..=0x7e).contains(byte) && *byte != b',' && *byte != b'=';
+    (1..=256).contains(&value.len()) && value.iter().all(chr) && value.last() != Some(&b' ')
 }
 
 #[cfg(test)]
@@ -330,9 +388,103 @@ mod tests {
             .map(|at| format!("k{at}=v"))
             .collect();
         assert_eq!(state(&[&too_many.join(",")]), None);
-        let long = format!("k={}", "v".repeat(MAX_TRACESTATE_BYTES - 2));
+        let long = format!(
+            "a={},b={}",
+            "v".repeat(256),
+            "v".repeat(MAX_TRACESTATE_BYTES - 256 - 5)
+        );
+        assert_eq!(long.len(), MAX_TRACESTATE_BYTES);
         assert!(state(&[&long]).is_some());
         assert_eq!(state(&[&format!("{long}v")]), None);
+    }
+
+    #[test]
+    fn tracestate_keys_follow_the_w3c_grammar() {
+        let longest = format!("a{}", "z".repeat(255));
+        let tenant = format!("1{}", "t".repeat(240));
+        for good in [
+            "congo",
+            "a",
+            "rojo00",
+            "a_b-c*d/e",
+            longest.as_str(),
+            "tenant@vendor",
+            "0tenant@v",
+            "t@abcdefghijklmn",
+            &format!("{tenant}@v"),
+        ] {
+            assert!(valid_key(good.as_bytes()), "{good:?}");
+            assert!(state(&[&format!("{good}=1")]).is_some(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "Congo",
+            "0congo",
+            "_congo",
+            "con go",
+            "con.go",
+            "congo\t",
+            &format!("{longest}z"),
+            "@vendor",
+            "tenant@",
+            "tenant@0vendor",
+            "tenant@vendor@x",
+            "_t@v",
+            "t@abcdefghijklmno",
+            &format!("{tenant}t@v"),
+        ] {
+            assert!(!valid_key(bad.as_bytes()), "{bad:?}");
+            assert_eq!(state(&[&format!("ok=1,{bad}=1")]), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tracestate_values_follow_the_w3c_grammar() {
+        let longest = "v".repeat(256);
+        for good in [
+            "t61rcWkgMzE",
+            "a b",
+            " leading",
+            "!~\"#$%&'()*+-./:;<>?@[\\]^_`{|}",
+            &longest,
+        ] {
+            assert!(valid_value(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "",
+            "trailing ",
+            "a,b",
+            "a=b",
+            "tab\there",
+            "caf\u{e9}",
+            &format!("{longest}v"),
+        ] {
+            assert!(!valid_value(bad.as_bytes()), "{bad:?}");
+        }
+        // A trailing space before a comma is white space around the comma, not the value's.
+        assert_eq!(state(&["a=1 ,b=2"]).as_deref(), Some("a=1 ,b=2"));
+        assert_eq!(state(&["a=,b=2"]), None, "an empty value");
+        assert_eq!(state(&["a=1,b=x=y"]), None);
+    }
+
+    #[test]
+    fn tracestate_with_a_key_twice_is_dropped() {
+        assert_eq!(state(&["a=1,b=2,a=3"]), None);
+        assert_eq!(state(&["a=1", "a=1"]), None, "across two headers as well");
+        assert_eq!(state(&["t@v=1,t@w=2"]).as_deref(), Some("t@v=1,t@w=2"));
+    }
+
+    #[test]
+    fn tracestate_empty_members_and_white_space_around_commas_are_skipped() {
+        assert_eq!(state(&["a=1,,b=2"]).as_deref(), Some("a=1,,b=2"));
+        assert_eq!(state(&["a=1 ,\t b=2 , "]).as_deref(), Some("a=1 ,\t b=2 , "));
+        assert_eq!(state(&[",,"]), None, "no member at all");
+        let mut members: Vec<String> = (0..MAX_TRACESTATE_MEMBERS).map(|at| format!("k{at}=v")).collect();
+        members.push(String::new());
+        assert!(
+            state(&[&members.join(",")]).is_some(),
+            "an empty member does not count toward the limit"
+        );
     }
 
     #[test]

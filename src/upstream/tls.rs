@@ -1,5 +1,5 @@
 //! The client's TLS set-up: rustls with the ring provider, the webpki roots and, if configured,
-//! the CAs in `upstream.ca_file`.
+//! the CAs in `upstream.ca_file` (or, for the span exporter, `telemetry.ca_file`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,12 +11,17 @@ use crate::config::ConfigError;
 
 /// rustls with the ring provider, the webpki roots and, if configured, the CAs in `ca_file`.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigError> {
+    tls_config_for("upstream.ca_file", ca_file)
+}
+
+/// As [`tls_config`], a bad `ca_file` reported under `key`.
+pub fn tls_config_for(key: &str, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
         let invalid = |why: String| {
             ConfigError::Invalid(format!(
-                "upstream.ca_file {}: {why}",
+                "{key} {}: {why}",
                 crate::config::report::shown(&path.display().to_string())
             ))
         };

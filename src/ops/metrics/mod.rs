@@ -7,7 +7,8 @@
 //! tier in [`crate::cache::redis::metrics`], client connections in
 //! [`crate::serve::connection::metrics`], held clients in [`crate::watch::metrics`], webhook
 //! deliveries in [`crate::webhook::metrics`], secrets re-read from files in
-//! [`crate::ops::secret_files`]. They are built from [`family`]'s blocks; [`Metrics`]
+//! [`crate::ops::secret_files`], span export in [`crate::ops::span_export`] (registered by
+//! [`crate::ops::spans::Spans::registered`], only when spans are exported). They are built from [`family`]'s blocks; [`Metrics`]
 //! gathers them, with the few series that belong to no one concern, for wiring and `/metrics`.
 
 pub mod family;
