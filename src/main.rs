@@ -123,18 +123,35 @@ fn main() -> ExitCode {
 /// working directory) and [`PACKAGED_CONFIG_PATH`] that exists. `None`: neither exists and
 /// `--demo` runs on the defaults; without `--demo` that is refused, naming both.
 fn config_path(cli: &Cli) -> Result<Option<PathBuf>, String> {
-    if let Some(path) = &cli.config {
-        return Ok(Some(path.clone()));
+    find_config(
+        cli.config.as_deref(),
+        cli.demo,
+        [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH],
+        |path| path.exists(),
+    )
+}
+
+/// [`config_path`] with the places looked in (the working directory's, then the packaged one) and
+/// the test for a file's presence handed in, so every branch can be tested without a file in
+/// `/etc`.
+fn find_config(
+    explicit: Option<&std::path::Path>,
+    demo: bool,
+    [relative, packaged]: [&str; 2],
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> Result<Option<PathBuf>, String> {
+    if let Some(path) = explicit {
+        return Ok(Some(path.to_owned()));
     }
-    let found = [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH]
+    let found = [relative, packaged]
         .into_iter()
         .map(PathBuf::from)
-        .find(|path| path.exists());
+        .find(|path| exists(path));
     match found {
         Some(path) => Ok(Some(path)),
-        None if cli.demo => Ok(None),
+        None if demo => Ok(None),
         None => Err(format!(
-            "no config file: neither {DEFAULT_CONFIG_PATH} (in the working directory) nor {PACKAGED_CONFIG_PATH} exists; name one with --config"
+            "no config file: neither {relative} (in the working directory) nor {packaged} exists; name one with --config"
         )),
     }
 }
@@ -470,4 +487,44 @@ fn refuse(message: String) -> ExitCode {
 fn fail(status: u8, message: String) -> ExitCode {
     eprintln!("plextera-gateway: {message}");
     ExitCode::from(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const PLACES: [&str; 2] = [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH];
+
+    #[test]
+    fn the_config_is_the_named_one_else_the_relative_one_else_the_packaged_one() {
+        let only = |present: &'static [&'static str]| {
+            move |path: &Path| present.iter().any(|p| Path::new(p) == path)
+        };
+        let both = only(&[DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH]);
+        assert_eq!(
+            find_config(Some(Path::new("mine.toml")), false, PLACES, both),
+            Ok(Some(PathBuf::from("mine.toml")))
+        );
+        assert_eq!(
+            find_config(None, false, PLACES, both),
+            Ok(Some(PathBuf::from(DEFAULT_CONFIG_PATH))),
+            "the working directory's comes first"
+        );
+        assert_eq!(
+            find_config(None, false, PLACES, only(&[PACKAGED_CONFIG_PATH])),
+            Ok(Some(PathBuf::from(PACKAGED_CONFIG_PATH))),
+            "the packaged one when there is none in the working directory"
+        );
+        let neither = find_config(None, false, PLACES, only(&[])).expect_err("refused");
+        assert!(
+            neither.contains(DEFAULT_CONFIG_PATH) && neither.contains(PACKAGED_CONFIG_PATH),
+            "{neither}"
+        );
+        assert_eq!(
+            find_config(None, true, PLACES, only(&[])),
+            Ok(None),
+            "--demo runs on the defaults"
+        );
+    }
 }
