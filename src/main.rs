@@ -12,6 +12,7 @@ use plextera_gateway::ops::health_check;
 use plextera_gateway::ops::secret_files::{SecretFiles, Snapshot};
 use plextera_gateway::ops::systemd::{self, Notifier};
 use plextera_gateway::ops::telemetry::{self, LogFormat};
+use plextera_gateway::preflight::preflight;
 use plextera_gateway::webhook::signature;
 use plextera_gateway::{ApiKey, Gateway, Secrets, StartError, demo};
 
@@ -159,7 +160,11 @@ fn find_config(
 /// `--check-config`: every secret the config names must be found and usable; then the effective
 /// configuration is printed (as TOML the gateway accepts back) and the status is 0, else 78.
 fn check_config(config: &Config, source: Option<&std::path::Path>) -> ExitCode {
-    if let Err(error) = Secrets::load(config, |name| std::env::var(name).ok()) {
+    let secrets = match Secrets::load(config, |name| std::env::var(name).ok()) {
+        Ok(secrets) => secrets,
+        Err(error) => return refuse(error.to_string()),
+    };
+    if let Err(error) = preflight(config, &secrets) {
         return refuse(error.to_string());
     }
     let text = match toml::to_string(config) {
@@ -277,6 +282,9 @@ async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
             Err(error) => return refuse(error.to_string()),
         }
     };
+    if let Err(error) = preflight(&config, &secrets) {
+        return refuse(error.to_string());
+    }
     tracing::info!(
         config = %config_source(source.as_deref()),
         upstream = config.upstream.origin().unwrap_or_default(),
