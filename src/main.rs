@@ -117,8 +117,15 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(EXIT_OS, format!("cannot start the async runtime: {error}")),
     };
-    runtime.block_on(run(cli, source, config))
+    let status = runtime.block_on(run(cli, source, config));
+    // Not waiting for blocking work: a secret file's read hung on a dead mount must not keep the
+    // process from exiting once the drain is done.
+    runtime.shutdown_timeout(SHUTDOWN_BLOCKING_WAIT);
+    status
 }
+
+/// How long exit waits for work on blocking threads (a secret file's read) after the drain.
+const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The config file: `--config`, else the first of [`DEFAULT_CONFIG_PATH`] (relative to the
 /// working directory) and [`PACKAGED_CONFIG_PATH`] that exists. `None`: neither exists and
@@ -311,6 +318,7 @@ async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
             snapshot,
             gateway.secret_targets(),
             gateway.secret_reload_metrics(),
+            config.server.secrets_check_interval,
         );
         // Registered before "ready" is announced, so an early SIGHUP cannot take its default
         // action (terminating the process).
