@@ -313,22 +313,26 @@ async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
     let rotation = gateway.key_rotation();
     telemetry::redact_with(Box::new(move |line| rotation.redact(line)));
     let notifier = Notifier::new(std::env::var(systemd::NOTIFY_SOCKET).ok().as_deref());
-    if !cli.demo {
+    // Registered before "ready" is announced, so an early SIGHUP cannot take its default action
+    // (terminating the process); in demo mode too.
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: secret files are still re-read every server.secrets_check_interval");
+            None
+        }
+    };
+    if cli.demo {
+        if let Some(hangups) = hangups {
+            tokio::spawn(ignore_hangups_in_demo(hangups));
+        }
+    } else {
         let files = SecretFiles::new(
             snapshot,
             gateway.secret_targets(),
             gateway.secret_reload_metrics(),
             config.server.secrets_check_interval,
         );
-        // Registered before "ready" is announced, so an early SIGHUP cannot take its default
-        // action (terminating the process).
-        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => Some(hangups),
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP: secret files are still re-read every server.secrets_check_interval");
-                None
-            }
-        };
         tokio::spawn(watch_secrets(
             files,
             config.server.secrets_check_interval,
@@ -385,6 +389,14 @@ async fn watch_secrets(
                 notifier.ready();
             }
         }
+    }
+}
+
+/// In demo mode a SIGHUP has nothing to re-read (the secrets are built in): it is logged, and the
+/// process goes on.
+async fn ignore_hangups_in_demo(mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: demo mode: the secrets are built in, nothing to re-read");
     }
 }
 
