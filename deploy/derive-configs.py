@@ -27,6 +27,13 @@ CONTAINER_CPUS = 2
 # variable: the kubelet swaps the files in place when the Secret changes, and the gateway re-reads
 # them).
 SECRET_DIR = "/var/run/secrets/plextera-gateway"
+# Where the systemd unit's secrets live (root:plextera-gateway, mode 0640), beside its config.
+HOST_SECRET_DIR = "/etc/plextera-gateway"
+# The directory of the commented secret-file examples in config/gateway.toml (client tokens, Redis
+# password, webhook secrets): each derived config points them at its own directory, so an example
+# uncommented there names a file where that deployment puts its secrets. tests/deploy.rs checks
+# every *_file path in the derived configs.
+BASE_SECRET_DIR = "/run/secrets/plextera-gateway"
 # The label kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by (its
 # Helm release name). Keep servicemonitor.yaml's label the same.
 PROMETHEUS_RELEASE_LABEL = ("release", "kube-prometheus-stack")
@@ -76,6 +83,10 @@ container = derive(
          '# Run the image elsewhere with the key mounted there, readable by uid 65532, e.g.\n'
          f'# docker run -v "$PWD/api-key:{SECRET_DIR}/api-key:ro" plextera-gateway:VERSION\n'
          f'api_key_file = "{SECRET_DIR}/api-key"'),
+        (f'"{BASE_SECRET_DIR}/', f'"{SECRET_DIR}/'),
+        ('# ca_file = "/etc/plextera-gateway/ca.pem"',
+         '# container: a CA bundle can be an item of the same Secret.\n'
+         f'# ca_file = "{SECRET_DIR}/ca.pem"'),
     ],
 )
 host = derive(
@@ -88,7 +99,8 @@ host = derive(
          '# systemd: root:plextera-gateway, mode 0640, read by the service\'s user directly (not a\n'
          '# LoadCredential= copy, which would not change while the service runs): the gateway reads it\n'
          '# again when it changes and on `systemctl reload plextera-gateway`.\n'
-         'api_key_file = "/etc/plextera-gateway/api-key"'),
+         f'api_key_file = "{HOST_SECRET_DIR}/api-key"'),
+        (f'"{BASE_SECRET_DIR}/', f'"{HOST_SECRET_DIR}/'),
     ],
 )
 

@@ -21,7 +21,8 @@
 //! - [`webhook`]: Plextera's signed run events on a port of their own, each confirmed with one
 //!   upstream call that ends every wait on its run;
 //! - [`run`]: a run's id and status; [`config`]: the TOML file; [`ops`]: metrics, logs, health;
-//! - [`app`]: the parts wired from a config; [`demo`]: the simulated upstream behind `--demo`.
+//! - [`app`]: the parts wired from a config; [`preflight`]: the checks start-up and
+//!   `--check-config` share beyond the config's own; [`demo`]: the simulated upstream behind `--demo`.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -30,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod ops;
+pub mod preflight;
 pub mod proxy;
 pub mod run;
 pub mod serve;

@@ -12,6 +12,7 @@ use plextera_gateway::ops::health_check;
 use plextera_gateway::ops::secret_files::{SecretFiles, Snapshot};
 use plextera_gateway::ops::systemd::{self, Notifier};
 use plextera_gateway::ops::telemetry::{self, LogFormat};
+use plextera_gateway::preflight::preflight;
 use plextera_gateway::webhook::signature;
 use plextera_gateway::{ApiKey, Gateway, Secrets, StartError, demo};
 
@@ -116,25 +117,49 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(EXIT_OS, format!("cannot start the async runtime: {error}")),
     };
-    runtime.block_on(run(cli, source, config))
+    let status = runtime.block_on(run(cli, source, config));
+    // Not waiting for blocking work: a secret file's read hung on a dead mount must not keep the
+    // process from exiting once the drain is done.
+    runtime.shutdown_timeout(SHUTDOWN_BLOCKING_WAIT);
+    status
 }
+
+/// How long exit waits for work on blocking threads (a secret file's read) after the drain.
+const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The config file: `--config`, else the first of [`DEFAULT_CONFIG_PATH`] (relative to the
 /// working directory) and [`PACKAGED_CONFIG_PATH`] that exists. `None`: neither exists and
 /// `--demo` runs on the defaults; without `--demo` that is refused, naming both.
 fn config_path(cli: &Cli) -> Result<Option<PathBuf>, String> {
-    if let Some(path) = &cli.config {
-        return Ok(Some(path.clone()));
+    find_config(
+        cli.config.as_deref(),
+        cli.demo,
+        [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH],
+        |path| path.exists(),
+    )
+}
+
+/// [`config_path`] with the places looked in (the working directory's, then the packaged one) and
+/// the test for a file's presence handed in, so every branch can be tested without a file in
+/// `/etc`.
+fn find_config(
+    explicit: Option<&std::path::Path>,
+    demo: bool,
+    [relative, packaged]: [&str; 2],
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> Result<Option<PathBuf>, String> {
+    if let Some(path) = explicit {
+        return Ok(Some(path.to_owned()));
     }
-    let found = [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH]
+    let found = [relative, packaged]
         .into_iter()
         .map(PathBuf::from)
-        .find(|path| path.exists());
+        .find(|path| exists(path));
     match found {
         Some(path) => Ok(Some(path)),
-        None if cli.demo => Ok(None),
+        None if demo => Ok(None),
         None => Err(format!(
-            "no config file: neither {DEFAULT_CONFIG_PATH} (in the working directory) nor {PACKAGED_CONFIG_PATH} exists; name one with --config"
+            "no config file: neither {relative} (in the working directory) nor {packaged} exists; name one with --config"
         )),
     }
 }
@@ -142,7 +167,11 @@ fn config_path(cli: &Cli) -> Result<Option<PathBuf>, String> {
 /// `--check-config`: every secret the config names must be found and usable; then the effective
 /// configuration is printed (as TOML the gateway accepts back) and the status is 0, else 78.
 fn check_config(config: &Config, source: Option<&std::path::Path>) -> ExitCode {
-    if let Err(error) = Secrets::load(config, |name| std::env::var(name).ok()) {
+    let secrets = match Secrets::load(config, |name| std::env::var(name).ok()) {
+        Ok(secrets) => secrets,
+        Err(error) => return refuse(error.to_string()),
+    };
+    if let Err(error) = preflight(config, &secrets) {
         return refuse(error.to_string());
     }
     let text = match toml::to_string(config) {
@@ -260,6 +289,9 @@ async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
             Err(error) => return refuse(error.to_string()),
         }
     };
+    if let Err(error) = preflight(&config, &secrets) {
+        return refuse(error.to_string());
+    }
     tracing::info!(
         config = %config_source(source.as_deref()),
         upstream = config.upstream.origin().unwrap_or_default(),
@@ -281,21 +313,26 @@ async fn run(cli: Cli, source: Option<PathBuf>, config: Config) -> ExitCode {
     let rotation = gateway.key_rotation();
     telemetry::redact_with(Box::new(move |line| rotation.redact(line)));
     let notifier = Notifier::new(std::env::var(systemd::NOTIFY_SOCKET).ok().as_deref());
-    if !cli.demo {
+    // Registered before "ready" is announced, so an early SIGHUP cannot take its default action
+    // (terminating the process); in demo mode too.
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: secret files are still re-read every server.secrets_check_interval");
+            None
+        }
+    };
+    if cli.demo {
+        if let Some(hangups) = hangups {
+            tokio::spawn(ignore_hangups_in_demo(hangups));
+        }
+    } else {
         let files = SecretFiles::new(
             snapshot,
             gateway.secret_targets(),
             gateway.secret_reload_metrics(),
+            config.server.secrets_check_interval,
         );
-        // Registered before "ready" is announced, so an early SIGHUP cannot take its default
-        // action (terminating the process).
-        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => Some(hangups),
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP: secret files are still re-read every server.secrets_check_interval");
-                None
-            }
-        };
         tokio::spawn(watch_secrets(
             files,
             config.server.secrets_check_interval,
@@ -352,6 +389,14 @@ async fn watch_secrets(
                 notifier.ready();
             }
         }
+    }
+}
+
+/// In demo mode a SIGHUP has nothing to re-read (the secrets are built in): it is logged, and the
+/// process goes on.
+async fn ignore_hangups_in_demo(mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: demo mode: the secrets are built in, nothing to re-read");
     }
 }
 
@@ -470,4 +515,44 @@ fn refuse(message: String) -> ExitCode {
 fn fail(status: u8, message: String) -> ExitCode {
     eprintln!("plextera-gateway: {message}");
     ExitCode::from(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const PLACES: [&str; 2] = [DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH];
+
+    #[test]
+    fn the_config_is_the_named_one_else_the_relative_one_else_the_packaged_one() {
+        let only = |present: &'static [&'static str]| {
+            move |path: &Path| present.iter().any(|p| Path::new(p) == path)
+        };
+        let both = only(&[DEFAULT_CONFIG_PATH, PACKAGED_CONFIG_PATH]);
+        assert_eq!(
+            find_config(Some(Path::new("mine.toml")), false, PLACES, both),
+            Ok(Some(PathBuf::from("mine.toml")))
+        );
+        assert_eq!(
+            find_config(None, false, PLACES, both),
+            Ok(Some(PathBuf::from(DEFAULT_CONFIG_PATH))),
+            "the working directory's comes first"
+        );
+        assert_eq!(
+            find_config(None, false, PLACES, only(&[PACKAGED_CONFIG_PATH])),
+            Ok(Some(PathBuf::from(PACKAGED_CONFIG_PATH))),
+            "the packaged one when there is none in the working directory"
+        );
+        let neither = find_config(None, false, PLACES, only(&[])).expect_err("refused");
+        assert!(
+            neither.contains(DEFAULT_CONFIG_PATH) && neither.contains(PACKAGED_CONFIG_PATH),
+            "{neither}"
+        );
+        assert_eq!(
+            find_config(None, true, PLACES, only(&[])),
+            Ok(None),
+            "--demo runs on the defaults"
+        );
+    }
 }

@@ -134,6 +134,48 @@ fn deployed_configs_differ_from_the_documented_one_only_where_they_say() {
     assert_eq!(config("deploy/systemd/gateway.toml"), host);
 }
 
+/// Every `*_file` key's path in `text`, commented-out examples included: `(key, path)`.
+fn file_paths(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim_start_matches('#').trim();
+            let (key, value) = line.split_once('=')?;
+            let key = key.trim();
+            if !key.ends_with("_file") || key.contains(' ') {
+                return None;
+            }
+            let path = value.trim().strip_prefix('"')?.split('"').next()?;
+            Some((key.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_file_path_in_the_deployed_configs_is_where_that_deployment_puts_its_secrets() {
+    for (config, dir) in [
+        ("deploy/kubernetes/gateway.toml", SECRET_DIR),
+        ("deploy/systemd/gateway.toml", "/etc/plextera-gateway"),
+    ] {
+        let paths = file_paths(&read(config));
+        let keys: BTreeSet<&str> = paths.iter().map(|(key, _)| key.as_str()).collect();
+        for key in [
+            "api_key_file",
+            "client_tokens_file",
+            "password_file",
+            "secrets_file",
+            "ca_file",
+        ] {
+            assert!(keys.contains(key), "{config}: no {key} example");
+        }
+        for (key, path) in &paths {
+            assert!(
+                Path::new(path).parent() == Some(Path::new(dir)),
+                "{config}: {key} = {path:?} is not in {dir}/"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_load_bench_config_points_at_the_bench_upstream() {
     let bench = config("benches/load/gateway.toml");

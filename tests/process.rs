@@ -136,6 +136,26 @@ async fn demo_mode_shows_miss_hit_and_pass_with_no_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn demo_mode_survives_a_sighup() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
+    );
+    let mut gateway = GatewayProcess::start(&["--demo", "--config", &config], &[]);
+    gateway.send_signal("HUP");
+    support::eventually("the SIGHUP is logged", || async {
+        gateway.logs().contains("SIGHUP: demo mode")
+    })
+    .await;
+    assert_eq!(
+        get(gateway.public, &runs_path("done-1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(gateway.terminate().code(), Some(0), "{}", gateway.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_process_opts_out_of_transparent_huge_pages() {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().expect("temp dir");

@@ -259,6 +259,113 @@ async fn sighup_rereads_at_once_and_systemd_hears_ready_reloading_and_stopping()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_during_the_drain_tells_systemd_nothing_after_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let mock = MockUpstream::start().await;
+    let gate = support::Gate::new();
+    mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, OLD_KEY).expect("write key");
+    let name = format!("plextera-gateway-drain-notify-{}", std::process::id());
+    let notify = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("addr"))
+        .expect("bind the notify socket");
+    notify.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let next_state = || {
+        let mut buffer = [0u8; 512];
+        let length = notify.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..length]).into_owned()
+    };
+    let text = config_text(
+        &mock,
+        "secrets_check_interval = \"1h\"",
+        &format!("api_key_file = {}", toml_path(&key_file)),
+        "",
+    );
+    let mut gateway = GatewayProcess::start(
+        &["--config", &write_config(dir.path(), &text)],
+        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+    );
+    assert_eq!(next_state(), "READY=1");
+
+    // A request held upstream keeps the drain open.
+    let url = format!("http://{}{}", gateway.public, runs_path("slow"));
+    let in_flight = tokio::spawn(async move { TestClient::new().send(Method::GET, &url, &[]).await });
+    mock.wait_for_requests(1).await;
+    gateway.send_sigterm();
+    assert_eq!(next_state(), "STOPPING=1");
+    std::fs::write(&key_file, NEW_KEY).expect("rotate");
+    gateway.send_signal("HUP");
+    support::eventually("the SIGHUP's re-read is done", || async {
+        gateway.logs().contains("secret reloaded")
+    })
+    .await;
+    gate.open();
+    assert_eq!(in_flight.await.expect("client task").status, StatusCode::OK);
+    assert_eq!(gateway.wait().code(), Some(0));
+    notify.set_nonblocking(true).expect("nonblocking");
+    let mut buffer = [0u8; 512];
+    let after: Vec<String> = std::iter::from_fn(|| {
+        let length = notify.recv(&mut buffer).ok()?;
+        Some(String::from_utf8_lossy(&buffer[..length]).into_owned())
+    })
+    .collect();
+    assert!(after.is_empty(), "nothing after STOPPING=1: {after:?}");
+    assert_never_logged(&gateway, &[OLD_KEY, NEW_KEY]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_file_whose_read_hangs_is_warned_about_while_serving_goes_on() {
+    let mock = MockUpstream::start().await;
+    mock.set("live", Reply::run("live", "PROCESSING"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, OLD_KEY).expect("write key");
+    let text = config_text(
+        &mock,
+        "secrets_check_interval = \"200ms\"",
+        &format!("api_key_file = {}", toml_path(&key_file)),
+        "",
+    );
+    let mut gateway = GatewayProcess::start(&["--config", &write_config(dir.path(), &text)], &[]);
+    let failing = |scrape: support::prom::Scrape| {
+        scrape.value("plextera_gateway_secret_file_failing", &[("secret", "api_key")])
+    };
+    assert_eq!(failing(gateway.scrape().await), Some(0.0));
+
+    // A FIFO stands in for a hung mount: opening it to read blocks until a writer comes, and none does.
+    std::fs::remove_file(&key_file).expect("remove");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&key_file)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo");
+    support::eventually("the hung read is warned about", || async {
+        gateway
+            .logs()
+            .lines()
+            .any(|line| line.contains("was not read within") && line.contains("upstream.api_key_file"))
+    })
+    .await;
+    // Serving goes on, with the key in force, and the gauge says the file is failing.
+    assert_eq!(gateway.get_run("live").await.status, StatusCode::OK);
+    assert_eq!(
+        keys_seen(&mock).last().map(|(key, _)| key.clone()),
+        Some(format!("api-key {OLD_KEY}"))
+    );
+    assert_eq!(failing(gateway.scrape().await), Some(1.0));
+    // Still hung: the process exits anyway once drained.
+    assert_eq!(gateway.terminate().code(), Some(0), "{}", gateway.logs());
+    let warnings = gateway
+        .logs()
+        .lines()
+        .filter(|line| line.contains("was not read within"))
+        .count();
+    assert_eq!(warnings, 1, "warned once: {}", gateway.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_empty_or_half_written_key_file_keeps_the_key_in_force_and_warns_once_each() {
     const INTERVAL: Duration = Duration::from_millis(200);
     let mock = MockUpstream::start().await;
@@ -308,6 +415,14 @@ async fn an_empty_or_half_written_key_file_keeps_the_key_in_force_and_warns_once
     tokio::time::sleep(INTERVAL * 4).await;
     assert_eq!(warnings(&gateway), 2, "one warning per distinct problem");
     assert_eq!(reloads(&gateway, "api_key", "failed").await, 2.0);
+    let failing = |scrape: support::prom::Scrape| {
+        scrape.value("plextera_gateway_secret_file_failing", &[("secret", "api_key")])
+    };
+    assert_eq!(
+        failing(gateway.scrape().await),
+        Some(1.0),
+        "still failing after the count stopped"
+    );
 
     std::fs::write(&key_file, format!("{NEW_KEY}\n")).expect("whole");
     mock.accept_only(&[OLD_KEY, NEW_KEY]);
@@ -319,6 +434,7 @@ async fn an_empty_or_half_written_key_file_keeps_the_key_in_force_and_warns_once
     })
     .await;
     assert_eq!(reloads(&gateway, "api_key", "reloaded").await, 1.0);
+    assert_eq!(failing(gateway.scrape().await), Some(0.0), "recovered");
     assert_eq!(gateway.terminate().code(), Some(0));
     let logs = gateway.logs();
     let path = key_file.display().to_string();

@@ -103,6 +103,31 @@ fn check_config_refuses_a_bad_value_or_a_missing_secret_with_one_line_and_78() {
 }
 
 #[test]
+fn check_config_refuses_a_ca_file_start_up_refuses_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").expect("write");
+    for ca_file in [dir.path().join("absent.pem"), garbage] {
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nca_file = {}\n",
+                toml::Value::String(ca_file.display().to_string())
+            ),
+        );
+        for args in [
+            &["--config", &config, "--check-config"][..],
+            &["--config", &config],
+        ] {
+            let (status, stdout, stderr) = run_to_exit(args, &[("PLEXTERA_API_KEY", TEST_KEY)]);
+            assert_eq!(status.code(), Some(78), "{args:?} {ca_file:?}: {stderr}");
+            assert!(stderr.contains("upstream.ca_file"), "{args:?}: {stderr}");
+            assert!(!stdout.contains("is valid"), "{args:?}: {stdout}");
+        }
+    }
+}
+
+#[test]
 fn check_config_binds_nothing() {
     // The listen address is held: serving would fail with 75; checking does not try.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

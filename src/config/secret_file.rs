@@ -67,6 +67,8 @@ impl SecretName {
 pub enum FileProblem {
     #[error("cannot be read: {0}")]
     Unreadable(String),
+    #[error("was not read within {0:?} (a hung mount?): not read again until that read returns")]
+    TimedOut(std::time::Duration),
     #[error("is larger than {MAX_SECRET_FILE_BYTES} bytes")]
     TooLarge,
     #[error("is not UTF-8 text")]

@@ -12,20 +12,28 @@
 //! Content that cannot be used (missing, unreadable, empty, not a usable key, or a password Redis
 //! refuses) keeps the value in force and is warned about once per distinct problem, naming the
 //! config key and the path, never the content; the next good read recovers. A password Redis
-//! refused is tried again at every check until it is taken or the file changes.
+//! refused is tried again at every check until it is taken or the file changes. While a file's
+//! problem lasts, `plextera_gateway_secret_file_failing{secret}` is 1 (the counter of failures
+//! moves once per distinct problem; the gauge says the rotation is still broken).
+//!
+//! Each file is read on a blocking thread (`spawn_blocking`), given [`READ_TIMEOUT`] (or the
+//! check interval, if shorter): a hung mount (FUSE, NFS, a CSI driver) must not stall the runtime
+//! that serves. A read that times out is a problem like any other; it is left running, and no
+//! other read of that file starts until it returns, so a hung file holds at most one thread.
 //!
 //! What this module must not do: log, count or return any secret's content.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use prometheus::Registry;
+use prometheus::{IntGauge, IntGaugeVec, Registry};
 use ring::digest::{SHA256, digest};
 
 use crate::cache::redis::RedisTier;
 use crate::config::Config;
-use crate::config::secret_file::{self, SecretName};
+use crate::config::secret_file::{self, FileProblem, SecretName};
 use crate::edge::client_auth::ClientTokens;
-use crate::ops::metrics::family::{Grid, Label, counter_grid, grid_get, opts};
+use crate::ops::metrics::family::{ByLabel, Grid, Label, counter_grid, grid_get, opts, register};
 use crate::upstream::credentials::KeyRotation;
 use crate::webhook::Webhooks;
 
@@ -57,10 +65,15 @@ impl Label for SecretName {
     }
 }
 
-/// `plextera_gateway_secret_reloads_total{secret, result}`, every series exported from the start.
+/// The longest a secret file's read is waited for (shorter if the check interval is).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `plextera_gateway_secret_reloads_total{secret, result}` and
+/// `plextera_gateway_secret_file_failing{secret}`, every series exported from the start.
 #[derive(Clone)]
 pub struct SecretReloadMetrics {
     reloads: Grid<SecretName, ReloadResult>,
+    failing: ByLabel<SecretName, IntGauge>,
 }
 
 impl SecretReloadMetrics {
@@ -75,7 +88,26 @@ impl SecretReloadMetrics {
                 ["secret", "result"],
                 |_, _| true,
             )?,
+            failing: {
+                let family = register(
+                    registry,
+                    IntGaugeVec::new(
+                        opts(
+                            "secret_file_failing",
+                            "1 while a secret's file (api_key, client_tokens, redis_password, webhook_secrets) has a problem that keeps it from being used (missing, unreadable, timed out, empty, not usable, refused by Redis): the value in force is the previous one; else 0.",
+                        ),
+                        &["secret"],
+                    )?,
+                )?;
+                ByLabel::of(|secret: SecretName| family.with_label_values(&[secret.label()]))
+            },
         })
+    }
+
+    fn set_failing(&self, secret: SecretName, failing: bool) {
+        if let Some(gauge) = self.failing.get(secret) {
+            gauge.set(i64::from(failing));
+        }
     }
 
     fn count(&self, secret: SecretName, result: ReloadResult) {
@@ -159,6 +191,7 @@ pub struct SecretFiles {
     watched: Vec<Watched>,
     from_environment: Vec<SecretName>,
     metrics: SecretReloadMetrics,
+    read_timeout: Duration,
 }
 
 struct Watched {
@@ -168,6 +201,9 @@ struct Watched {
     in_force: Option<Digest>,
     /// The last problem warned about, until a good read.
     problem: Option<String>,
+    /// A read that timed out and has not returned yet: the next check waits on it rather than
+    /// starting another.
+    pending: Option<tokio::task::JoinHandle<Result<String, FileProblem>>>,
     target: Target,
 }
 
@@ -204,8 +240,14 @@ impl Target {
 }
 
 impl SecretFiles {
-    /// The files in `snapshot`, each put in force through its handle in `targets`.
-    pub fn new(snapshot: Snapshot, targets: SecretTargets, metrics: SecretReloadMetrics) -> Self {
+    /// The files in `snapshot`, each put in force through its handle in `targets`, read every
+    /// `interval` (which also bounds a read's wait, with [`READ_TIMEOUT`]).
+    pub fn new(
+        snapshot: Snapshot,
+        targets: SecretTargets,
+        metrics: SecretReloadMetrics,
+        interval: Duration,
+    ) -> Self {
         let watched = snapshot
             .files
             .into_iter()
@@ -221,6 +263,7 @@ impl SecretFiles {
                     path,
                     in_force,
                     problem: None,
+                    pending: None,
                     target,
                 })
             })
@@ -229,6 +272,7 @@ impl SecretFiles {
             watched,
             from_environment: snapshot.from_environment,
             metrics,
+            read_timeout: READ_TIMEOUT.min(interval),
         }
     }
 
@@ -246,17 +290,18 @@ impl SecretFiles {
     /// documentation).
     pub async fn check(&mut self) {
         for watched in &mut self.watched {
-            watched.check(&self.metrics).await;
+            watched.check(&self.metrics, self.read_timeout).await;
         }
     }
 }
 
 impl Watched {
-    async fn check(&mut self, metrics: &SecretReloadMetrics) {
-        let read = secret_file::read(&self.path);
+    async fn check(&mut self, metrics: &SecretReloadMetrics, timeout: Duration) {
+        let read = self.read(timeout).await;
         let seen = read.as_ref().ok().map(|text| fingerprint(text));
         if seen.is_some() && seen == self.in_force {
             if self.problem.take().is_some() {
+                metrics.set_failing(self.secret, false);
                 tracing::info!(secret = self.secret.label(), key = self.secret.file_key(), path = %self.path.display(), "secret file holds the value in force again");
             }
             return;
@@ -269,10 +314,12 @@ impl Watched {
             Ok(()) => {
                 self.in_force = seen;
                 self.problem = None;
+                metrics.set_failing(self.secret, false);
                 metrics.count(self.secret, ReloadResult::Reloaded);
                 tracing::info!(secret = self.secret.label(), key = self.secret.file_key(), path = %self.path.display(), "secret reloaded");
             }
             Err(problem) => {
+                metrics.set_failing(self.secret, true);
                 if self.problem.as_deref() != Some(problem.as_str()) {
                     metrics.count(self.secret, ReloadResult::Failed);
                     tracing::warn!(
@@ -284,6 +331,26 @@ impl Watched {
                     );
                     self.problem = Some(problem);
                 }
+            }
+        }
+    }
+
+    /// The file's content, read on a blocking thread and waited for at most `timeout`; a read
+    /// still running from an earlier check is waited on instead of starting another.
+    async fn read(&mut self, timeout: Duration) -> Result<String, FileProblem> {
+        let mut reading = match self.pending.take() {
+            Some(reading) => reading,
+            None => {
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || secret_file::read(&path))
+            }
+        };
+        match tokio::time::timeout(timeout, &mut reading).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(_)) => Err(FileProblem::Unreadable("the read failed".to_owned())),
+            Err(_) => {
+                self.pending = Some(reading);
+                Err(FileProblem::TimedOut(timeout))
             }
         }
     }
@@ -309,15 +376,20 @@ mod tests {
             .find(|family| family.name() == "plextera_gateway_secret_reloads_total")
             .expect("exported");
         assert_eq!(reloads.get_metric().len(), 4 * 2);
+        let failing = families
+            .iter()
+            .find(|family| family.name() == "plextera_gateway_secret_file_failing")
+            .expect("exported");
+        assert_eq!(failing.get_metric().len(), 4);
     }
 
-    #[tokio::test]
-    async fn a_changed_key_file_is_put_in_force_once_and_a_bad_one_kept_out() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("api-key");
-        std::fs::write(&path, "first-key\n").expect("write");
+    /// Watches an API key file at `path` (holding "first-key" at start).
+    fn watch_key_file(
+        path: &std::path::Path,
+        interval: Duration,
+    ) -> (SecretFiles, KeyRotation, SecretReloadMetrics) {
         let mut config = Config::default();
-        config.upstream.api_key_file = Some(path.clone());
+        config.upstream.api_key_file = Some(path.to_owned());
         let key = crate::ApiKey::new("first-key").expect("key");
         let upstream = crate::upstream::Upstream::new(
             &config.upstream,
@@ -327,15 +399,48 @@ mod tests {
         )
         .expect("upstream");
         let rotation = upstream.key_rotation();
-        let registry = Registry::new();
-        let metrics = SecretReloadMetrics::new(&registry).expect("metrics");
+        let metrics = SecretReloadMetrics::new(&Registry::new()).expect("metrics");
         let targets = SecretTargets {
             key: rotation.clone(),
             client_tokens: None,
             webhooks: None,
             redis: None,
         };
-        let mut files = SecretFiles::new(Snapshot::take(&config), targets, metrics.clone());
+        let files = SecretFiles::new(Snapshot::take(&config), targets, metrics.clone(), interval);
+        (files, rotation, metrics)
+    }
+
+    /// Releases every read still blocked on the FIFO at `.0`, so a failed test ends rather than
+    /// hangs (the runtime waits for its blocking threads).
+    struct ReleaseReaders(std::path::PathBuf);
+
+    impl Drop for ReleaseReaders {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            /// Linux's O_NONBLOCK: opening a FIFO to write fails at once when no reader waits.
+            const O_NONBLOCK: i32 = 0o4000;
+            for _ in 0..16 {
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(O_NONBLOCK)
+                    .open(&self.0);
+                if opened.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn failing(metrics: &SecretReloadMetrics) -> i64 {
+        metrics.failing.get(SecretName::ApiKey).expect("series").get()
+    }
+
+    #[tokio::test]
+    async fn a_changed_key_file_is_put_in_force_once_and_a_bad_one_kept_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("api-key");
+        std::fs::write(&path, "first-key\n").expect("write");
+        let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_secs(5));
         let counted = |result| {
             grid_get(&metrics.reloads, SecretName::ApiKey, result)
                 .expect("series")
@@ -344,16 +449,87 @@ mod tests {
 
         files.check().await;
         assert_eq!(counted(ReloadResult::Reloaded), 0, "unchanged: nothing to do");
+        assert_eq!(failing(&metrics), 0);
         std::fs::write(&path, "").expect("empty");
         files.check().await;
         files.check().await;
         assert_eq!(counted(ReloadResult::Failed), 1, "one count per distinct problem");
+        assert_eq!(
+            failing(&metrics),
+            1,
+            "still failing after the count stopped moving"
+        );
         let first = crate::ApiKey::new("first-key").expect("key");
         assert!(rotation.sends(&first), "the old key is still in force");
         std::fs::write(&path, "second-key\n").expect("rotate");
         files.check().await;
         files.check().await;
         assert_eq!(counted(ReloadResult::Reloaded), 1);
+        assert_eq!(failing(&metrics), 0, "recovered");
         assert!(rotation.sends(&crate::ApiKey::new("second-key").expect("key")));
+        std::fs::write(&path, "").expect("empty");
+        files.check().await;
+        std::fs::write(&path, "second-key\n").expect("back to the value in force");
+        files.check().await;
+        assert_eq!(failing(&metrics), 0, "back to the value in force: recovered");
+    }
+
+    /// A FIFO stands in for a hung mount: opening it for reading blocks until a writer comes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hung_read_times_out_is_not_started_again_and_is_used_when_it_returns() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("api-key");
+        std::fs::write(&path, "first-key\n").expect("write");
+        let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_millis(200));
+        std::fs::remove_file(&path).expect("remove");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo");
+        let _release = ReleaseReaders(path.clone());
+
+        let started = std::time::Instant::now();
+        files.check().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the check gave up on the read"
+        );
+        assert_eq!(failing(&metrics), 1);
+        assert_eq!(
+            files.watched[0]
+                .problem
+                .as_deref()
+                .map(|p| p.starts_with("was not read within")),
+            Some(true)
+        );
+        files.check().await;
+        assert!(
+            files.watched[0].pending.is_some(),
+            "still waiting on the first read"
+        );
+        assert_eq!(
+            grid_get(&metrics.reloads, SecretName::ApiKey, ReloadResult::Failed)
+                .expect("series")
+                .get(),
+            1,
+            "one problem, counted once"
+        );
+        // The writer releases the one hung read; a second read would still be blocked in open.
+        let writer = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                use std::io::Write;
+                let mut fifo = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .expect("open the FIFO");
+                fifo.write_all(b"third-key\n").expect("write");
+            }
+        });
+        writer.await.expect("writer");
+        files.check().await;
+        assert_eq!(failing(&metrics), 0, "the late read is used");
+        assert!(rotation.sends(&crate::ApiKey::new("third-key").expect("key")));
     }
 }

@@ -7,9 +7,12 @@
 //! starting with `@` is an abstract socket, as systemd documents. Sending never blocks: a
 //! datagram that cannot be sent is logged and dropped (systemd then times the start out, which is
 //! what an operator should see).
+//!
+//! Once `STOPPING=1` is sent, nothing else is: a reload that ends during the drain (a SIGHUP while
+//! stopping) must not tell systemd the service is ready again.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The environment variable naming systemd's notification socket.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -17,7 +20,14 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// Sends state changes to systemd, when it asked for them. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Notifier {
-    socket: Option<Arc<(UnixDatagram, SocketAddr)>>,
+    socket: Option<Arc<Socket>>,
+}
+
+struct Socket {
+    datagram: UnixDatagram,
+    address: SocketAddr,
+    /// Whether `STOPPING=1` was sent; held while sending, so no state can follow it.
+    stopped: Mutex<bool>,
 }
 
 impl Notifier {
@@ -28,8 +38,12 @@ impl Notifier {
             return Self::default();
         };
         match connect(name) {
-            Ok(socket) => Self {
-                socket: Some(Arc::new(socket)),
+            Ok((datagram, address)) => Self {
+                socket: Some(Arc::new(Socket {
+                    datagram,
+                    address,
+                    stopped: Mutex::new(false),
+                })),
             },
             Err(error) => {
                 tracing::warn!(%error, socket = name, "cannot use $NOTIFY_SOCKET: systemd is not told when the gateway is ready");
@@ -54,17 +68,29 @@ impl Notifier {
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={now}"));
     }
 
-    /// Shutdown begins.
+    /// Shutdown begins: the last state sent.
     pub fn stopping(&self) {
-        self.send("STOPPING=1");
+        self.send_and_stop("STOPPING=1", true);
     }
 
     fn send(&self, state: &str) {
+        self.send_and_stop(state, false);
+    }
+
+    /// Sends `state` unless `STOPPING=1` was sent; `stop`: this is that state.
+    fn send_and_stop(&self, state: &str, stop: bool) {
         let Some(socket) = &self.socket else {
             return;
         };
-        let (datagram, address) = socket.as_ref();
-        if let Err(error) = datagram.send_to_addr(state.as_bytes(), address) {
+        let mut stopped = socket
+            .stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *stopped {
+            return;
+        }
+        *stopped = stop;
+        if let Err(error) = socket.datagram.send_to_addr(state.as_bytes(), &socket.address) {
             tracing::warn!(%error, "cannot notify systemd");
         }
     }
@@ -113,9 +139,16 @@ mod tests {
         let receiver =
             UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("addr"))
                 .expect("bind");
-        Notifier::new(Some(&format!("@{name}"))).stopping();
+        let notifier = Notifier::new(Some(&format!("@{name}")));
+        notifier.stopping();
         let length = receiver.recv(&mut buffer).expect("a datagram");
         assert_eq!(&buffer[..length], b"STOPPING=1");
+        // A reload that ends during the drain says nothing more.
+        notifier.reloading();
+        notifier.ready();
+        notifier.stopping();
+        receiver.set_nonblocking(true).expect("nonblocking");
+        assert!(receiver.recv(&mut buffer).is_err(), "nothing after STOPPING=1");
         // Not under systemd: nothing to do, nothing fails.
         Notifier::new(None).ready();
     }
