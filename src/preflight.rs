@@ -4,18 +4,15 @@
 //!
 //! It builds what can be built without a socket, exactly as the parts do: the upstream client's
 //! TLS set-up with `upstream.ca_file` (read and parsed), the Redis connection settings from
-//! `cache.shared.url` and the password, and the OTLP traces URL from `telemetry.otlp_endpoint`.
+//! `cache.shared.url` and the password, and the OTLP traces URL from `telemetry.otlp_endpoint`
+//! with the collector's TLS set-up (`telemetry.ca_file`).
 //! It must not connect, bind or spawn anything: a config is checked where no Redis or collector
 //! is reachable.
 
-use redis::IntoConnectionInfo;
 use secrecy::ExposeSecret;
 
 use crate::config::secrets::Secrets;
 use crate::config::{Config, ConfigError, report};
-
-/// Where OTLP/HTTP traces are sent under the collector's base URL (`ops::spans` adds the same).
-const OTLP_TRACES_PATH: &str = "/v1/traces";
 
 /// Every check start-up makes that [`Config::validate`] and [`Secrets::load`] do not, each
 /// failing with one line naming the config key.
@@ -32,6 +29,7 @@ pub fn preflight(config: &Config, secrets: &Secrets) -> Result<(), ConfigError> 
     }
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         otlp_traces_url(endpoint)?;
+        crate::upstream::tls::tls_config_for("telemetry.ca_file", config.telemetry.ca_file.as_deref())?;
     }
     Ok(())
 }
@@ -44,17 +42,12 @@ fn redis_client(url: &str, password: Option<&str>) -> Result<redis::Client, Conf
             format_args!("cannot be used ({:?})", error.kind()),
         ))
     };
-    let mut info = url.into_connection_info().map_err(invalid)?;
-    if let Some(password) = password {
-        let settings = info.redis_settings().clone().set_password(password);
-        info = info.set_redis_settings(settings);
-    }
-    redis::Client::open(info).map_err(invalid)
+    crate::cache::redis::client_for(url, password).map_err(invalid)
 }
 
 /// The URL spans are exported to, as the OTLP exporter parses it.
 fn otlp_traces_url(endpoint: &str) -> Result<http::Uri, ConfigError> {
-    format!("{}{OTLP_TRACES_PATH}", endpoint.trim_end_matches('/'))
+    crate::ops::spans::traces_url(endpoint)
         .parse::<http::Uri>()
         .map_err(|error| {
             ConfigError::Invalid(report::about(
@@ -82,6 +75,17 @@ mod tests {
         config.upstream.ca_file = Some(garbage);
         let garbage = preflight(&config, &secrets).expect_err("garbage").to_string();
         assert!(garbage.contains("upstream.ca_file"), "{garbage}");
+    }
+
+    #[test]
+    fn a_collector_ca_file_that_cannot_be_read_is_refused_naming_its_key() {
+        let secrets = Secrets::key_only(crate::ApiKey::new("k").expect("key"));
+        let mut config = Config::default();
+        config.telemetry.otlp_endpoint = Some("https://otel:4318".to_owned());
+        assert!(preflight(&config, &secrets).is_ok());
+        config.telemetry.ca_file = Some("/nonexistent/collector-ca.pem".into());
+        let refused = preflight(&config, &secrets).expect_err("unreadable").to_string();
+        assert!(refused.contains("telemetry.ca_file"), "{refused}");
     }
 
     #[test]

@@ -108,6 +108,12 @@ pub struct ClientSpan {
     exported: Option<Box<opentelemetry_sdk::trace::Span>>,
 }
 
+/// Where spans are posted under the collector's base URL: `<otlp_endpoint>/v1/traces`. Also
+/// parsed by `--check-config` ([`crate::preflight`]).
+pub(crate) fn traces_url(endpoint: &str) -> String {
+    format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+}
+
 impl Spans {
     /// Spans as `[telemetry]` says: exported when `otlp_endpoint` is set, their export counted in
     /// series registered nowhere (see [`Spans::registered`]). Call within the Tokio runtime:
@@ -148,7 +154,7 @@ impl Spans {
             );
             return Ok(unexported);
         };
-        let traces_url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let traces_url = traces_url(endpoint);
         let processor = match span_export::processor(traces_url, runtime, tls, metrics()?) {
             Ok(processor) => processor,
             Err(error) => {

@@ -49,15 +49,21 @@ impl Connections {
         password: Option<String>,
         manager_config: &ConnectionManagerConfig,
     ) -> redis::RedisResult<Self> {
-        let mut info = url.into_connection_info()?;
-        if let Some(password) = password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info)?;
+        let client = client_for(url, password.as_deref())?;
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         Ok(Self { manager, client })
     }
+}
+
+/// The Redis client for `url` with `password`, no connection made: what the tier opens, and what
+/// `--check-config` builds to check `cache.shared.url` ([`crate::preflight`]).
+pub(crate) fn client_for(url: &str, password: Option<&str>) -> redis::RedisResult<redis::Client> {
+    let mut info = url.into_connection_info()?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info)
 }
 
 /// Why a rotated Redis password was not taken into use (the current one is kept).
