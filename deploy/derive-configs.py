@@ -87,6 +87,9 @@ container = derive(
         ('# ca_file = "/etc/plextera-gateway/ca.pem"',
          '# container: a CA bundle can be an item of the same Secret.\n'
          f'# ca_file = "{SECRET_DIR}/ca.pem"'),
+        ('# ca_file = "/etc/plextera-gateway/collector-ca.pem"',
+         '# container: the collector\'s CA can be an item of the same Secret.\n'
+         f'# ca_file = "{SECRET_DIR}/collector-ca.pem"'),
     ],
 )
 host = derive(
