@@ -165,8 +165,8 @@ where
             request_id = request_id.to_str().unwrap_or_default(),
             trace_id = %server.context.trace_id,
             span_id = %server.context.span_id,
-            "http.request.method" = %method,
-            "url.path" = %path,
+            "http.request.method" = method.text().as_ref(),
+            "url.path" = path.text().as_ref(),
             run_id = tracing::field::Empty,
             "plextera.cache" = tracing::field::Empty,
             "plextera.upstream.duration" = tracing::field::Empty,
@@ -250,7 +250,8 @@ where
                     "network.protocol.version" = finish.protocol,
                     "user_agent.original" = user_agent
                         .as_deref()
-                        .map(|agent| tracing::field::display(Bounded(agent, MAX_LOGGED_USER_AGENT))),
+                        .map(|agent| Bounded(agent, MAX_LOGGED_USER_AGENT).text())
+                        .as_deref(),
                     "served"
                 );
             }
@@ -283,6 +284,20 @@ fn is_runs_path(path: &str) -> bool {
 /// cannot make one log line as long as its request head.
 #[derive(Clone, Copy)]
 struct Bounded<'a>(&'a str, usize);
+
+impl<'a> Bounded<'a> {
+    /// As a string field (copied only when over the bound): the text log format then quotes and
+    /// escapes it, so a client's `"` or `key=value` cannot forge fields of the line, and JSON
+    /// writes it as a string.
+    fn text(self) -> std::borrow::Cow<'a, str> {
+        let Self(text, bound) = self;
+        if text.len() <= bound {
+            std::borrow::Cow::Borrowed(text)
+        } else {
+            std::borrow::Cow::Owned(self.to_string())
+        }
+    }
+}
 
 impl std::fmt::Display for Bounded<'_> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -343,6 +358,52 @@ mod tests {
                 "{id}"
             );
         }
+    }
+
+    /// A `MakeWriter` into a shared buffer, for reading what the text format wrote.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clients_quotes_and_key_value_pairs_cannot_forge_fields_of_a_text_line() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let inner = tower::service_fn(|_request: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Body::new(Bytes::from_static(b"{}"), None)))
+        });
+        let mut service = RequestLogLayer::default().layer(inner);
+        let forged = r#"evil" http.response.status_code=200 fake=1"#;
+        let request = Request::get(r#"/api/public/v1/workflow-runs/x"y=1"#.replace('"', "%22"))
+            .header(USER_AGENT, forged)
+            .body(())
+            .expect("request");
+        service.call(request).await.expect("answered");
+        let output = String::from_utf8(captured.0.lock().expect("buffer").clone()).expect("utf-8");
+        let line = output
+            .lines()
+            .find(|line| line.contains("served"))
+            .unwrap_or_else(|| panic!("an access line in {output:?}"));
+        assert!(
+            line.contains(r#"user_agent.original="evil\" http.response.status_code=200 fake=1""#),
+            "the user agent is one quoted, escaped value: {line}"
+        );
+        assert_eq!(line.matches("http.response.status_code=").count(), 2, "{line}");
+        assert!(!line.contains(" fake=1 "), "{line}");
     }
 
     #[test]
