@@ -316,7 +316,7 @@ async fn a_sighup_during_the_drain_tells_systemd_nothing_after_stopping() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_key_file_whose_read_hangs_is_warned_about_while_serving_goes_on() {
+async fn a_fifo_at_the_key_path_is_refused_at_once_and_a_good_file_after_it_is_used() {
     let mock = MockUpstream::start().await;
     mock.set("live", Reply::run("live", "PROCESSING"));
     let dir = tempfile::tempdir().expect("temp dir");
@@ -328,24 +328,26 @@ async fn a_key_file_whose_read_hangs_is_warned_about_while_serving_goes_on() {
         &format!("api_key_file = {}", toml_path(&key_file)),
         "",
     );
-    let mut gateway = GatewayProcess::start(&["--config", &write_config(dir.path(), &text)], &[]);
+    let config = write_config(dir.path(), &text);
+    let mut gateway = GatewayProcess::start(&["--config", &config], &[]);
     let failing = |scrape: support::prom::Scrape| {
         scrape.value("plextera_gateway_secret_file_failing", &[("secret", "api_key")])
     };
     assert_eq!(failing(gateway.scrape().await), Some(0.0));
 
-    // A FIFO stands in for a hung mount: opening it to read blocks until a writer comes, and none does.
-    std::fs::remove_file(&key_file).expect("remove");
+    // A FIFO would block a plain open until some writer came (and, once renamed away, forever).
+    let fifo = dir.path().join("fifo");
     let made = std::process::Command::new("mkfifo")
-        .arg(&key_file)
+        .arg(&fifo)
         .status()
         .expect("mkfifo runs");
     assert!(made.success(), "mkfifo");
-    support::eventually("the hung read is warned about", || async {
+    std::fs::rename(&fifo, &key_file).expect("FIFO over the key file");
+    support::eventually("the FIFO is refused", || async {
         gateway
             .logs()
             .lines()
-            .any(|line| line.contains("was not read within") && line.contains("upstream.api_key_file"))
+            .any(|line| line.contains("is not a regular file") && line.contains("upstream.api_key_file"))
     })
     .await;
     // Serving goes on, with the key in force, and the gauge says the file is failing.
@@ -355,12 +357,30 @@ async fn a_key_file_whose_read_hangs_is_warned_about_while_serving_goes_on() {
         Some(format!("api-key {OLD_KEY}"))
     );
     assert_eq!(failing(gateway.scrape().await), Some(1.0));
-    // Still hung: the process exits anyway once drained.
+    // --check-config on the same config answers at once, naming the key, rather than hanging.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_plextera-gateway"))
+        .args(["--config", &config, "--check-config"])
+        .output()
+        .expect("run --check-config");
+    assert_eq!(check.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("upstream.api_key_file"));
+
+    // A good file renamed over the FIFO is used: nothing is left stuck on the FIFO.
+    let staged = dir.path().join("staged");
+    std::fs::write(&staged, NEW_KEY).expect("stage");
+    std::fs::rename(&staged, &key_file).expect("rename over the FIFO");
+    let new_header = format!("api-key {NEW_KEY}");
+    support::eventually("the new key is sent", || async {
+        gateway.get_run("live").await.status == StatusCode::OK
+            && keys_seen(&mock).last().map(|(key, _)| key.clone()) == Some(new_header.clone())
+    })
+    .await;
+    assert_eq!(failing(gateway.scrape().await), Some(0.0));
     assert_eq!(gateway.terminate().code(), Some(0), "{}", gateway.logs());
     let warnings = gateway
         .logs()
         .lines()
-        .filter(|line| line.contains("was not read within"))
+        .filter(|line| line.contains("is not a regular file"))
         .count();
     assert_eq!(warnings, 1, "warned once: {}", gateway.logs());
 }

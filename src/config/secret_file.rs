@@ -69,6 +69,8 @@ pub enum FileProblem {
     Unreadable(String),
     #[error("was not read within {0:?} (a hung mount?): not read again until that read returns")]
     TimedOut(std::time::Duration),
+    #[error("is not a regular file (a directory, a FIFO, a device…)")]
+    NotAFile,
     #[error("is larger than {MAX_SECRET_FILE_BYTES} bytes")]
     TooLarge,
     #[error("is not UTF-8 text")]
@@ -82,9 +84,22 @@ pub enum FileProblem {
 }
 
 /// The whole file at `path`, read through any symlinks (a Kubernetes Secret volume's files are
-/// links through `..data`), at most [`MAX_SECRET_FILE_BYTES`].
+/// links through `..data`), at most [`MAX_SECRET_FILE_BYTES`]. Only a regular file is read: it is
+/// opened non-blocking and checked first, so a FIFO put at the path (which would block the open
+/// until some writer came, start-up and `--check-config` included) is refused at once.
 pub fn read(path: &Path) -> Result<String, FileProblem> {
-    let file = std::fs::File::open(path).map_err(|error| FileProblem::Unreadable(error.to_string()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|error| FileProblem::Unreadable(error.to_string()))?;
+    let metadata = file
+        .metadata()
+        .map_err(|error| FileProblem::Unreadable(error.to_string()))?;
+    if !metadata.is_file() {
+        return Err(FileProblem::NotAFile);
+    }
     let mut bytes = Vec::new();
     file.take(MAX_SECRET_FILE_BYTES + 1)
         .read_to_end(&mut bytes)

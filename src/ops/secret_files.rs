@@ -23,7 +23,7 @@
 //!
 //! What this module must not do: log, count or return any secret's content.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prometheus::{IntGauge, IntGaugeVec, Registry};
@@ -205,6 +205,8 @@ struct Watched {
     /// starting another.
     pending: Option<tokio::task::JoinHandle<Result<String, FileProblem>>>,
     target: Target,
+    /// Reads the file: [`secret_file::read`]; the tests put a read that hangs here.
+    read_file: fn(&Path) -> Result<String, FileProblem>,
 }
 
 enum Target {
@@ -265,6 +267,7 @@ impl SecretFiles {
                     problem: None,
                     pending: None,
                     target,
+                    read_file: secret_file::read,
                 })
             })
             .collect();
@@ -342,7 +345,8 @@ impl Watched {
             Some(reading) => reading,
             None => {
                 let path = self.path.clone();
-                tokio::task::spawn_blocking(move || secret_file::read(&path))
+                let read_file = self.read_file;
+                tokio::task::spawn_blocking(move || read_file(&path))
             }
         };
         match tokio::time::timeout(timeout, &mut reading).await {
@@ -474,13 +478,43 @@ mod tests {
         assert_eq!(failing(&metrics), 0, "back to the value in force: recovered");
     }
 
-    /// A FIFO stands in for a hung mount: opening it for reading blocks until a writer comes.
+    /// A blocking read of a FIFO stands in for a hung mount: opening a FIFO for reading blocks
+    /// until a writer comes. (The gateway's own read refuses a FIFO at once: see
+    /// `a_fifo_is_refused_at_once`.)
+    fn read_blocking(path: &Path) -> Result<String, FileProblem> {
+        std::fs::read_to_string(path).map_err(|error| FileProblem::Unreadable(error.to_string()))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fifo_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("api-key");
+        std::fs::write(&path, "first-key\n").expect("write");
+        let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_secs(30));
+        std::fs::remove_file(&path).expect("remove");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo");
+        let _release = ReleaseReaders(path.clone());
+        files.check().await;
+        assert_eq!(failing(&metrics), 1);
+        assert_eq!(
+            files.watched[0].problem.as_deref(),
+            Some(FileProblem::NotAFile.to_string().as_str())
+        );
+        assert!(files.watched[0].pending.is_none(), "no read left hanging");
+        assert!(rotation.sends(&crate::ApiKey::new("first-key").expect("key")));
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_hung_read_times_out_is_not_started_again_and_is_used_when_it_returns() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("api-key");
         std::fs::write(&path, "first-key\n").expect("write");
         let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_millis(200));
+        files.watched[0].read_file = read_blocking;
         std::fs::remove_file(&path).expect("remove");
         let made = std::process::Command::new("mkfifo")
             .arg(&path)
