@@ -18,6 +18,15 @@ async fn health_and_readiness_live_on_the_admin_port_only() {
     let ready = gateway.admin_get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(gateway.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
+    let admin = |method: Method, path: &'static str| {
+        let url = format!("http://{}{path}", gateway.admin);
+        async move { TestClient::new().send(method, &url, &[]).await }
+    };
+    // A path that is not there is 404 whatever the method; one that is, 405 with what it takes.
+    assert_eq!(admin(Method::DELETE, "/nope").await.status, StatusCode::NOT_FOUND);
+    let wrong_method = admin(Method::POST, "/healthz").await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.header("allow"), Some("GET, HEAD"));
     assert_eq!(
         gateway.send(Method::GET, "/healthz", &[]).await.status,
         StatusCode::NOT_FOUND

@@ -60,7 +60,8 @@ pub async fn handle<B>(request: Request<B>, state: AdminState) -> Result<Respons
     if let Some((scope, raw_id)) = purge::target(request.uri().path()) {
         return Ok(purge::handle(request.method(), scope, raw_id, &state.watches).await);
     }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    let known = matches!(request.uri().path(), "/healthz" | "/metrics" | "/readyz");
+    if known && request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = json(
             StatusCode::METHOD_NOT_ALLOWED,
             error_body(
