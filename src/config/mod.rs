@@ -1437,6 +1437,17 @@ mod tests {
         let message = parse_error("[upstream]\napi_key = \"sk-live-x\"\n");
         assert!(message.contains("api_key_env"), "{message}");
         assert!(!message.contains("sk-live-x"), "{message}");
+        // A long value of the wrong type or variant, which serde's messages quote, is bounded too.
+        let long = "sk_live_0123456789abcdefghijklmnopqrstuvwxyz";
+        for line in [
+            format!("[telemetry]\naccess_log = \"{long}\"\n"),
+            format!("[telemetry]\nsample_ratio = \"{long}\"\n"),
+            format!("[server]\nmax_connections = \"{long}\"\n"),
+        ] {
+            let message = parse_error(&line);
+            assert!(!message.contains("0123456789abcdef"), "{message}");
+            assert!(message.contains("(44 characters)"), "{message}");
+        }
     }
 
     #[test]

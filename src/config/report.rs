@@ -146,10 +146,47 @@ pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
             )
         );
     }
+    let message = bound_quoted(&message);
     match path {
         Some(key) => format!("{location}{}", about(&key, message)),
         None => format!("{location}{message}"),
     }
+}
+
+/// `message` with every value it quotes (serde's ``unknown variant `…` `` or `invalid type:
+/// string "…"` repeat what the file says) bounded as [`shown`] bounds it, so a secret pasted as a
+/// value of the wrong type is not repeated whole either.
+fn bound_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        // The closing quote: the next one not escaped by a backslash (serde writes strings with
+        // Rust's escapes).
+        let mut escaped = false;
+        let close = after.char_indices().find_map(|(at, character)| {
+            let closes = character == quote && !escaped;
+            escaped = character == '\\' && !escaped;
+            closes.then_some(at)
+        });
+        let Some(close) = close else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let quoted = &after[..close];
+        if quoted.chars().count() > MAX_SHOWN_VALUE {
+            out.push_str(&shown(quoted));
+        } else {
+            out.push(quote);
+            out.push_str(quoted);
+            out.push(quote);
+        }
+        rest = &after[close + quote.len_utf8()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// For toml's "unknown field `x`, expected one of …": the key is repeated only when it is a near
@@ -241,6 +278,25 @@ mod tests {
             shown("pk_test_5uPerSecretKey0123456789"),
             "\"pk_test_\"… (32 characters)"
         );
+    }
+
+    #[test]
+    fn values_serde_quotes_are_bounded_and_short_ones_kept() {
+        let secret = "sk_live_0123456789abcdefghijklmnopqrstuvwxyz";
+        let variant = format!("unknown variant `{secret}`, expected one of `all`, `off`");
+        let bounded = bound_quoted(&variant);
+        assert!(!bounded.contains("0123456789abcdef"), "{bounded}");
+        assert!(
+            bounded.contains("(44 characters)") && bounded.contains("`all`"),
+            "{bounded}"
+        );
+        let typed = format!("invalid type: string \"{secret}\", expected a float");
+        assert!(!bound_quoted(&typed).contains("0123456789abcdef"));
+        assert_eq!(
+            bound_quoted("invalid type: string \"abc\""),
+            "invalid type: string \"abc\""
+        );
+        assert_eq!(bound_quoted("odd ` quote"), "odd ` quote");
     }
 
     #[test]
