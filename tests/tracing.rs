@@ -371,6 +371,88 @@ async fn failed_exports_are_counted_and_warned_about_once_a_minute() {
     );
 }
 
+/// A collector that answers the first export on each connection `200` (keeping the connection,
+/// no `Connection: close`) and closes the connection, unanswered, when the next export arrives on
+/// it: a kept-alive connection closed just as a batch is sent, as behind an idle-timeout proxy.
+/// Returns its address and the count of exports it answered.
+async fn closing_collector() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                for answered in [true, false] {
+                    let mut received = Vec::new();
+                    let mut buffer = [0u8; 16 * 1024];
+                    loop {
+                        let Ok(read) = stream.read(&mut buffer).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        received.extend_from_slice(&buffer[..read]);
+                        let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .and_then(|value| value.trim().parse().ok())
+                            .unwrap_or(0);
+                        if received.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    if !answered {
+                        return; // closed, unanswered
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                }
+            });
+        }
+    });
+    (address, taken)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_closing_its_connections_loses_no_batch() {
+    let (collector, taken) = closing_collector().await;
+    let mock = MockUpstream::start().await;
+    mock.set("run_1", Reply::run("run_1", "QUEUED"));
+    let (gateway, _dir) = gateway_with(&mock, &format!("otlp_endpoint = \"http://{collector}\""));
+    // Three rounds, each exported before the next: rounds two and three go out on a kept-alive
+    // connection that closes as they arrive.
+    for round in 1..=3 {
+        for _ in 0..5 {
+            assert_eq!(get(&gateway, "run_1", &[]).await.status, StatusCode::OK);
+        }
+        eventually(&format!("round {round}'s spans are exported"), || async {
+            scrape(&gateway)
+                .await
+                .expect("plextera_gateway_spans_exported_total", &[])
+                >= f64::from(10 * round)
+        })
+        .await;
+    }
+    assert!(taken.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    let scrape = scrape(&gateway).await;
+    assert_eq!(scrape.expect(DROPPED, &[("reason", "export_failed")]), 0.0);
+    assert!(
+        !gateway.logs().contains("spans cannot be exported"),
+        "{}",
+        gateway.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_export_queue_drops_spans_and_never_slows_a_request() {
     // Bound but never accepting: connections complete in the kernel, exports never get an answer

@@ -5,8 +5,10 @@
 //! The queue holds at most [`MAX_QUEUE`] spans, counting those waiting and those in an export
 //! still running: a span that finds it full is dropped at once (the request that ended it never
 //! waits on the collector) and counted as `plextera_gateway_spans_dropped_total{reason="queue_full"}`.
-//! An export that fails (refused, timed out after [`EXPORT_TIMEOUT`], an error status) is not
-//! retried: its spans count as `reason="export_failed"`, and a warning is logged at most once per
+//! An export that fails below HTTP is sent once more on a fresh connection (a collector may close
+//! a kept-alive connection just as a batch goes out on it); one that still fails (refused, timed
+//! out after [`EXPORT_TIMEOUT`], an error status) is not retried again: its spans count as
+//! `reason="export_failed"`, and a warning is logged at most once per
 //! [`WARNING_INTERVAL`] while exports fail, with the cause and no header value (the endpoint
 //! holds no credentials: the config check refuses them). These series are registered only when
 //! export is on: without it none of them could move.
@@ -243,7 +245,6 @@ impl CountedExporter {
         let Ok(mut warnings) = self.warnings.lock() else {
             return;
         };
-        warnings.failing = true;
         warnings.dropped_since += spans;
         if warnings
             .last
@@ -251,6 +252,9 @@ impl CountedExporter {
         {
             return;
         }
+        // Only a failure that was warned about gets its recovery logged: both at most once a
+        // minute, however often a collector drops a connection.
+        warnings.failing = true;
         tracing::warn!(
             error,
             cause = cause.unwrap_or("none given"),
@@ -316,7 +320,21 @@ impl opentelemetry_http::HttpClient for ExportClient {
     ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
         let client = self.client.clone();
         let exchange = async move {
-            let response = client.request(request.map(Full::new)).await?;
+            // Once more on a fresh connection when the exchange failed below HTTP: a collector
+            // may close a kept-alive connection just as a batch is sent on it (the upstream client
+            // does the same). A batch a collector did take twice is a duplicate, not a loss.
+            let (parts, body) = request.into_parts();
+            let resend = || {
+                let mut again = http::Request::new(Full::new(body.clone()));
+                *again.method_mut() = parts.method.clone();
+                *again.uri_mut() = parts.uri.clone();
+                *again.headers_mut() = parts.headers.clone();
+                again
+            };
+            let response = match client.request(resend()).await {
+                Ok(response) => response,
+                Err(_) => client.request(resend()).await?,
+            };
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
