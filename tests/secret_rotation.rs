@@ -207,25 +207,57 @@ async fn a_key_rotated_as_kubernetes_updates_a_secret_fails_no_request() {
     assert_never_logged(&gateway, &[OLD_KEY, NEW_KEY]);
 }
 
+/// An abstract datagram socket standing in for systemd's `$NOTIFY_SOCKET`, as systemd may hand
+/// one out.
+struct NotifySocket {
+    name: String,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind(tag: &str) -> Self {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let name = format!("plextera-gateway-{tag}-{}", std::process::id());
+        let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("addr"))
+            .expect("bind the notify socket");
+        socket.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        Self { name, socket }
+    }
+
+    /// The value of `$NOTIFY_SOCKET` that names it.
+    fn address(&self) -> String {
+        format!("@{}", self.name)
+    }
+
+    /// The next state sent, waited for at most [`PATIENCE`].
+    fn next_state(&self) -> String {
+        let mut buffer = [0u8; 512];
+        let length = self.socket.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..length]).into_owned()
+    }
+
+    /// Every state sent and not read yet, without waiting.
+    fn waiting_states(&self) -> Vec<String> {
+        self.socket.set_nonblocking(true).expect("nonblocking");
+        let mut buffer = [0u8; 512];
+        std::iter::from_fn(|| {
+            let length = self.socket.recv(&mut buffer).ok()?;
+            Some(String::from_utf8_lossy(&buffer[..length]).into_owned())
+        })
+        .collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_rereads_at_once_and_systemd_hears_ready_reloading_and_stopping() {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
     let mock = MockUpstream::start().await;
     mock.set("live", Reply::run("live", "PROCESSING"));
     let dir = tempfile::tempdir().expect("temp dir");
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, OLD_KEY).expect("write key");
-    // An abstract socket, as systemd may hand out.
-    let name = format!("plextera-gateway-notify-{}", std::process::id());
-    let notify = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("addr"))
-        .expect("bind the notify socket");
-    notify.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let next_state = || {
-        let mut buffer = [0u8; 512];
-        let length = notify.recv(&mut buffer).expect("a notification");
-        String::from_utf8_lossy(&buffer[..length]).into_owned()
-    };
+    let notify = NotifySocket::bind("notify");
+    let next_state = || notify.next_state();
     let text = config_text(
         &mock,
         "secrets_check_interval = \"1h\"",
@@ -234,7 +266,7 @@ async fn sighup_rereads_at_once_and_systemd_hears_ready_reloading_and_stopping()
     );
     let mut gateway = GatewayProcess::start(
         &["--config", &write_config(dir.path(), &text)],
-        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+        &[("NOTIFY_SOCKET", &notify.address())],
     );
     assert_eq!(next_state(), "READY=1");
     let last_key = || keys_seen(&mock).last().map(|(key, _)| key.clone());
@@ -260,23 +292,14 @@ async fn sighup_rereads_at_once_and_systemd_hears_ready_reloading_and_stopping()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sighup_during_the_drain_tells_systemd_nothing_after_stopping() {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
     let mock = MockUpstream::start().await;
     let gate = support::Gate::new();
     mock.set("slow", Reply::run("slow", "COMPLETED").gated(&gate));
     let dir = tempfile::tempdir().expect("temp dir");
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, OLD_KEY).expect("write key");
-    let name = format!("plextera-gateway-drain-notify-{}", std::process::id());
-    let notify = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("addr"))
-        .expect("bind the notify socket");
-    notify.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let next_state = || {
-        let mut buffer = [0u8; 512];
-        let length = notify.recv(&mut buffer).expect("a notification");
-        String::from_utf8_lossy(&buffer[..length]).into_owned()
-    };
+    let notify = NotifySocket::bind("drain-notify");
+    let next_state = || notify.next_state();
     let text = config_text(
         &mock,
         "secrets_check_interval = \"1h\"",
@@ -285,7 +308,7 @@ async fn a_sighup_during_the_drain_tells_systemd_nothing_after_stopping() {
     );
     let mut gateway = GatewayProcess::start(
         &["--config", &write_config(dir.path(), &text)],
-        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+        &[("NOTIFY_SOCKET", &notify.address())],
     );
     assert_eq!(next_state(), "READY=1");
 
@@ -304,13 +327,7 @@ async fn a_sighup_during_the_drain_tells_systemd_nothing_after_stopping() {
     gate.open();
     assert_eq!(in_flight.await.expect("client task").status, StatusCode::OK);
     assert_eq!(gateway.wait().code(), Some(0));
-    notify.set_nonblocking(true).expect("nonblocking");
-    let mut buffer = [0u8; 512];
-    let after: Vec<String> = std::iter::from_fn(|| {
-        let length = notify.recv(&mut buffer).ok()?;
-        Some(String::from_utf8_lossy(&buffer[..length]).into_owned())
-    })
-    .collect();
+    let after = notify.waiting_states();
     assert!(after.is_empty(), "nothing after STOPPING=1: {after:?}");
     assert_never_logged(&gateway, &[OLD_KEY, NEW_KEY]);
 }

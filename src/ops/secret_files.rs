@@ -435,6 +435,17 @@ mod tests {
         }
     }
 
+    /// Replaces the file at `path` by a FIFO; the guard releases any read left blocked on it.
+    fn fifo_in_place_of(path: &Path) -> ReleaseReaders {
+        std::fs::remove_file(path).expect("remove");
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo");
+        ReleaseReaders(path.to_owned())
+    }
+
     fn failing(metrics: &SecretReloadMetrics) -> i64 {
         metrics.failing.get(SecretName::ApiKey).expect("series").get()
     }
@@ -491,13 +502,7 @@ mod tests {
         let path = dir.path().join("api-key");
         std::fs::write(&path, "first-key\n").expect("write");
         let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_secs(30));
-        std::fs::remove_file(&path).expect("remove");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&path)
-            .status()
-            .expect("mkfifo runs");
-        assert!(made.success(), "mkfifo");
-        let _release = ReleaseReaders(path.clone());
+        let _release = fifo_in_place_of(&path);
         files.check().await;
         assert_eq!(failing(&metrics), 1);
         assert_eq!(
@@ -515,13 +520,7 @@ mod tests {
         std::fs::write(&path, "first-key\n").expect("write");
         let (mut files, rotation, metrics) = watch_key_file(&path, Duration::from_millis(200));
         files.watched[0].read_file = read_blocking;
-        std::fs::remove_file(&path).expect("remove");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&path)
-            .status()
-            .expect("mkfifo runs");
-        assert!(made.success(), "mkfifo");
-        let _release = ReleaseReaders(path.clone());
+        let _release = fifo_in_place_of(&path);
 
         let started = std::time::Instant::now();
         files.check().await;

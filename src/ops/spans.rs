@@ -226,16 +226,17 @@ impl Spans {
             .span_builder(name)
             .with_kind(SpanKind::Server)
             .with_attributes(attributes);
-        let context = match parent {
-            Some(parent) => Context::new().with_remote_span_context(otel_context(
-                parent.trace_id,
-                parent.span_id,
-                parent.sampled,
-                true,
-                parent.state.as_ref(),
-            )),
-            None => Context::new(),
-        };
+        let context = parent_context(
+            parent.map(|parent| {
+                (
+                    parent.trace_id,
+                    parent.span_id,
+                    parent.sampled,
+                    parent.state.as_ref(),
+                )
+            }),
+            true,
+        );
         let span = export.tracer.build_with_context(builder, &context);
         ServerSpan {
             context: from_otel(span.span_context(), state),
@@ -274,16 +275,17 @@ impl Spans {
                 KeyValue::new("server.address", server.to_owned()),
                 KeyValue::new("server.port", i64::from(port)),
             ]);
-        let context = match parent {
-            Some(parent) => Context::new().with_remote_span_context(otel_context(
-                parent.trace_id,
-                parent.span_id,
-                parent.sampled,
-                false,
-                parent.state.as_ref(),
-            )),
-            None => Context::new(),
-        };
+        let context = parent_context(
+            parent.map(|parent| {
+                (
+                    parent.trace_id,
+                    parent.span_id,
+                    parent.sampled,
+                    parent.state.as_ref(),
+                )
+            }),
+            false,
+        );
         let span = export.tracer.build_with_context(builder, &context);
         ClientSpan {
             context: from_otel(span.span_context(), state),
@@ -345,6 +347,20 @@ impl ClientSpan {
             span.set_status(Status::error(error));
         }
         span.end();
+    }
+}
+
+/// The SDK context a new span starts in: its parent's ids, flags and `tracestate` (`remote`: the
+/// client's span, not one of ours), or none for the root of a trace.
+fn parent_context(
+    parent: Option<(TraceId, SpanId, bool, Option<&http::HeaderValue>)>,
+    remote: bool,
+) -> Context {
+    match parent {
+        Some((trace_id, span_id, sampled, state)) => {
+            Context::new().with_remote_span_context(otel_context(trace_id, span_id, sampled, remote, state))
+        }
+        None => Context::new(),
     }
 }
 
